@@ -1,0 +1,10 @@
+"""sat_tf: Smooth Adversarial Training (Xie, Tan, Gong, Yuille, Le, 2020) in Keras 3."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from sat_tf import activations  # noqa: E402
+
+__all__ = ["activations"]
+__version__ = "0.1.0"
