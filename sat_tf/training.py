@@ -1,0 +1,287 @@
+"""One training run from a `TrainConfig`: data, model, optimizer, callbacks, fit, final model.
+
+`tools/train.py` is the command-line face of `run`; the demo and the study call `run` directly.
+What a run leaves in `model_dir`:
+
+    config.json      the resolved configuration (a resumed run must match it)
+    checkpoints/     model + optimizer state, every `checkpoint_every_steps` and each epoch
+    logs/            TensorBoard: loss, clean and adversarial accuracy, learning rate, images
+    model.keras      the trained classifier (written last, atomically: its presence = finished)
+    results.json     final clean and adversarial evaluation, wall time, command
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import keras
+
+from sat_tf import attacks, data, distribute, models, schedules
+from sat_tf import callbacks as callbacks_lib
+from sat_tf.adversarial import AdversarialModel
+from sat_tf.config import TrainConfig
+
+FINAL_MODEL = "model.keras"
+MIN_FREE_BYTES = 200 * 2**20
+
+
+class RunError(Exception):
+    """A problem with the run's inputs, found before any training work."""
+
+
+def run(config: TrainConfig, *, command=""):
+    """Trains (or resumes) the run described by `config`; returns the final results dict."""
+    config.validate()
+    started = time.time()
+    model_dir = prepare_model_dir(config)
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
+    strategy = distribute.get_strategy(config.strategy, tpu=config.tpu or None)
+    if config.global_batch_size % strategy.num_replicas_in_sync:
+        raise RunError(
+            f"--global_batch_size={config.global_batch_size} is not divisible by the "
+            f"{strategy.num_replicas_in_sync} replicas of --strategy={config.strategy}."
+        )
+    train, evaluation = load_data(config)
+    steps_per_epoch = config.steps_per_epoch or max(
+        1, math.ceil(train.num_examples / config.global_batch_size)
+    )
+    with strategy.scope():
+        model = build_model(config, steps_per_epoch)
+    checkpointer = callbacks_lib.Checkpointer(
+        model_dir / "checkpoints", every_steps=config.checkpoint_every_steps
+    )
+    start_step = checkpointer.restore(model)
+    if start_step:
+        print(f"Resuming {model_dir} from step {start_step}.", flush=True)
+    callbacks = _callbacks(config, model_dir, checkpointer, evaluation, command)
+    fit_resumable(
+        model,
+        train.dataset,
+        evaluation.dataset,
+        callbacks=callbacks,
+        start_step=start_step,
+        steps_per_epoch=steps_per_epoch,
+        epochs=config.epochs,
+    )
+    if model.stop_training:  # SIGTERM / Ctrl-C: checkpoint saved, no final model yet
+        return {"stopped": True, "step": int(model.optimizer.iterations)}
+    results = model.evaluate(evaluation.dataset, return_dict=True, verbose=0)
+    results = {k: float(v) for k, v in results.items()}
+    save_model_atomically(model.classifier, model_dir / FINAL_MODEL)
+    summary = {
+        "results": results,
+        "steps": int(model.optimizer.iterations),
+        "wall_time_s": round(time.time() - started, 1),
+        "command": command,
+        "config": dataclasses.asdict(config),
+    }
+    _write_json(model_dir / "results.json", summary)
+    print(f"Finished: {json.dumps(results)}\nModel: {model_dir / FINAL_MODEL}", flush=True)
+    return summary
+
+
+def prepare_model_dir(config):
+    """Checks `model_dir` up front: writable, enough space, not a finished run, same config."""
+    model_dir = Path(config.model_dir)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        probe = model_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise RunError(f"--model_dir={model_dir} is not writable ({error}).") from error
+    free = shutil.disk_usage(model_dir).free
+    if free < MIN_FREE_BYTES:
+        raise RunError(
+            f"--model_dir={model_dir} has only {free // 2**20} MiB free; checkpoints need more. "
+            "Free some space or choose another --model_dir."
+        )
+    if (model_dir / FINAL_MODEL).exists():
+        if not config.overwrite:
+            raise RunError(
+                f"--model_dir={model_dir} holds a finished run ({FINAL_MODEL}). Use a new "
+                "--model_dir, or pass --overwrite to train again from scratch."
+            )
+        for stale in ("checkpoints", FINAL_MODEL, "results.json", "config.json"):
+            path = model_dir / stale
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    _check_same_config(model_dir / "config.json", config)
+    _write_json(model_dir / "config.json", dataclasses.asdict(config))
+    return model_dir
+
+
+def _check_same_config(path, config):
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = sorted(k for k in current if k != "overwrite" and saved.get(k) != current[k])
+    if changed:
+        raise RunError(
+            f"--model_dir={config.model_dir} holds an unfinished run with other settings "
+            f"({', '.join(f'--{k}' for k in changed)}). Re-run with the same flags to resume, "
+            "or use a new --model_dir."
+        )
+
+
+def load_data(config):
+    """The training and evaluation inputs, as `sat_tf.data` splits with one-hot labels."""
+    common = dict(
+        global_batch_size=config.global_batch_size,
+        image_size=config.image_size,
+        num_classes=config.num_classes,
+        data_dir=config.data_dir or None,
+        augmentation=config.augmentation,
+        seed=config.seed,
+    )
+    train = data.load(config.dataset, split="train", files=config.train_files, **common)
+    evaluation = data.load(
+        config.dataset,
+        split="eval",
+        files=config.eval_files,
+        max_examples=config.eval_examples or None,
+        **common,
+    )
+    return train.map_labels(config.num_classes), evaluation.map_labels(config.num_classes)
+
+
+def build_classifier(config):
+    """The classifier: from the zoo, or converted from `init_from` (ReLUs -> `activation`)."""
+    shape = (config.image_size, config.image_size, 3)
+    if config.init_from:
+        from sat_tf.convert import convert_activations
+
+        path = Path(config.init_from)
+        if not path.is_file():
+            raise RunError(f"--init_from={path} does not exist; give a .keras classifier file.")
+        base = keras.saving.load_model(path, safe_mode=True)
+        return convert_activations(base, config.activation)
+    return models.build(
+        config.model,
+        num_classes=config.num_classes,
+        activation=config.activation,
+        input_shape=shape,
+    )
+
+
+def build_optimizer(config, steps_per_epoch):
+    """SGD + Nesterov (ResNet recipe) or RMSProp (EfficientNet recipe) on a warm-up schedule."""
+    peak = config.base_learning_rate * config.global_batch_size / 256
+    schedule = schedules.WarmupDecay(
+        peak,
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        kind=config.lr_schedule,
+        boundaries=[round(e * steps_per_epoch) for e in config.decay_epochs],
+        decay_rate=config.decay_rate,
+        decay_steps=round(config.decay_every_epochs * steps_per_epoch),
+        total_steps=config.epochs * steps_per_epoch,
+    )
+    ema = dict(use_ema=config.ema_decay > 0, ema_momentum=config.ema_decay or 0.99)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=True, **ema)
+    # RMSProp as in the official EfficientNet code: decay 0.9, momentum 0.9, epsilon 1e-3.
+    return keras.optimizers.RMSprop(
+        schedule, rho=0.9, momentum=config.momentum, epsilon=1e-3, **ema
+    )
+
+
+def build_model(config, steps_per_epoch):
+    """The compiled `AdversarialModel` around the classifier (call inside the strategy scope)."""
+    model = AdversarialModel(
+        build_classifier(config),
+        epsilon=config.epsilon,
+        step_size=config.step_size,
+        num_steps=config.num_steps,
+        random_start=config.random_start,
+        prob_start_from_clean=config.prob_start_from_clean,
+        eval_epsilon=config.resolved_eval_epsilon,
+        eval_step_size=config.eval_step_size,
+        eval_num_steps=config.eval_num_steps,
+        smooth_gradients=config.smooth_gradients,
+        weight_decay=config.weight_decay,
+    )
+    model.compile(
+        optimizer=build_optimizer(config, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=config.label_smoothing
+        ),
+        metrics=["accuracy"],
+    )
+    model.build((None, config.image_size, config.image_size, 3))
+    return model
+
+
+def _callbacks(config, model_dir, checkpointer, evaluation, command):
+    hint = f"Re-run the same command to resume: {command}" if command else "Re-run to resume."
+    images, labels = next(iter(evaluation.dataset.take(1)))[:2]
+
+    def attack(model, x, y):
+        return attacks.pgd(
+            model.classifier,
+            x,
+            y,
+            epsilon=config.resolved_eval_epsilon,
+            step_size=config.eval_step_size,
+            num_steps=config.eval_num_steps,
+        )
+
+    return [
+        callbacks_lib.StopOnNonFinite(),  # before the checkpointer: never save a NaN state
+        checkpointer,
+        callbacks_lib.GracefulStop(checkpointer, resume_hint=hint),
+        keras.callbacks.TensorBoard(model_dir / "logs", update_freq="epoch"),
+        callbacks_lib.AdversarialImages(
+            model_dir / "logs" / "images", images[:4], labels[:4], attack
+        ),
+    ]
+
+
+def fit_resumable(model, train, evaluation, *, callbacks, start_step, steps_per_epoch, epochs):
+    """`model.fit` from a global step: finishes a partial epoch first, then the remaining ones."""
+    verbose = 1 if sys.stdout.isatty() else 2
+    epoch, done_in_epoch = divmod(start_step, steps_per_epoch)
+    if epoch >= epochs:
+        return
+    if done_in_epoch:
+        model.fit(
+            train,
+            validation_data=evaluation,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            steps_per_epoch=steps_per_epoch - done_in_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        epoch += 1
+        if model.stop_training or epoch >= epochs:
+            return
+    model.fit(
+        train,
+        validation_data=evaluation,
+        epochs=epochs,
+        initial_epoch=epoch,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+
+
+def save_model_atomically(model, path):
+    """Saves to a temporary name in the same directory, then renames: never a half file."""
+    path = Path(path)
+    partial = path.with_name(f".partial-{path.name}")
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def _write_json(path, payload):
+    partial = Path(path).with_name(f".partial-{Path(path).name}")
+    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(partial, path)
