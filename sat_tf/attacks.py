@@ -1,0 +1,275 @@
+"""L-infinity PGD and FGSM against Keras classifiers, in pixel units.
+
+`pgd` is the attacker of Madry et al. (2018) as used for adversarial training in the
+official SAT code (cihangxie/SmoothAdversarialTraining, ResNet/adv_model.py): signed
+gradient ascent on the cross-entropy, projected onto the epsilon ball around the clean
+image and onto the valid pixel range. `project` and `step` are the two halves of one
+iteration (MadryLab/robustness `LinfStep`), reusable by other attacks.
+
+Conventions:
+  * `images` are float pixels (any range; default clip range [0, 255]) and `epsilon`,
+    `step_size` are in the same units. The model maps images to logits.
+  * `labels` are int class ids of shape (B,) or (B, 1), or one-hot / soft labels (B, K).
+  * The model is called with `training=False`: BatchNorm uses, and does not update, its
+    moving statistics (the official code freezes UPDATE_OPS and runs BN in test mode).
+  * The perturbation is kept in float32. Under a float16 model the input gradient of a
+    confident model underflows and `sign` of a zero gradient goes nowhere, so the loss is
+    scaled before the gradient is taken and unscaled after (the official code multiplies
+    by 128; here each example gets its own power-of-two scale, see `input_gradient`).
+"""
+
+import tensorflow as tf
+
+# Largest per-example loss scale, 2**120: far beyond float16's range, finite in float32.
+_MAX_LOG2_SCALE = 120.0
+
+
+def project(x_adv, images, *, epsilon, clip_min=0.0, clip_max=255.0):
+    """Projects `x_adv` onto the L-inf ball of radius `epsilon` around `images`, then the box.
+
+    Both sets are boxes, so clipping to one then the other is the exact projection onto
+    their intersection.
+    """
+    x_adv = tf.clip_by_value(x_adv, images - epsilon, images + epsilon)
+    return tf.clip_by_value(x_adv, clip_min, clip_max)
+
+
+def step(x_adv, gradient, *, step_size):
+    """One signed-gradient ascent step of size `step_size` per pixel (L-inf steepest ascent)."""
+    return x_adv + step_size * tf.sign(gradient)
+
+
+def per_example_loss(logits, labels):
+    """Float32 softmax cross-entropy per example, for int class ids or one-hot labels."""
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.convert_to_tensor(labels)
+    if _is_one_hot(labels, logits):
+        return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
+    class_ids = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(class_ids, logits)
+
+
+def _is_one_hot(labels, logits):
+    return labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1] != 1
+
+
+def uses_float16(model):
+    """Whether any layer of `model` computes in float16 (where input gradients underflow)."""
+    layers = [model, *model._flatten_layers(include_self=False)]
+    return any(getattr(layer, "compute_dtype", None) == "float16" for layer in layers)
+
+
+def input_gradient(model, images, labels, *, loss_scale=None):
+    """Per-example cross-entropy and its gradient w.r.t. the images, both float32.
+
+    Args:
+        model: Keras model mapping images to logits; called with `training=False`.
+        images: Images, (B, ...); cast to float32.
+        labels: Int class ids or one-hot labels.
+        loss_scale: None picks automatically: under a float16 model each example's loss
+            is multiplied by the power of two that brings its largest off-target logit
+            gradient into [1, 2), which keeps the float16 backward pass out of the
+            underflow range however confident the model is; otherwise 1. A number uses
+            that fixed scale (128 reproduces the official code).
+
+    Returns:
+        (losses, gradient): losses (B,) and the unscaled gradient, same shape as images.
+        Unscaling is exact (powers of two) unless the true gradient is below float32's
+        normal range, where it flushes to zero; `pgd` takes the sign before unscaling.
+    """
+    losses, gradient, scale = _scaled_input_gradient(model, images, labels, loss_scale)
+    return losses, gradient / scale
+
+
+def _scaled_input_gradient(model, images, labels, loss_scale):
+    images = tf.cast(images, tf.float32)
+    labels = tf.convert_to_tensor(labels)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        logits = tf.cast(model(images, training=False), tf.float32)
+        losses = per_example_loss(logits, labels)
+        scale = _loss_scale(model, logits, labels, loss_scale)
+        scaled = tf.reduce_sum(losses * scale)
+    gradient = tape.gradient(scaled, images)
+    scale = tf.reshape(scale, tf.concat([[-1], tf.ones([tf.rank(images) - 1], tf.int32)], 0))
+    return losses, gradient, scale
+
+
+def _loss_scale(model, logits, labels, loss_scale):
+    if loss_scale is not None:
+        return tf.fill(tf.shape(logits)[:1], tf.cast(loss_scale, tf.float32))
+    if not uses_float16(model):
+        return tf.ones(tf.shape(logits)[:1], tf.float32)
+    if _is_one_hot(labels, logits):
+        target = tf.cast(labels, tf.float32)
+    else:
+        target = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), tf.shape(logits)[-1])
+    # d CE / d logits = softmax - target. For a confident model softmax - 1 at the target is
+    # float32 rounding noise (~2**-24), so measure the off-target probabilities, which
+    # exp(log_softmax) keeps accurate down to ~1e-38; soft labels have no such entries.
+    probs = tf.exp(tf.nn.log_softmax(logits))
+    off_target = tf.reduce_max(tf.where(target > 0, tf.zeros_like(probs), probs), axis=-1)
+    anywhere = tf.reduce_max(tf.abs(probs - target), axis=-1)
+    largest = tf.where(off_target > 0, off_target, anywhere)
+    log2 = -tf.math.floor(
+        tf.math.log(tf.maximum(largest, 2.0**-_MAX_LOG2_SCALE)) / tf.math.log(2.0)
+    )
+    return tf.stop_gradient(tf.pow(2.0, tf.clip_by_value(log2, 0.0, _MAX_LOG2_SCALE)))
+
+
+def _uniform(shape, minval, maxval, seed, salt):
+    if seed is None:
+        return tf.random.uniform(shape, minval, maxval)
+    if isinstance(seed, int):
+        seed = tf.constant([seed, 0], tf.int64)
+    seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
+    return tf.random.stateless_uniform(shape, seed, minval, maxval)
+
+
+def uniform_start(images, *, epsilon, prob_start_from_clean=0.0, seed=None):
+    """Uniform noise in [-epsilon, epsilon] added to each image, except that each example
+    keeps its clean image with probability `prob_start_from_clean`.
+
+    The official code draws that choice once per batch; it is drawn per example here, so
+    every batch mixes both starts in the same proportion.
+    """
+    noise = _uniform(tf.shape(images), -epsilon, epsilon, seed, 0)
+    if prob_start_from_clean > 0:
+        from_noise = _uniform(tf.shape(images)[:1], 0.0, 1.0, seed, 1) >= prob_start_from_clean
+        mask_shape = tf.concat([[-1], tf.ones([tf.rank(images) - 1], tf.int32)], 0)
+        noise *= tf.reshape(tf.cast(from_noise, noise.dtype), mask_shape)
+    return images + noise
+
+
+def check_arguments(
+    *,
+    epsilon,
+    step_size,
+    num_steps,
+    random_start=True,
+    prob_start_from_clean=0.0,
+    clip_min=0.0,
+    clip_max=255.0,
+):
+    """Raises ValueError, naming the argument, for invalid `pgd` hyperparameters."""
+    del random_start  # Any truthy value is fine; accepted so a config dict can be passed.
+    for name, value in (("epsilon", epsilon), ("step_size", step_size)):
+        if not value >= 0:
+            raise ValueError(f"`{name}` must be >= 0. Received: {name}={value!r}")
+    if not (isinstance(num_steps, int) and num_steps >= 0):
+        raise ValueError(f"`num_steps` must be an int >= 0. Received: num_steps={num_steps!r}")
+    if not 0.0 <= prob_start_from_clean <= 1.0:
+        raise ValueError(
+            "`prob_start_from_clean` must be in [0, 1]. "
+            f"Received: prob_start_from_clean={prob_start_from_clean!r}"
+        )
+    if not clip_min < clip_max:
+        raise ValueError(
+            f"Need clip_min < clip_max. Received: clip_min={clip_min!r}, clip_max={clip_max!r}"
+        )
+
+
+def pgd(
+    model,
+    images,
+    labels,
+    *,
+    epsilon,
+    step_size,
+    num_steps,
+    random_start=True,
+    targeted=False,
+    clip_min=0.0,
+    clip_max=255.0,
+    prob_start_from_clean=0.0,
+    seed=None,
+    loss_scale=None,
+):
+    """Projected gradient descent in the L-inf ball (Madry et al., 2018).
+
+    Args:
+        model: Keras classifier mapping images to logits (called with `training=False`).
+        images: Clean images, (B, H, W, C) or any (B, ...), in pixel units.
+        labels: Int class ids (B,) / (B, 1) or one-hot (B, K). In targeted mode, the targets.
+        epsilon: L-inf radius, in pixel units.
+        step_size: Per-step change of each pixel, in pixel units.
+        num_steps: Number of gradient steps (0 returns the, possibly random, start).
+        random_start: Start from a uniform random point of the epsilon ball.
+        targeted: Descend the loss of `labels` instead of ascending it.
+        clip_min: Smallest valid pixel value.
+        clip_max: Largest valid pixel value.
+        prob_start_from_clean: With `random_start`, the chance that an example starts
+            from its clean image instead (the official SAT training uses 0.2).
+        seed: None for TensorFlow's stateful random ops, or an int / shape-(2,) int tensor
+            for reproducible (stateless) noise.
+        loss_scale: See `input_gradient`; None is right for float32 and float16 models.
+
+    Returns:
+        `tf.stop_gradient` of the adversarial images, float32, within `epsilon` of
+        `images` and within [clip_min, clip_max].
+    """
+    check_arguments(
+        epsilon=epsilon,
+        step_size=step_size,
+        num_steps=num_steps,
+        prob_start_from_clean=prob_start_from_clean,
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
+    images = tf.cast(images, tf.float32)
+    labels = tf.convert_to_tensor(labels)
+    bounds = {"epsilon": epsilon, "clip_min": clip_min, "clip_max": clip_max}
+    x_adv = images
+    if random_start:
+        x_adv = project(
+            uniform_start(
+                images, epsilon=epsilon, prob_start_from_clean=prob_start_from_clean, seed=seed
+            ),
+            images,
+            **bounds,
+        )
+    direction = -1.0 if targeted else 1.0
+
+    def body(i, x_adv):
+        # The sign of the scaled gradient: positive per-example scales do not change it.
+        _, gradient, _ = _scaled_input_gradient(model, x_adv, labels, loss_scale)
+        x_adv = project(step(x_adv, direction * gradient, step_size=step_size), images, **bounds)
+        return i + 1, x_adv
+
+    _, x_adv = tf.while_loop(
+        lambda i, _: i < num_steps, body, (tf.constant(0), x_adv), parallel_iterations=1
+    )
+    return tf.stop_gradient(x_adv)
+
+
+def fgsm(
+    model, images, labels, *, epsilon, targeted=False, clip_min=0.0, clip_max=255.0, loss_scale=None
+):
+    """Fast gradient sign method (Goodfellow et al., 2015): one step of size `epsilon` from
+    the clean image. Arguments as in `pgd`."""
+    return pgd(
+        model,
+        images,
+        labels,
+        epsilon=epsilon,
+        step_size=epsilon,
+        num_steps=1,
+        random_start=False,
+        targeted=targeted,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        loss_scale=loss_scale,
+    )
+
+
+__all__ = [
+    "check_arguments",
+    "fgsm",
+    "input_gradient",
+    "per_example_loss",
+    "pgd",
+    "project",
+    "step",
+    "uniform_start",
+    "uses_float16",
+]

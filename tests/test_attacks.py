@@ -1,0 +1,258 @@
+"""Tests for sat_tf.attacks: PGD/FGSM properties and agreement with an independent reference."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sat_tf import attacks
+
+# |(x + eps) - x| in float32 can exceed eps by one rounding step at pixel scale 255.
+FLOAT_SLACK = 1e-4
+
+
+def tiny_classifier(num_classes=3, policy="float32"):
+    """Conv -> BN -> ReLU -> pool -> dense, on [0, 255] 8x8 RGB images."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+        x = keras.layers.Conv2D(8, 3, padding="same")(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        outputs = keras.layers.Dense(num_classes, dtype="float32")(x)
+        return keras.Model(inputs, outputs)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def toy_data(n, seed=0):
+    """Images whose label is the brightness tercile of the red channel: learnable quickly."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (n, 8, 8, 3)).astype("float32")
+    images[..., 0] = rng.uniform(0, 255, (n, 1, 1))
+    labels = np.digitize(images[:, 0, 0, 0], [85, 170]).astype("int32")
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def trained():
+    keras.utils.set_random_seed(1)
+    model = tiny_classifier()
+    model.compile(keras.optimizers.Adam(0.03), keras.losses.SparseCategoricalCrossentropy(True))
+    images, labels = toy_data(256)
+    model.fit(images, labels, batch_size=32, epochs=6, verbose=0)
+    return model
+
+
+def ce(model, images, labels):
+    logits = model(tf.constant(images), training=False)
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy()
+
+
+def reference_pgd(model, images, labels, *, epsilon, step_size, num_steps, targeted=False):
+    """Plain GradientTape + NumPy projection, written independently of sat_tf.attacks."""
+    x_adv = images.copy()
+    for _ in range(num_steps):
+        x = tf.constant(x_adv)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logits = model(x, training=False)
+            loss = tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            )
+        grad = tape.gradient(loss, x).numpy()
+        x_adv = x_adv + (-1.0 if targeted else 1.0) * step_size * np.sign(grad)
+        x_adv = np.clip(np.clip(x_adv, images - epsilon, images + epsilon), 0.0, 255.0)
+    return x_adv
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_pgd_matches_reference_loop(trained, targeted):
+    images, labels = toy_data(32, seed=5)
+    kwargs = {"epsilon": 8.0, "step_size": 2.0, "num_steps": 5}
+    got = attacks.pgd(trained, images, labels, random_start=False, targeted=targeted, **kwargs)
+    want = reference_pgd(trained, images, labels, targeted=targeted, **kwargs)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-3)
+    # One-hot labels are the same attack.
+    one_hot = np.eye(3, dtype="float32")[labels]
+    got_1h = attacks.pgd(trained, images, one_hot, random_start=False, targeted=targeted, **kwargs)
+    np.testing.assert_allclose(got_1h.numpy(), want, atol=1e-3)
+
+
+def test_fgsm_is_one_signed_step_of_epsilon(trained):
+    images, labels = toy_data(16, seed=6)
+    x = tf.constant(images)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(
+            keras.losses.sparse_categorical_crossentropy(labels, trained(x), from_logits=True)
+        )
+    want = np.clip(images + 6.0 * np.sign(tape.gradient(loss, x).numpy()), 0, 255)
+    np.testing.assert_allclose(attacks.fgsm(trained, images, labels, epsilon=6.0), want, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"epsilon": 4.0, "step_size": 4.0, "num_steps": 1},
+        {"epsilon": 8.0, "step_size": 3.0, "num_steps": 4, "targeted": True},
+        {"epsilon": 16.0, "step_size": 1.0, "num_steps": 0, "prob_start_from_clean": 0.5},
+        {"epsilon": 2.0, "step_size": 5.0, "num_steps": 3, "clip_min": 10.0, "clip_max": 200.0},
+    ],
+)
+def test_stays_in_epsilon_ball_and_pixel_range(trained, kwargs):
+    images, labels = toy_data(64, seed=7)
+    images[:8] = 0.0  # Pixels at both ends of the range: the random start would leave it.
+    images[8:16] = 255.0
+    clip_min, clip_max = kwargs.get("clip_min", 0.0), kwargs.get("clip_max", 255.0)
+    images = np.clip(images, clip_min, clip_max)
+    x_adv = attacks.pgd(trained, images, labels, **kwargs).numpy()
+    assert x_adv.dtype == np.float32
+    assert np.abs(x_adv - images).max() <= kwargs["epsilon"] + FLOAT_SLACK
+    assert x_adv.min() >= clip_min and x_adv.max() <= clip_max
+
+
+def test_loss_rises_on_trained_model(trained):
+    images, labels = toy_data(64, seed=8)
+    clean = ce(trained, images, labels)
+    assert clean.mean() < 0.7  # The model did learn the task.
+    x_adv = attacks.pgd(trained, images, labels, epsilon=16.0, step_size=4.0, num_steps=5).numpy()
+    adversarial = ce(trained, x_adv, labels)
+    assert adversarial.mean() > 2 * clean.mean()
+    assert np.mean(adversarial > clean) > 0.9
+
+
+def test_targeted_lowers_target_loss(trained):
+    images, labels = toy_data(64, seed=9)
+    targets = (labels + 1) % 3
+    x_adv = attacks.pgd(
+        trained, images, targets, epsilon=16.0, step_size=4.0, num_steps=5, targeted=True
+    ).numpy()
+    before, after = ce(trained, images, targets), ce(trained, x_adv, targets)
+    assert after.mean() < 0.8 * before.mean()
+    assert np.mean(after < before) > 0.9
+
+
+def test_weights_and_batchnorm_statistics_unchanged(trained):
+    before = [v.numpy().copy() for v in trained.variables]
+    bn = next(
+        layer for layer in trained.layers if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    assert np.abs(bn.moving_mean.numpy()).max() > 0  # Trained: the check below is not vacuous.
+    images, labels = toy_data(32, seed=10)
+    attacks.pgd(trained, images, labels, epsilon=8.0, step_size=2.0, num_steps=3)
+    for old, new in zip(before, trained.variables, strict=True):
+        np.testing.assert_array_equal(old, new.numpy())
+
+
+def test_no_steps_and_no_random_start_returns_input(trained):
+    images, labels = toy_data(8, seed=11)
+    got = attacks.pgd(
+        trained, images, labels, epsilon=8.0, step_size=2.0, num_steps=0, random_start=False
+    )
+    np.testing.assert_array_equal(got.numpy(), images)
+    as_uint8 = images.astype("uint8")
+    got = attacks.pgd(
+        trained, as_uint8, labels, epsilon=8.0, step_size=2.0, num_steps=0, random_start=False
+    )
+    np.testing.assert_array_equal(got.numpy(), as_uint8.astype("float32"))
+
+
+def test_result_carries_no_gradient(trained):
+    images, labels = toy_data(4, seed=12)
+    x = tf.constant(images)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        x_adv = attacks.pgd(trained, x, labels, epsilon=4.0, step_size=4.0, num_steps=1)
+        total = tf.reduce_sum(x_adv)
+    assert tape.gradient(total, x) is None
+
+
+def test_seed_makes_random_start_reproducible(trained):
+    images, labels = toy_data(8, seed=13)
+    kwargs = {"epsilon": 8.0, "step_size": 2.0, "num_steps": 2}
+    a = attacks.pgd(trained, images, labels, seed=3, **kwargs).numpy()
+    b = attacks.pgd(trained, images, labels, seed=3, **kwargs).numpy()
+    c = attacks.pgd(trained, images, labels, seed=4, **kwargs).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_prob_start_from_clean_is_drawn_per_example(trained):
+    images = np.full((400, 8, 8, 3), 128.0, "float32")
+    labels = np.zeros(400, "int32")
+    kwargs = {"epsilon": 8.0, "step_size": 1.0, "num_steps": 0}
+    for prob, low, high in ((0.0, 0.0, 0.0), (0.3, 0.22, 0.38), (1.0, 1.0, 1.0)):
+        x0 = attacks.pgd(trained, images, labels, prob_start_from_clean=prob, seed=1, **kwargs)
+        clean = np.all(x0.numpy() == images, axis=(1, 2, 3))
+        assert low <= clean.mean() <= high, (prob, clean.mean())
+
+
+def confident_classifier(policy):
+    """A random tiny classifier whose logit margins are 20-80, so float16 gradients underflow."""
+    keras.utils.set_random_seed(2)
+    model = tiny_classifier(policy=policy)
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel * 60.0, bias])
+    return model
+
+
+def test_float16_attack_moves_as_many_pixels_as_float32():
+    model32 = confident_classifier("float32")
+    model16 = confident_classifier("mixed_float16")
+    model16.set_weights(model32.get_weights())
+    assert attacks.uses_float16(model16) and not attacks.uses_float16(model32)
+    images, labels = toy_data(64, seed=14)
+    logits = np.sort(model32(images).numpy(), axis=1)
+    assert np.median(logits[:, -1] - logits[:, -2]) > 15  # Confident enough to underflow.
+
+    def moved(model, **kwargs):
+        x_adv = attacks.pgd(
+            model,
+            images,
+            labels,
+            epsilon=4.0,
+            step_size=1.0,
+            num_steps=1,
+            random_start=False,
+            **kwargs,
+        )
+        return int(np.sum(x_adv.numpy() != images))
+
+    full = moved(model32)
+    assert full > 0.9 * images.size
+    assert moved(model16, loss_scale=1.0) < 0.8 * full  # Without scaling float16 stalls...
+    assert moved(model16) >= 0.999 * full  # ...with the automatic scale it does not.
+
+
+def test_runs_in_tf_function_and_replica_context(trained):
+    images, labels = toy_data(8, seed=15)
+    kwargs = {"epsilon": 8.0, "step_size": 2.0, "num_steps": 2, "random_start": False}
+    eager = attacks.pgd(trained, images, labels, **kwargs).numpy()
+    graph = tf.function(lambda x, y: attacks.pgd(trained, x, y, **kwargs))(images, labels)
+    np.testing.assert_allclose(graph.numpy(), eager, atol=1e-4)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    per_replica = strategy.run(
+        tf.function(lambda x, y: attacks.pgd(trained, x, y, **kwargs)), args=(images, labels)
+    )
+    for result in strategy.experimental_local_results(per_replica):
+        np.testing.assert_allclose(result.numpy(), eager, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"epsilon": -1.0},
+        {"step_size": -0.5},
+        {"num_steps": -1},
+        {"num_steps": 1.5},
+        {"prob_start_from_clean": 1.5},
+        {"clip_min": 255.0, "clip_max": 0.0},
+    ],
+)
+def test_invalid_arguments_raise(trained, kwargs):
+    full = {"epsilon": 4.0, "step_size": 1.0, "num_steps": 1, **kwargs}
+    with pytest.raises(ValueError, match="Received"):
+        attacks.pgd(trained, np.zeros((1, 8, 8, 3), "float32"), [0], **full)
