@@ -1,0 +1,155 @@
+"""Square Attack, L-inf: a score-based black-box attack (Andriushchenko et al., ECCV 2020).
+
+It uses only the model's logits, never its gradients, so it sees through masked or obfuscated
+gradients; AutoAttack runs it last. The schedule and the vertical-stripe initialisation follow the
+paper and fra31/auto-attack's `square.py`; the code is written for TF.
+"""
+
+import weakref
+
+import tensorflow as tf
+
+# Square-size schedule: p halves each time the query counter, rescaled to a budget of 10,000
+# queries, passes one of these thresholds (paper, App. E; official `p_selection`).
+_P_THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def p_schedule(query, num_queries, p_init):
+    """Fraction p of the pixels changed at a query: p_init halved at each passed threshold."""
+    rescaled = tf.floor(tf.cast(query, tf.float32) / float(num_queries) * 10000.0)
+    halvings = tf.reduce_sum(tf.cast(rescaled > tf.constant(_P_THRESHOLDS, tf.float32), tf.float32))
+    return p_init / tf.pow(2.0, halvings)
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> {static config: tf.function}
+
+
+def _margin_and_loss(model, x, y, loss):
+    logits = tf.cast(model(x, training=False), tf.float32)
+    true = tf.gather(logits, y, axis=1, batch_dims=1)
+    mask = tf.one_hot(y, tf.shape(logits)[1], on_value=-float("inf"), off_value=0.0)
+    margin = true - tf.reduce_max(logits + mask, axis=1)
+    if loss == "margin":
+        return margin, margin
+    return margin, -tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+
+
+def _make_chunk(model, *, epsilon, num_queries, p_init, loss, clip_min, clip_max, seed):
+    """Builds a graph that runs queries [start, stop) on the active examples."""
+
+    def query(i, s):
+        x, x_best = s["x"], s["x_best"]
+        height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+        p = p_schedule(i, num_queries, p_init)
+        side = tf.round(tf.sqrt(p * float(height * width)))
+        side = tf.cast(tf.clip_by_value(side, 1.0, float(min(height, width) - 1)), tf.int32)
+        room = tf.cast(tf.stack([height, width]) - side + 1, tf.float32)
+        corner = tf.random.stateless_uniform([2], seed=[seed, i]) * room
+        corner = tf.minimum(tf.cast(corner, tf.int32), tf.cast(room, tf.int32) - 1)
+        rows, cols = tf.range(height), tf.range(width)
+        in_rows = (rows >= corner[0]) & (rows < corner[0] + side)
+        in_cols = (cols >= corner[1]) & (cols < corner[1] + side)
+        window = tf.cast(in_rows[:, None] & in_cols[None, :], tf.float32)[None, :, :, None]
+        # One random sign per example and channel, spread over the square; adding 2 * epsilon and
+        # projecting sets the square's perturbation to +-epsilon.
+        signs = tf.sign(
+            tf.random.stateless_uniform([tf.shape(x)[0], 1, 1, channels], seed=[seed + 1, i]) - 0.5
+        )
+        x_new = x_best + window * 2.0 * epsilon * signs
+        x_new = tf.clip_by_value(
+            tf.clip_by_value(x_new, x - epsilon, x + epsilon), clip_min, clip_max
+        )
+        margin, value = _margin_and_loss(model, x_new, s["y"], loss)
+        # Keep the candidate where the loss fell or the example became misclassified.
+        better = (value < s["loss"]) | (margin <= 0.0)
+        return i + 1, dict(
+            s,
+            x_best=tf.where(better[:, None, None, None], x_new, x_best),
+            loss=tf.where(value < s["loss"], value, s["loss"]),
+            margin=tf.where(better, margin, s["margin"]),
+        )
+
+    def chunk(s, start, stop):
+        return tf.while_loop(lambda i, _: i < stop, query, (start, s))[1]
+
+    return chunk
+
+
+def square(
+    model,
+    images,
+    labels,
+    *,
+    epsilon,
+    num_queries=5000,
+    p_init=0.8,
+    seed=0,
+    loss="margin",
+    clip_min=0.0,
+    clip_max=255.0,
+    chunk_size=100,
+):
+    """Square Attack, L-inf, untargeted: random square updates of size +-epsilon, kept if better.
+
+    Starts from vertical stripes of +-epsilon; each query changes one random square (same place
+    for the batch, a random sign per example and channel) whose side is sqrt(p * H * W), with p
+    following `p_schedule`. Examples leave the batch once misclassified, checked every
+    `chunk_size` queries.
+
+    Args:
+        model: Keras model mapping images to logits; called with `training=False`.
+        images: [B, H, W, C] pixels in [clip_min, clip_max].
+        labels: [B] int true classes.
+        epsilon: L-inf radius, in pixel units.
+        num_queries: Model queries per example after the initial one.
+        p_init: Initial fraction of pixels changed per query (0.8 in AutoAttack).
+        seed: Seed of every random choice; same seed, same result.
+        loss: "margin" (z_y - max_{i!=y} z_i, minimized) or "ce" (cross-entropy, maximized).
+        clip_min: Lowest valid pixel value.
+        clip_max: Highest valid pixel value.
+        chunk_size: Queries per compiled call, between which fooled examples are dropped.
+
+    Returns:
+        Adversarial images (the best point found per example), `tf.stop_gradient` applied.
+    """
+    if loss not in ("margin", "ce"):
+        raise ValueError(f"loss must be 'margin' or 'ce'. Received: loss={loss!r}")
+    x = tf.convert_to_tensor(images, tf.float32)
+    y = tf.cast(tf.convert_to_tensor(labels), tf.int32)
+    stripes = tf.sign(
+        tf.random.stateless_uniform([x.shape[0], 1, x.shape[2], x.shape[3]], [seed, -1]) - 0.5
+    )
+    x_best = tf.clip_by_value(x + epsilon * stripes, clip_min, clip_max)
+    margin, value = _margin_and_loss(model, x_best, y, loss)
+    config = dict(
+        epsilon=float(epsilon),
+        num_queries=int(num_queries),
+        p_init=float(p_init),
+        loss=loss,
+        clip_min=float(clip_min),
+        clip_max=float(clip_max),
+        seed=int(seed),
+    )
+    per_model = _COMPILED.setdefault(model, {})
+    key = tuple(sorted(config.items()))
+    if key not in per_model:  # One trace per model and config; new batch sizes reuse it.
+        per_model[key] = tf.function(_make_chunk(model, **config), reduce_retracing=True)
+    chunk = per_model[key]
+    out = x_best
+    s = {
+        "x": x,
+        "y": y,
+        "x_best": x_best,
+        "loss": value,
+        "margin": margin,
+        "index": tf.range(x.shape[0]),
+    }
+    for start in range(0, num_queries, chunk_size):
+        done = s["margin"] <= 0.0
+        out = tf.tensor_scatter_nd_update(out, s["index"][:, None], s["x_best"])
+        s = {name: tf.boolean_mask(v, ~done) for name, v in s.items()}
+        if s["index"].shape[0] == 0:
+            break
+        s = chunk(s, tf.constant(start), tf.constant(min(start + chunk_size, num_queries)))
+    out = tf.tensor_scatter_nd_update(out, s["index"][:, None], s["x_best"])
+    return tf.stop_gradient(out)

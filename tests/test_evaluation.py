@@ -1,0 +1,176 @@
+"""Tests for sat_tf.evaluation, sat_tf.masking and sat_tf.reporting."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sat_tf import evaluation, masking
+
+NUM_CLASSES, SIZE = 5, 8
+
+
+def make_data(n, seed):
+    """Five separable classes: a fixed random 8x8 prototype per class plus Gaussian noise."""
+    protos = np.random.default_rng(123).uniform(40, 215, (NUM_CLASSES, SIZE, SIZE, 1))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, n)
+    images = np.clip(protos[labels] + rng.normal(0, 25, (n, SIZE, SIZE, 1)), 0, 255)
+    return images.astype(np.float32), labels.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 1))
+    h = keras.layers.Rescaling(1 / 127.5, -1.0)(keras.layers.Flatten()(inputs))
+    h = keras.layers.Dense(32, activation="relu")(h)
+    model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*make_data(512, seed=0), epochs=5, batch_size=64, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data(64, seed=1)
+
+
+class Quantized(keras.Model):
+    """Gradient masking by construction: the input is rounded to multiples of 32, gradient 0."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def call(self, x, training=False):
+        rounded = tf.stop_gradient(tf.round(x / 32.0) * 32.0)
+        return self.inner(rounded + 0.0 * x, training=False)  # 0 * x: a zero, not None, gradient.
+
+
+def test_parse_attack():
+    spec = evaluation.parse_attack
+    assert spec("pgd-50x3") == evaluation.AttackSpec("pgd", 50, 3)
+    assert spec("PGD") == evaluation.AttackSpec("pgd", 10, 1)
+    assert spec("apgd-t") == evaluation.AttackSpec("apgd-t", 100, 1)
+    assert spec("square-1000").num_steps == 1000
+    assert spec("autoattack-fast") == evaluation.AttackSpec("autoattack", version="fast")
+    assert spec("clean").label == "clean" and spec("pgd-50x3").label == "pgd-50x3"
+    for bad in ("pgd-", "cw", "pgd-fast", "square-10x"):
+        with pytest.raises(ValueError, match="Received"):
+            spec(bad)
+
+
+def test_collect_reads_arrays_and_datasets(data):
+    images, labels = data
+    one_hot = tf.one_hot(labels, NUM_CLASSES)
+    for source in (
+        (images, labels),
+        tf.data.Dataset.from_tensor_slices((images, labels)),
+        tf.data.Dataset.from_tensor_slices((images, one_hot)).batch(10),
+    ):
+        x, y = evaluation.collect(source, num_examples=50)
+        np.testing.assert_array_equal(x, images[:50])
+        np.testing.assert_array_equal(y, labels[:50])
+
+
+def test_evaluate_writes_json_markdown_and_plots(model, data, tmp_path, capsys):
+    results = evaluation.evaluate(
+        model,
+        data,
+        attacks=["clean", "fgsm", "pgd-3", "pgd-10", "pgd-10x2", "square-100"],
+        epsilons=[8, 32],
+        surrogate=model,
+        batch_size=32,
+    )
+    printed = capsys.readouterr().out
+    assert "[PASS] outputs are logits" in printed and "[PASS] deterministic" in printed
+    clean = np.mean(np.argmax(model(data[0]), axis=1) == data[1])
+    assert results.clean_accuracy == pytest.approx(clean)
+    # The per-example worst case is at most every attack's accuracy at that epsilon.
+    for eps in (8.0, 32.0):
+        at_eps = [
+            r["accuracy"] for r in results.rows if r["epsilon"] == eps and r["kind"] != "transfer"
+        ]
+        assert results.worst_case[eps] <= min(at_eps)
+    # PGD with 2 restarts keeps the worst case over restart 0 (same seed as pgd-10) and 1.
+    assert results.accuracy("pgd-10x2", 32) <= results.accuracy("pgd-10", 32)
+    assert results.accuracy("pgd-10", 32) < results.accuracy("pgd-10", 8) <= clean
+
+    paths = results.save(tmp_path / "eval")
+    saved = json.loads(paths["json"].read_text())
+    assert saved["num_examples"] == 64 and len(saved["rows"]) == len(results.rows)
+    assert {c["status"] for c in saved["checks"]} <= {"pass", "warn", "skip"}
+    markdown = paths["markdown"].read_text()
+    assert "| pgd-10x2 |" in markdown and "eps=32" in markdown and "worst case" in markdown
+    for key in ("accuracy_vs_epsilon", "accuracy_vs_steps"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checks_pass_a_normal_model_and_flag_a_masked_one(model, data):
+    """The quantized twin hides its gradients: Square and transfer beat white-box PGD on it."""
+    kwargs = dict(attacks=["pgd-10", "square-300"], epsilons=[48], surrogate=model, verbose=False)
+    normal = {c.name: c.passed for c in evaluation.evaluate(model, data, **kwargs).checks}
+    assert False not in normal.values(), normal  # pass, or skip where nothing compares.
+    masked = {
+        c.name: c.passed for c in evaluation.evaluate(Quantized(model), data, **kwargs).checks
+    }
+    assert masked["black-box not stronger than white-box"] is False
+    assert masked["transfer not stronger than white-box"] is False
+
+
+def test_logits_and_determinism_checks(model, data):
+    images = data[0]
+    assert masking.check_logits(model, images).passed
+    probabilities = keras.Sequential([model, keras.layers.Softmax()])
+    assert masking.check_logits(probabilities, images).passed is False
+
+    def noisy(x, training=False):
+        return model(x, training=training) + tf.random.normal([tf.shape(x)[0], NUM_CLASSES])
+
+    assert masking.check_deterministic(model, images).passed
+    assert masking.check_deterministic(noisy, images).passed is False
+
+
+def _row(attack, kind, epsilon, accuracy, steps=10, restarts=1):
+    return dict(
+        attack=attack,
+        kind=kind,
+        epsilon=epsilon,
+        accuracy=accuracy,
+        num_steps=steps,
+        num_restarts=restarts,
+    )
+
+
+def test_row_checks_against_hand_made_numbers():
+    rows = [
+        _row("clean", "clean", 0.0, 0.9),
+        _row("pgd-10", "pgd", 4.0, 0.5),
+        _row("pgd-10", "pgd", 8.0, 0.6),  # Accuracy rises with epsilon: suspicious.
+        _row("pgd-50", "pgd", 8.0, 0.7, steps=50),  # More steps, higher accuracy: suspicious.
+        _row("square", "square", 8.0, 0.4),  # Black-box beats white-box: suspicious.
+        _row("pgd-20", "pgd", 128.0, 0.3, steps=20),  # Not ~0 at a huge epsilon.
+    ]
+    assert masking.check_epsilon_monotone(rows, tolerance=0.01).passed is False
+    assert masking.check_more_iterations(rows, tolerance=0.01).passed is False
+    assert masking.check_black_box_weaker(rows, tolerance=0.01).passed is False
+    assert masking.check_large_epsilon(rows, epsilon=128.0).passed is False
+    assert masking.check_transfer_weaker(rows, tolerance=0.01).passed is None  # No transfer row.
+    fine = [
+        _row("pgd-10", "pgd", 4.0, 0.5),
+        _row("pgd-10", "pgd", 8.0, 0.3),
+        _row("pgd-50", "pgd", 8.0, 0.295, steps=50),  # Within tolerance.
+        _row("square", "square", 8.0, 0.35),
+        _row("pgd-20", "pgd", 128.0, 0.0, steps=20),
+    ]
+    for check in (
+        masking.check_epsilon_monotone,
+        masking.check_more_iterations,
+        masking.check_black_box_weaker,
+    ):
+        assert check(fine, tolerance=0.01).passed, check.__name__
+    assert masking.check_large_epsilon(fine, epsilon=128.0).passed
+    assert masking.Check("x", False, "y").line() == "[WARN] x: y"
