@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from sat_tf import activations  # noqa: E402
+from sat_tf import activations, models  # noqa: E402
 
-__all__ = ["activations"]
+__all__ = ["activations", "models"]
 __version__ = "0.1.0"

@@ -1,12 +1,27 @@
-"""Model zoo: every builder takes `activation=`, so a ReLU model and its SAT twin differ in nothing else.
+"""Model zoo: every builder takes `activation=`, so ReLU and SAT twins differ in nothing else.
 
 Inputs are float pixels in [0, 255], NHWC; each model normalises its input in its first layer, so
-attacks, epsilons and serving all work in pixel units.
+attacks, epsilons and serving all work in pixel units. Logits are float32 under any dtype policy.
+
+Families (one module each): `resnet` (ImageNet ResNet v1.5 / ResNeXt), `efficientnet` (B0-B7, L1),
+`cifar` (He et al. ResNet-20/56, PreAct ResNet-18, WRN-28-10 / 34-10) and `small` (`small_cnn`).
 """
+
+import functools
 
 import keras
 
-_BUILDERS = {}  # name -> builder(num_classes, activation, input_shape, **overrides); filled below.
+from sat_tf import activations
+from sat_tf.models import cifar, efficientnet, resnet, small
+
+# name -> builder(num_classes=, act=, input_shape=, **overrides), where `act` is a resolved
+# activation factory. Each family module owns its CONFIGS dict; this is the one registry.
+_BUILDERS = {
+    **{name: functools.partial(resnet.build, name) for name in resnet.CONFIGS},
+    **{name: functools.partial(efficientnet.build, name) for name in efficientnet.CONFIGS},
+    **{name: functools.partial(cifar.build, name) for name in cifar.CONFIGS},
+    **{name: functools.partial(small.build, name) for name in small.CONFIGS},
+}
 
 
 def names():
@@ -17,21 +32,29 @@ def names():
 def build(name, *, num_classes, activation="silu", input_shape=None, **overrides):
     """Builds a named model with the given activation.
 
+    The activation is resolved once, here, and the resulting factory is passed to every block.
+
     Args:
         name: One of `names()`.
         num_classes: Number of output logits.
-        activation: Any identifier `sat_tf.activations.get` accepts.
-        input_shape: (H, W, C); defaults to the model's native resolution.
-        **overrides: Family-specific options (e.g. `width`, `dropout_rate`).
+        activation: Any identifier `sat_tf.activations.get` accepts (name, Layer class, config
+            dict, or factory).
+        input_shape: (H, W, C); defaults to the model's native resolution (224 for ResNets,
+            224-600 for EfficientNet-B0..B7, 600 for L1, 32 for the CIFAR nets and `small_cnn`).
+        **overrides: Family-specific options: `zero_init_residual` (ResNet), `dropout_rate` and
+            `drop_connect_rate` (EfficientNet), `dropout_rate` (pre-activation CIFAR nets),
+            `width` (`small_cnn`).
 
     Returns:
-        A `keras.Model` mapping [0, 255] pixels to float32 logits.
+        A `keras.Model` mapping [0, 255] pixels to float32 logits, named `name`.
+
+    Raises:
+        ValueError: for an unknown name or activation.
     """
     if name not in _BUILDERS:
         raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(names())}.")
-    return _BUILDERS[name](
-        num_classes=num_classes, activation=activation, input_shape=input_shape, **overrides
-    )
+    act = activations.get(activation)
+    return _BUILDERS[name](num_classes=num_classes, act=act, input_shape=input_shape, **overrides)
 
 
 _DECAYED_LAYERS = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D)
@@ -43,9 +66,9 @@ def weight_decay_variables(model):
     Biases, BatchNorm parameters and activation parameters (e.g. SmoothReLU's beta) are left out,
     as in the official SAT code's weight-decay pattern.
     """
-    found = []
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, _DECAYED_LAYERS):
-            is_depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-            found.append(layer.depthwise_kernel if is_depthwise else layer.kernel)
-    return found
+    # Keras 3 names the depthwise kernel `kernel` too.
+    return [
+        layer.kernel
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, _DECAYED_LAYERS)
+    ]
