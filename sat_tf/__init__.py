@@ -4,7 +4,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from sat_tf import activations, models  # noqa: E402
+from sat_tf import activations, attacks, data, models  # noqa: E402
+from sat_tf.adversarial import AdversarialModel  # noqa: E402
 
-__all__ = ["activations", "models"]
+__all__ = ["AdversarialModel", "activations", "attacks", "data", "models"]
 __version__ = "0.1.0"

@@ -1,0 +1,248 @@
+"""`AdversarialModel`: a Keras model that trains its classifier on PGD examples.
+
+The recipe is the paper's (Xie et al., 2020, Sec. 3; official code ResNet/adv_model.py):
+for each batch, craft PGD examples with the classifier in inference mode, then train on
+the adversarial batch only. `train_step` and `test_step` keep the shape of the Keras
+guide "Customizing what happens in fit()", so `compile`/`fit`/`evaluate`, callbacks,
+sample weights, `steps_per_execution`, `jit_compile`, mixed precision and
+`tf.distribute` work as for any Keras model; `sat_tf.distribute.train` runs the very same
+`train_step` under any strategy.
+
+Logged metrics. Training: `loss` (the optimised adversarial loss, plus weight decay) and
+each compiled metric on the adversarial batch, prefixed `adv_` (e.g. `adv_accuracy`).
+Evaluation: `loss` and the compiled metrics on clean images (`accuracy`), and `adv_loss`
+and the `adv_` metrics under the evaluation attack. So `fit(..., validation_data=...)`
+logs `adv_accuracy`, `val_accuracy` and `val_adv_accuracy`.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.trainers.compile_utils import CompileMetrics
+from keras.src.utils import tracking
+
+from sat_tf import activations, attacks
+from sat_tf.models import weight_decay_variables
+
+_PHASES = ("attack", "update")
+
+
+class _AdversarialMetrics(CompileMetrics):
+    """The compiled metrics, a second time, on adversarial predictions: names get `adv_`.
+
+    Reuses Keras's own resolution of "accuracy" etc. from the label and output shapes.
+    """
+
+    def result(self):
+        return {f"adv_{name}": value for name, value in super().result().items()}
+
+
+def _clone_metric(metric):
+    if isinstance(metric, keras.metrics.Metric):  # Never share state with the clean metric.
+        return metric.__class__.from_config(metric.get_config())
+    return metric
+
+
+def _replicas():
+    # Keras divides each replica's loss by this, so that summed gradients give the mean.
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+@keras.saving.register_keras_serializable(package="sat_tf")
+class AdversarialModel(keras.Model):
+    """Adversarial training (PGD, L-inf, pixel units) around a Keras classifier.
+
+    Args:
+        classifier: Keras model mapping [0, 255] images to logits. `model.classifier`
+            is the plain model, for export and inference.
+        epsilon: Training attack's L-inf radius, in pixels (the paper: 4).
+        step_size: Training attack's step, in pixels (the paper: 4 for PGD-1).
+        num_steps: Training attack's number of steps (the paper: 1).
+        random_start: Start attacks from a random point of the epsilon ball.
+        prob_start_from_clean: Per example, the chance that the training attack starts
+            from the clean image instead (0.2, as in the official code).
+        eval_epsilon: Evaluation attack's radius; None uses `epsilon`.
+        eval_step_size: Evaluation attack's step, in pixels.
+        eval_num_steps: Evaluation attack's number of steps.
+        smooth_gradients: Phases in which `SmoothGradReLU` layers use their smooth
+            backward pass: any of "attack" (the input gradient of the attacker, in
+            training and evaluation) and "update" (the weight gradient). The paper's
+            gradient-quality ablation; other layers ignore it.
+        weight_decay: Coupled L2 coefficient, as in the official code:
+            loss += weight_decay * sum(l2_loss(w)) over conv and dense kernels.
+        **kwargs: `keras.Model` arguments such as `name`; `dtype` defaults to the
+            classifier's dtype policy.
+    """
+
+    def __init__(
+        self,
+        classifier,
+        *,
+        epsilon=4.0,
+        step_size=4.0,
+        num_steps=1,
+        random_start=True,
+        prob_start_from_clean=0.2,
+        eval_epsilon=None,
+        eval_step_size=1.0,
+        eval_num_steps=10,
+        smooth_gradients=_PHASES,
+        weight_decay=0.0,
+        **kwargs,
+    ):
+        # The classifier's policy, so that compile() adds loss scaling under mixed_float16.
+        kwargs.setdefault("dtype", classifier.dtype_policy)
+        super().__init__(**kwargs)
+        phases = (smooth_gradients,) if isinstance(smooth_gradients, str) else smooth_gradients
+        if not set(phases) <= set(_PHASES):
+            raise ValueError(
+                f"`smooth_gradients` must be a subset of {_PHASES}. "
+                f"Received: smooth_gradients={smooth_gradients!r}"
+            )
+        if not weight_decay >= 0:
+            raise ValueError(
+                f"`weight_decay` must be >= 0. Received: weight_decay={weight_decay!r}"
+            )
+        self.classifier = classifier
+        self.attack_config = {
+            "epsilon": float(epsilon),
+            "step_size": float(step_size),
+            "num_steps": int(num_steps),
+            "random_start": bool(random_start),
+            "prob_start_from_clean": float(prob_start_from_clean),
+        }
+        self.eval_attack_config = {
+            "epsilon": float(epsilon if eval_epsilon is None else eval_epsilon),
+            "step_size": float(eval_step_size),
+            "num_steps": int(eval_num_steps),
+            "random_start": bool(random_start),
+        }
+        for config in (self.attack_config, self.eval_attack_config):  # Fail at construction.
+            attacks.check_arguments(**config)
+        self._eval_epsilon = eval_epsilon
+        self.smooth_gradients = tuple(p for p in _PHASES if p in phases)
+        self.weight_decay = float(weight_decay)
+        self.adv_loss_tracker = keras.metrics.Mean(name="adv_loss")
+        self._adv_metrics = None
+
+    def call(self, inputs, training=None):
+        return self.classifier(inputs, training=training)
+
+    def adversarial_examples(self, images, labels, *, training):
+        """PGD examples with the training attack (`training=True`) or the evaluation one."""
+        config = self.attack_config if training else self.eval_attack_config
+        with activations.smooth_gradients("attack" in self.smooth_gradients):
+            return attacks.pgd(self.classifier, images, labels, **config)
+
+    @tracking.no_automatic_dependency_tracking
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`; the compiled metrics are also kept for adversarial inputs."""
+        super().compile(*args, **kwargs)
+        clean = self._compile_metrics
+        self._adv_metrics = None
+        if clean is not None:
+            self._adv_metrics = _AdversarialMetrics(
+                keras.tree.map_structure(_clone_metric, clean._user_metrics),
+                keras.tree.map_structure(_clone_metric, clean._user_weighted_metrics),
+                output_names=clean.output_names,
+            )
+
+    def compile_from_config(self, config):
+        # Keras skips compiling on load when `compile` is overridden; ours only adds the
+        # adversarial metrics, so compile as Keras would (Trainer.compile_from_config).
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self.compiled and self._adv_metrics is not None:
+            metrics.append(self._adv_metrics)
+        return metrics
+
+    def _build_metrics(self, y, y_pred):
+        # Both metric sets must exist before the logs are read: training updates only the
+        # adversarial set, and Keras reads all of `self.metrics` at the end of an epoch.
+        for metrics in (self._compile_metrics, self._adv_metrics):
+            if metrics is not None and not metrics.built:
+                metrics.build(y, y_pred)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Under a strategy Keras builds the compiled metrics by tracing this method
+        # symbolically before the first step (Trainer._symbolic_build); build the
+        # adversarial twins alongside, so no variable is created in a replica context.
+        self._build_metrics(y, y_pred)
+        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if training and self.weight_decay:
+            l2 = tf.add_n(
+                [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in weight_decay_variables(self)]
+            )
+            # Per-replica share, like Keras's own regularisation losses.
+            loss += tf.cast(self.weight_decay * l2 / _replicas(), loss.dtype)
+        return loss
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x_adv = self.adversarial_examples(x, y, training=True)
+        with activations.smooth_gradients("update" in self.smooth_gradients):
+            with tf.GradientTape() as tape:
+                y_pred = self(x_adv, training=True)
+                loss = self._compute_loss(
+                    x=x_adv, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                )
+                # Keras scales each replica's loss by 1 / replicas; report the true mean.
+                self._loss_tracker.update_state(loss * _replicas(), sample_weight=tf.shape(x)[0])
+                scaled_loss = self.optimizer.scale_loss(loss)  # Mixed precision: loss scaling.
+            gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        self._build_metrics(y, y_pred)
+        if self._adv_metrics is not None:
+            self._adv_metrics.update_state(y, y_pred, sample_weight)
+        return self.train_metrics_result()
+
+    def train_metrics_result(self):
+        """The training logs: `loss` and the `adv_` metrics (readable in any context)."""
+        logs = {"loss": self._loss_tracker.result()}
+        if self._adv_metrics is not None and self._adv_metrics.built:
+            logs.update(self._adv_metrics.result())
+        return logs
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch_size = tf.shape(x)[0]
+        y_pred = self(x, training=False)
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+        )
+        self._loss_tracker.update_state(loss * _replicas(), sample_weight=batch_size)
+        x_adv = self.adversarial_examples(x, y, training=False)
+        y_adv = self(x_adv, training=False)
+        adv_loss = self._compute_loss(
+            x=x_adv, y=y, y_pred=y_adv, sample_weight=sample_weight, training=False
+        )
+        self.adv_loss_tracker.update_state(adv_loss * _replicas(), sample_weight=batch_size)
+        self._build_metrics(y, y_adv)
+        if self._adv_metrics is not None:
+            self._adv_metrics.update_state(y, y_adv, sample_weight)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "classifier": keras.saving.serialize_keras_object(self.classifier),
+            **self.attack_config,
+            "eval_epsilon": self._eval_epsilon,
+            "eval_step_size": self.eval_attack_config["step_size"],
+            "eval_num_steps": self.eval_attack_config["num_steps"],
+            "smooth_gradients": list(self.smooth_gradients),
+            "weight_decay": self.weight_decay,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        classifier = keras.saving.deserialize_keras_object(config.pop("classifier"))
+        return cls(classifier, **config)

@@ -1,0 +1,166 @@
+"""Distribution strategies and a custom training loop that works under all of them.
+
+`keras.Model.fit` works with the default strategy and `MirroredStrategy`, but in Keras
+3.15 it fails under `MultiWorkerMirroredStrategy` (a PerReplica reduction error when it
+reduces the step's logs). `train` is the loop from the TensorFlow guide "Custom training
+with tf.distribute.Strategy": `strategy.run` of the model's own `train_step` over
+`strategy.distribute_datasets_from_function`, so the step's math lives in one place
+(`AdversarialModel.train_step`). Metrics are read in cross-replica context, where Keras's
+on-read-synchronised metric variables are summed over replicas and workers, so the logs
+are exact global means.
+
+Typical use::
+
+    strategy = get_strategy("multi_worker")       # reads TF_CONFIG
+    with strategy.scope():
+        model = AdversarialModel(build("resnet50", num_classes=1000))
+        model.compile(optimizer, loss, metrics=["accuracy"])
+    train(model, dataset_fn, strategy=strategy, epochs=90, steps_per_epoch=5000)
+"""
+
+import keras
+import tensorflow as tf
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+def get_strategy(name, tpu=None):
+    """Returns the `tf.distribute.Strategy` called `name`.
+
+    Args:
+        name: "default" (the current/no-op strategy), "mirrored" (all local GPUs, or the
+            logical devices set up by the caller), "multi_worker" (synchronous training
+            over the cluster described by the TF_CONFIG environment variable) or "tpu".
+        tpu: Only for "tpu": the TPU name or grpc address (e.g. the `--tpu` flag); None or
+            "" means the local TPU VM / the TPU_NAME environment. The TPU branch is the
+            standard four-line TensorFlow set-up; it cannot be run on this project's CI,
+            which has no TPU, so it is kept to exactly that.
+
+    Raises:
+        ValueError: For an unknown name, or `tpu` given with another strategy.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {name!r}. Valid names: {', '.join(STRATEGIES)}.")
+    if tpu and name != "tpu":
+        raise ValueError(
+            f"`tpu` is only used with name='tpu'. Received: name={name!r}, tpu={tpu!r}"
+        )
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _logs(model):
+    # AdversarialModel reports only what its train_step updates; plain models report all.
+    read = getattr(model, "train_metrics_result", model.get_metrics_result)
+    return read()
+
+
+def _build(model, strategy, dataset_fn):
+    """Creates the model's metric and optimizer variables before any replica context,
+    as Keras's fit does (Trainer._symbolic_build), from the dataset's element spec."""
+    element_spec = dataset_fn(tf.distribute.InputContext()).element_spec
+    with strategy.scope():
+        model._symbolic_build(data_batch=element_spec)
+
+
+def _make_step(model, strategy, validation=False):
+    step = model.test_step if validation else model.train_step
+
+    @tf.function
+    def run(iterator):
+        strategy.run(step, args=(next(iterator),))
+        # Cross-replica read: on-read metric variables are summed over all replicas.
+        return model.get_metrics_result() if validation else _logs(model)
+
+    return run
+
+
+def _validate(model, run, dataset, steps):
+    model.reset_metrics()
+    iterator, logs = iter(dataset), {}
+    for _ in range(steps):
+        logs = run(iterator)
+    return {f"val_{name}": float(value) for name, value in logs.items()}
+
+
+def train(
+    model,
+    dataset_fn,
+    *,
+    strategy,
+    epochs,
+    steps_per_epoch,
+    callbacks=None,
+    validation_fn=None,
+    validation_steps=None,
+    initial_epoch=0,
+    verbose=0,
+):
+    """Trains `model` with its own `train_step` under `strategy`; works for every strategy.
+
+    The model must be created and compiled under `strategy.scope()`.
+
+    Args:
+        model: A compiled Keras model, typically `sat_tf.AdversarialModel`.
+        dataset_fn: `f(input_context) -> tf.data.Dataset` of per-replica batches, repeated
+            as needed; called once per worker by `distribute_datasets_from_function`
+            (shard with `input_context.input_pipeline_id`, batch with
+            `input_context.get_per_replica_batch_size(global_batch_size)`).
+        strategy: A `tf.distribute.Strategy`, e.g. from `get_strategy`.
+        epochs: Index of the last epoch, as in `fit`.
+        steps_per_epoch: Training steps per epoch.
+        callbacks: Keras callbacks; they see the same logs as with `fit`.
+        validation_fn: Optional dataset function for validation at each epoch end.
+        validation_steps: Number of validation batches (required with `validation_fn`).
+        initial_epoch: Epoch to start from (to resume).
+        verbose: 1 adds Keras's progress bar.
+
+    Returns:
+        The `keras.callbacks.History` of the run.
+    """
+    if validation_fn is not None and not validation_steps:
+        raise ValueError("`validation_steps` is required with `validation_fn`.")
+    _build(model, strategy, dataset_fn)
+    history = keras.callbacks.History()
+    callbacks = keras.callbacks.CallbackList(
+        [*(callbacks or []), history],
+        add_history=False,
+        add_progbar=verbose != 0,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps_per_epoch,
+        model=model,
+    )
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    run = _make_step(model, strategy)
+    if validation_fn is not None:
+        validation = strategy.distribute_datasets_from_function(validation_fn)
+        run_validation = _make_step(model, strategy, validation=True)
+    model.stop_training = False
+    callbacks.on_train_begin()
+    logs = {}
+    for epoch in range(initial_epoch, epochs):
+        model.reset_metrics()
+        callbacks.on_epoch_begin(epoch)
+        for step in range(steps_per_epoch):
+            callbacks.on_train_batch_begin(step)
+            logs = run(iterator)
+            callbacks.on_train_batch_end(step, logs)
+            if model.stop_training:
+                break
+        logs = {name: float(value) for name, value in logs.items()}
+        if validation_fn is not None:
+            logs.update(_validate(model, run_validation, validation, validation_steps))
+        callbacks.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callbacks.on_train_end(logs)
+    return history
