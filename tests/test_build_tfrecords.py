@@ -182,3 +182,63 @@ def test_json_info_is_written_atomically(folder, tmp_path):
     tool.build(config(folder, tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "train.json").read_text())["num_examples"] == 12
     assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def _tiny_tfds_builder():
+    """A TFDS builder that needs no download: 9 train and 5 test 12x12 images, 3 classes."""
+    import tensorflow_datasets as tfds
+
+    class TinyImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(shape=(12, 12, 3)),
+                "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(9), "test": self._generate_examples(5)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                yield i, {"image": np.full((12, 12, 3), 20 * i, np.uint8), "label": i % 3}
+
+    return TinyImages
+
+
+def test_tfds_dataset_through_pipeline_and_tool(tmp_path):
+    _tiny_tfds_builder()  # registers "tiny_images"
+    tfds_dir = str(tmp_path / "tfds")
+    test = data.load(
+        "tfds:tiny_images", split="test", global_batch_size=2, image_size=8, data_dir=tfds_dir
+    )
+    assert (test.num_examples, test.num_classes) == (5, 3)
+    batches = list(test.dataset)
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    brightness = np.concatenate([b[0].numpy().mean(axis=(1, 2, 3)) for b in batches])
+    # Example i has brightness 20 i and label i % 3 (PNG in TFDS: lossless).
+    np.testing.assert_allclose(sorted(brightness), [0, 20, 40, 60, 80], atol=1e-3)
+    np.testing.assert_array_equal(labels, (np.round(brightness / 20).astype(int)) % 3)
+    out = tmp_path / "tfr"
+    config = tool.Config(
+        output_dir=str(out), split="train", from_tfds="tiny_images", data_dir=tfds_dir, num_shards=2
+    )
+    assert tool.build(config) == {"num_examples": 9, "num_classes": 3, "label_offset": 1}
+    train = data.load(
+        f"tfrecord:{out}", split="train", global_batch_size=9, image_size=8, is_training=False
+    )
+    assert sorted(np.concatenate([y.numpy() for _, y in train.dataset]).tolist()) == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        2,
+        2,
+    ]

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -124,9 +125,8 @@ def shard_path(config, index):
 
 def write_shard(path, examples):
     """Writes serialized examples to `path` atomically (temporary name, then os.replace)."""
-    # A hidden temporary name: `<split>-*` patterns must not match a half-written shard.
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with tf.io.TFRecordWriter(tmp) as writer:
+    tmp, writer = _temporary_writer(path)
+    with writer:
         for example in examples:
             writer.write(example.SerializeToString())
     os.replace(tmp, path)
@@ -162,7 +162,14 @@ def _folder_example(path, label, name):
 
 
 def build_from_tfds(config):
-    """Writes one TFDS split (labels shifted to 1-based); returns `(num_examples, num_classes)`."""
+    """Streams one TFDS split into the missing shards (example i goes to shard i % num_shards).
+
+    Labels are shifted to 1-based. All missing shards are written at once, each under its
+    temporary name until the split has been read, so memory stays at one example.
+
+    Returns:
+        `(num_examples, num_classes)`.
+    """
     import tensorflow_datasets as tfds
 
     from sat_tf.data.tfds import prepared_builder
@@ -170,18 +177,29 @@ def build_from_tfds(config):
     builder = prepared_builder(config.from_tfds, data_dir=config.data_dir)
     names = builder.info.features["label"].names
     dataset = builder.as_dataset(split=config.split, decoders={"image": tfds.decode.SkipDecoding()})
-    shards = [[] for _ in range(config.num_shards)]
+    paths = [shard_path(config, i) for i in range(config.num_shards)]
+    writers = {i: _temporary_writer(p) for i, p in enumerate(paths) if not os.path.exists(p)}
+    num_examples = 0
     for i, example in enumerate(dataset.as_numpy_iterator()):
-        label = int(example["label"])
-        shards[i % config.num_shards].append((example["image"], label + 1, names[label], i))
-    progress = Progress(config.num_shards, sum(map(len, shards)))
-    for index, shard in enumerate(shards):
-        path = shard_path(config, index)
-        if not os.path.exists(path):
-            name = f"{config.from_tfds}_{config.split}"
-            write_shard(path, (make_example(d, y, s, f"{name}_{i}") for d, y, s, i in shard))
-        progress.update(len(shard))
-    return sum(map(len, shards)), len(names)
+        num_examples += 1
+        writer = writers.get(i % config.num_shards)
+        if writer is not None:
+            label = int(example["label"])
+            filename = f"{config.from_tfds}_{config.split}_{i}"
+            record = make_example(example["image"], label + 1, names[label], filename)
+            writer[1].write(record.SerializeToString())
+    progress = Progress(len(writers), num_examples)
+    for index, (tmp, writer) in writers.items():
+        writer.close()
+        os.replace(tmp, paths[index])
+        progress.update(len(range(index, num_examples, config.num_shards)))
+    return num_examples, len(names)
+
+
+def _temporary_writer(path):
+    """A writer to a hidden temporary name: `<split>-*` patterns never match a half shard."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    return tmp, tf.io.TFRecordWriter(tmp)
 
 
 class Progress:
@@ -189,17 +207,19 @@ class Progress:
 
     def __init__(self, num_shards, num_images):
         self.total, self.images, self.done, self.seen = num_shards, num_images, 0, 0
-        self.start = time.time()
+        self.start, self.lock = time.time(), threading.Lock()
 
     def update(self, count):
-        self.done, self.seen = self.done + 1, self.seen + count
-        rate = self.seen / max(time.time() - self.start, 1e-9)
-        print(
-            f"\r[{self.done}/{self.total} shards] {self.seen}/{self.images} images, {rate:.0f}/s",
-            end="\n" if self.done == self.total else "",
-            file=sys.stderr,
-            flush=True,
-        )
+        with self.lock:  # called from the worker threads
+            self.done, self.seen = self.done + 1, self.seen + count
+            rate = self.seen / max(time.time() - self.start, 1e-9)
+            images = f"{self.seen}/{self.images} images, {rate:.0f}/s"
+            print(
+                f"\r[{self.done}/{self.total} shards] {images}",
+                end="\n" if self.done == self.total else "",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def build(config):
