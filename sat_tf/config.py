@@ -29,6 +29,7 @@ class TrainConfig:
     dataset: str = "demo"
     train_files: str = ""  # overrides the train pattern of a tfrecord dataset
     eval_files: str = ""
+    eval_split: str = ""  # empty: "test" for demo and tfds:cifar*, else "validation"
     data_dir: str = ""
     augmentation: str = "auto"  # auto | inception | cifar | none
     # Schedule.
@@ -65,6 +66,13 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every_steps: int = 200
     overwrite: bool = False
+
+    @property
+    def resolved_eval_split(self):
+        if self.eval_split:
+            return self.eval_split
+        test_split = self.dataset == "demo" or self.dataset.startswith("tfds:cifar")
+        return "test" if test_split else "validation"
 
     @property
     def resolved_eval_epsilon(self):

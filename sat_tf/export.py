@@ -32,13 +32,17 @@ def _outputs(model, images, top_k):
     }
 
 
-def export_saved_model(model, export_dir, *, image_size, version=1, top_k=5, card=None):
+def export_saved_model(
+    model, export_dir, *, image_size, central_crop=True, version=1, top_k=5, card=None
+):
     """Writes `model` as a SavedModel to `<export_dir>/<version>` and returns that path.
 
     Args:
         model: A classifier taking [0, 255] pixels (e.g. `AdversarialModel.classifier`).
         export_dir: The base directory TF Serving is pointed at.
         image_size: Resolution `serving_bytes` resizes to.
+        central_crop: Crop the central 224/256 before resizing (ImageNet-style evaluation);
+            False resizes the whole image (CIFAR-style and demo data).
         version: Positive integer version (TF Serving serves the highest).
         top_k: Number of classes in the top-k outputs.
         card: Optional dict written to `assets.extra/robustness_card.json`.
@@ -49,6 +53,7 @@ def export_saved_model(model, export_dir, *, image_size, version=1, top_k=5, car
     if final.exists():
         raise FileExistsError(f"{final} exists; pick another --version or remove it first.")
     top_k = min(top_k, int(model.output_shape[-1]))
+    augmentation = "inception" if central_crop else "cifar"  # eval counterpart of each
     archive = keras.export.ExportArchive()
     archive.track(model)
 
@@ -60,7 +65,7 @@ def export_saved_model(model, export_dir, *, image_size, version=1, top_k=5, car
 
     def from_bytes(image_bytes):
         images = tf.map_fn(
-            lambda b: data.preprocess_for_eval(b, image_size=image_size),
+            lambda b: data.preprocess_for_eval(b, image_size=image_size, augmentation=augmentation),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )

@@ -6,6 +6,7 @@ What a run leaves in `model_dir`:
     config.json      the resolved configuration (a resumed run must match it)
     checkpoints/     model + optimizer state, every `checkpoint_every_steps` and each epoch
     logs/            TensorBoard: loss, clean and adversarial accuracy, learning rate, images
+    robustness_card.json  threat model, recipe, data, seed, results (tools/eval.py appends)
     model.keras      the trained classifier (written last, atomically: its presence = finished)
     results.json     final clean and adversarial evaluation, wall time, command
 """
@@ -20,8 +21,9 @@ import time
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
-from sat_tf import attacks, data, distribute, models, schedules
+from sat_tf import attacks, card, data, distribute, models, schedules
 from sat_tf import callbacks as callbacks_lib
 from sat_tf.adversarial import AdversarialModel
 from sat_tf.config import TrainConfig
@@ -49,9 +51,11 @@ def run(config: TrainConfig, *, command=""):
             f"{strategy.num_replicas_in_sync} replicas of --strategy={config.strategy}."
         )
     train, evaluation = load_data(config)
-    steps_per_epoch = config.steps_per_epoch or max(
-        1, math.ceil(train.num_examples / config.global_batch_size)
-    )
+    steps_per_epoch = config.steps_per_epoch or train.steps_per_epoch
+    if not steps_per_epoch:
+        raise RunError(
+            f"The size of --dataset={config.dataset} is unknown; give --steps_per_epoch."
+        )
     with strategy.scope():
         model = build_model(config, steps_per_epoch)
     checkpointer = callbacks_lib.Checkpointer(
@@ -74,13 +78,15 @@ def run(config: TrainConfig, *, command=""):
         return {"stopped": True, "step": int(model.optimizer.iterations)}
     results = model.evaluate(evaluation.dataset, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
-    save_model_atomically(model.classifier, model_dir / FINAL_MODEL)
+    config_dict = dataclasses.asdict(config)
+    card.write(model_dir, card.training_card(config_dict, results=results, command=command))
+    save_model_atomically(model.classifier, model_dir / FINAL_MODEL)  # last: marks "finished"
     summary = {
         "results": results,
         "steps": int(model.optimizer.iterations),
         "wall_time_s": round(time.time() - started, 1),
         "command": command,
-        "config": dataclasses.asdict(config),
+        "config": config_dict,
     }
     _write_json(model_dir / "results.json", summary)
     print(f"Finished: {json.dumps(results)}\nModel: {model_dir / FINAL_MODEL}", flush=True)
@@ -109,7 +115,7 @@ def prepare_model_dir(config):
                 f"--model_dir={model_dir} holds a finished run ({FINAL_MODEL}). Use a new "
                 "--model_dir, or pass --overwrite to train again from scratch."
             )
-        for stale in ("checkpoints", FINAL_MODEL, "results.json", "config.json"):
+        for stale in ("checkpoints", FINAL_MODEL, "results.json", "config.json", card.CARD_NAME):
             path = model_dir / stale
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     _check_same_config(model_dir / "config.json", config)
@@ -132,24 +138,34 @@ def _check_same_config(path, config):
 
 
 def load_data(config):
-    """The training and evaluation inputs, as `sat_tf.data` splits with one-hot labels."""
+    """The training and evaluation inputs (`sat_tf.data.Data`), with one-hot labels."""
+
+    def spec(files):
+        return f"tfrecord:{files}" if files else config.dataset
+
     common = dict(
         global_batch_size=config.global_batch_size,
         image_size=config.image_size,
         num_classes=config.num_classes,
         data_dir=config.data_dir or None,
-        augmentation=config.augmentation,
-        seed=config.seed,
+        augmentation=None if config.augmentation == "none" else config.augmentation,
     )
-    train = data.load(config.dataset, split="train", files=config.train_files, **common)
-    evaluation = data.load(
-        config.dataset,
-        split="eval",
-        files=config.eval_files,
-        max_examples=config.eval_examples or None,
-        **common,
-    )
-    return train.map_labels(config.num_classes), evaluation.map_labels(config.num_classes)
+    train = data.load(spec(config.train_files), split="train", **common)
+    evaluation = data.load(spec(config.eval_files), split=config.resolved_eval_split, **common)
+    if config.eval_examples:  # whole batches, so rounded up to a multiple of the batch size
+        batches = math.ceil(config.eval_examples / config.global_batch_size)
+        evaluation = dataclasses.replace(evaluation, dataset=evaluation.dataset.take(batches))
+    return _one_hot(train, config.num_classes), _one_hot(evaluation, config.num_classes)
+
+
+def _one_hot(split, num_classes):
+    """Label smoothing needs one-hot labels; a padding weight (third element) is kept."""
+
+    def convert(images, labels, *weights):
+        return (images, tf.one_hot(labels, num_classes), *weights)
+
+    dataset = split.dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataclasses.replace(split, dataset=dataset)
 
 
 def build_classifier(config):

@@ -253,22 +253,7 @@ def test_row_command_builds_a_valid_config(path):
     assert all(0 < e < config.epochs for e in config.decay_epochs)
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            p,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the paper's ResNeXt-32x8d is depth 50 (official --d=50 --group=32 "
-                "--res2-bottleneck=8); sat_tf.models.resnet.CONFIGS needs resnext50_32x8d",
-            ),
-        )
-        if p == "configs/imagenet/resnext50_32x8d_silu.cfg"
-        else p
-        for p in ROWS
-    ],
-)
+@pytest.mark.parametrize("path", ROWS)
 def test_row_model_is_registered(path):
     assert row_values(path)["model"] in models.names()
 

@@ -49,6 +49,7 @@ RESNETS = {  # name -> (bottleneck?, blocks per stage, groups, width per group)
     "resnet101": (True, (3, 4, 23, 3), 1, 64),
     "resnet152": (True, (3, 8, 36, 3), 1, 64),
     "resnext50_32x4d": (True, (3, 4, 6, 3), 32, 4),
+    "resnext50_32x8d": (True, (3, 4, 6, 3), 32, 8),
     "resnext101_32x8d": (True, (3, 4, 23, 3), 32, 8),
     "resnext152_32x8d": (True, (3, 8, 36, 3), 32, 8),
 }

@@ -53,7 +53,7 @@ def main(argv):
                 f"--num_steps={','.join(FLAGS.eval_num_steps)}",
             ]
         )
-        rows.append((activation, json.loads((report / "results.json").read_text()), model_dir))
+        rows.append((activation, json.loads((report / "summary.json").read_text()), model_dir))
     print(_table(rows))
 
 
@@ -61,8 +61,7 @@ def _table(rows):
     steps = [int(k) for k in FLAGS.eval_num_steps]
     header = "| activation | clean | " + " | ".join(f"PGD-{k}" for k in steps) + " | model |"
     lines = [header, "|" + "---|" * (len(steps) + 3)]
-    for activation, result, model_dir in rows:
-        accuracies = result["summary"]
+    for activation, accuracies, model_dir in rows:
         cells = [f"{100 * accuracies['clean']:.1f}%"]
         cells += [f"{100 * accuracies[f'pgd-{k}']:.1f}%" for k in steps]
         lines.append(f"| {activation} | " + " | ".join(cells) + f" | {model_dir}/model.keras |")

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
@@ -27,6 +27,7 @@ HELP = {
     "dataset": "demo | tfrecord:<pattern> | tfds:<name> | folder:<dir>.",
     "train_files": "TFRecord pattern for training (overrides the pattern in --dataset).",
     "eval_files": "TFRecord pattern for evaluation.",
+    "eval_split": "Evaluation split; empty: test for demo and tfds:cifar*, else validation.",
     "data_dir": "TFDS data_dir (and manual_dir for imagenet2012).",
     "augmentation": "auto | inception | cifar | none.",
     "global_batch_size": "Batch size summed over all replicas.",
@@ -94,6 +95,7 @@ def main(argv):
         config = config_from_flags(flags.FLAGS).validate()
     except ValueError as error:
         sys.exit(f"error: {error}")
+    logging.set_verbosity(logging.WARNING)
     from sat_tf import training  # heavy import after the flags are checked
 
     try:

@@ -30,6 +30,7 @@ CONFIGS = {
     "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
     "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
     "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
+    "resnext50_32x8d": ("bottleneck", (3, 4, 6, 3), 32, 8),  # the SAT paper's ResNeXt-32x8d
     "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3), 32, 8),
     "resnext152_32x8d": ("bottleneck", (3, 8, 36, 3), 32, 8),
 }
