@@ -92,10 +92,12 @@ def _per_example(v, x):
 
 
 def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max):
+    model = weakref.ref(model)  # The cache is keyed weakly on the model: do not keep it alive.
+
     def loss_grad(x, s):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            logits = model(x, training=False)
+            logits = model()(x, training=False)
             value = _loss(loss, targeted, logits, s["y"], s["target"])
             total = tf.reduce_sum(value)
         grad = tape.gradient(total, x)

@@ -86,13 +86,14 @@ def _gradient_attack(source, kind, images, labels, *, epsilon, num_steps, seed):
 
     per_model = _COMPILED.setdefault(source, {})
     key = (kind, float(epsilon), num_steps)
+    ref = weakref.ref(source)  # The cache is keyed weakly on the model: do not keep it alive.
     if key not in per_model:
         if kind == "fgsm":
-            fn = lambda x, y, s: attacks.fgsm(source, x, y, epsilon=epsilon)  # noqa: E731
+            fn = lambda x, y, s: attacks.fgsm(ref(), x, y, epsilon=epsilon)  # noqa: E731
         else:
             step_size = 2.5 * epsilon / num_steps
             fn = lambda x, y, s: attacks.pgd(  # noqa: E731
-                source, x, y, epsilon=epsilon, step_size=step_size, num_steps=num_steps, seed=s
+                ref(), x, y, epsilon=epsilon, step_size=step_size, num_steps=num_steps, seed=s
             )
         per_model[key] = tf.function(fn, reduce_retracing=True)
     return per_model[key](images, labels, tf.constant([seed, 0], tf.int64))

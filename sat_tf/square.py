@@ -36,6 +36,7 @@ def _margin_and_loss(model, x, y, loss):
 
 def _make_chunk(model, *, epsilon, num_queries, p_init, loss, clip_min, clip_max, seed):
     """Builds a graph that runs queries [start, stop) on the active examples."""
+    model = weakref.ref(model)  # The cache is keyed weakly on the model: do not keep it alive.
 
     def query(i, s):
         x, x_best = s["x"], s["x_best"]
@@ -59,7 +60,7 @@ def _make_chunk(model, *, epsilon, num_queries, p_init, loss, clip_min, clip_max
         x_new = tf.clip_by_value(
             tf.clip_by_value(x_new, x - epsilon, x + epsilon), clip_min, clip_max
         )
-        margin, value = _margin_and_loss(model, x_new, s["y"], loss)
+        margin, value = _margin_and_loss(model(), x_new, s["y"], loss)
         # Keep the candidate where the loss fell or the example became misclassified.
         better = (value < s["loss"]) | (margin <= 0.0)
         return i + 1, dict(
