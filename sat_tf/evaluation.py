@@ -43,12 +43,14 @@ class AttackSpec:
         num_steps: Steps (PGD, APGD) or queries (Square); None where it does not apply.
         num_restarts: Random restarts (PGD, APGD).
         version: AutoAttack version, "standard" or "fast".
+        step_size: PGD step in pixels; None for Madry's 2.5 * epsilon / num_steps.
     """
 
     kind: str
     num_steps: int | None = None
     num_restarts: int = 1
     version: str = "standard"
+    step_size: float | None = None
 
     @property
     def label(self):
@@ -80,18 +82,20 @@ def parse_attack(spec):
 _COMPILED = weakref.WeakKeyDictionary()  # model -> {(kind, epsilon, steps): tf.function}
 
 
-def _gradient_attack(source, kind, images, labels, *, epsilon, num_steps, seed):
-    """`sat_tf.attacks` FGSM or PGD (step 2.5 * epsilon / K, Madry et al. 2018), compiled once."""
+def _gradient_attack(source, kind, images, labels, *, epsilon, num_steps, seed, step_size=None):
+    """`sat_tf.attacks` FGSM or PGD (default step 2.5 * epsilon / K, Madry et al. 2018), compiled
+    once per (model, kind, epsilon, steps, step)."""
     from sat_tf import attacks  # Imported here: attacks.py is the training-time module.
 
     per_model = _COMPILED.setdefault(source, {})
-    key = (kind, float(epsilon), num_steps)
+    if step_size is None and kind == "pgd":
+        step_size = 2.5 * epsilon / num_steps
+    key = (kind, float(epsilon), num_steps, step_size)
     ref = weakref.ref(source)  # The cache is keyed weakly on the model: do not keep it alive.
     if key not in per_model:
         if kind == "fgsm":
             fn = lambda x, y, s: attacks.fgsm(ref(), x, y, epsilon=epsilon)  # noqa: E731
         else:
-            step_size = 2.5 * epsilon / num_steps
             fn = lambda x, y, s: attacks.pgd(  # noqa: E731
                 ref(), x, y, epsilon=epsilon, step_size=step_size, num_steps=num_steps, seed=s
             )
@@ -134,6 +138,7 @@ def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None):
                 epsilon=epsilon,
                 num_steps=spec.num_steps,
                 seed=seed + restart,
+                step_size=spec.step_size,
             )
         elif spec.kind == "square":
             adv = autoattack.square(
@@ -193,6 +198,7 @@ def _run(model, spec, images, labels, *, epsilon, seed, batch_size, source=None)
         epsilon=float(epsilon),
         num_steps=spec.num_steps,
         num_restarts=spec.num_restarts,
+        step_size=spec.step_size,
         accuracy=float(robust.mean()),
         seconds=round(time.perf_counter() - start, 3),
     )
@@ -209,6 +215,7 @@ def evaluate(
     batch_size=128,
     seed=0,
     surrogate=None,
+    pgd_step_size=None,
     large_epsilon=128.0,
     checks=True,
     verbose=True,
@@ -225,6 +232,8 @@ def evaluate(
         seed: Seed of every attack.
         surrogate: Optional model (e.g. the ReLU twin) for the transfer check: PGD-20 computed
             on it, evaluated on `model`, at every epsilon.
+        pgd_step_size: Step in pixels of the listed PGD attacks (e.g. 1, as in the official SAT
+            evaluation); None uses 2.5 * epsilon / K. The masking probes keep 2.5 * epsilon / K.
         large_epsilon: Radius at which PGD-20 should bring accuracy to ~0; None skips it.
         checks: Run the gradient-masking checks of `sat_tf.masking`.
         verbose: Print one line per row and per check.
@@ -234,6 +243,11 @@ def evaluate(
     """
     images, labels = collect(dataset, num_examples)
     specs = [parse_attack(a) for a in attacks]
+    if pgd_step_size is not None:
+        specs = [
+            dataclasses.replace(a, step_size=float(pgd_step_size)) if a.kind == "pgd" else a
+            for a in specs
+        ]
     rows, worst = [], {}
     jobs = [(spec, eps, None) for eps in epsilons for spec in specs if spec.kind != "clean"]
     jobs = [(AttackSpec("clean"), 0.0, None)] + jobs

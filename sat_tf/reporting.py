@@ -32,7 +32,11 @@ class EvaluationResults:
         return next(r["accuracy"] for r in self.rows if r["kind"] == "clean")
 
     def accuracy(self, attack, epsilon):
-        """Accuracy of the row with this attack label (e.g. "pgd-10") and epsilon."""
+        """Accuracy at `epsilon` of an attack, by spec ("apgd-ce") or label ("apgd-ce-100")."""
+        from sat_tf.evaluation import parse_attack  # Here: evaluation imports this module.
+
+        if attack not in {r["attack"] for r in self.rows}:
+            attack = parse_attack(attack).label
         for row in self.rows:
             if row["attack"] == attack and row["epsilon"] == float(epsilon):
                 return row["accuracy"]

@@ -174,3 +174,20 @@ def test_row_checks_against_hand_made_numbers():
         assert check(fine, tolerance=0.01).passed, check.__name__
     assert masking.check_large_epsilon(fine, epsilon=128.0).passed
     assert masking.Check("x", False, "y").line() == "[WARN] x: y"
+
+
+def test_fixed_pgd_step_size_and_lookup_by_spec(model, data):
+    results = evaluation.evaluate(
+        model,
+        data,
+        attacks=["pgd-3", "pgd-3x2", "apgd-ce-5"],
+        epsilons=[48],
+        pgd_step_size=1.0,
+        large_epsilon=None,
+        verbose=False,
+    )
+    steps = {r["attack"]: r["step_size"] for r in results.rows}
+    assert steps["pgd-3"] == steps["pgd-3x2"] == 1.0 and steps["apgd-ce-5"] is None
+    assert results.accuracy("apgd-ce-5", 48) == results.accuracy("APGD-CE-5", 48.0)
+    # Three 1-pixel steps after a random start hardly beat noise; APGD's 2 * eps steps do.
+    assert results.accuracy("pgd-3", 48) > results.accuracy("apgd-ce-5", 48)
