@@ -8,8 +8,8 @@ and `sat_tf.square` and are re-exported here.
 Versions:
     "standard": APGD-CE 100 steps, 1 restart; APGD-T (targeted DLR) 100 steps, 9 target classes,
         1 restart each; Square 5,000 queries, p_init 0.8. The number to report.
-    "fast": APGD-CE 20 steps; APGD-T 20 steps, 3 target classes; Square 300 queries. About 15x
-        cheaper: for CPU smoke runs and tests, not for a reported robust accuracy.
+    "fast": APGD-CE 20 steps; APGD-T 20 steps, 3 target classes; Square 300 queries. 12x fewer
+        gradients, 17x fewer queries: for CPU smoke runs and tests, not for a reported number.
 """
 
 import dataclasses
