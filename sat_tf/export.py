@@ -61,7 +61,16 @@ def export_saved_model(
     bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
 
     def from_pixels(images):
-        return _outputs(model, images, top_k)
+        # Serving does not enforce the signature's static shape: check it, with a clear message.
+        expected = f"`images` must be float32 [N, {image_size}, {image_size}, 3] pixels in [0, 255]"
+        checks = [
+            tf.debugging.assert_rank(images, 4, message=expected),
+            tf.debugging.assert_equal(
+                tf.shape(images)[1:], [image_size, image_size, 3], message=expected
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return _outputs(model, tf.identity(images), top_k)
 
     def from_bytes(image_bytes):
         images = tf.map_fn(

@@ -12,6 +12,7 @@ What a run leaves in `model_dir`:
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from sat_tf import attacks, card, data, distribute, models, schedules
+from sat_tf import activations, attacks, card, data, distribute, models, schedules
 from sat_tf import callbacks as callbacks_lib
 from sat_tf.adversarial import AdversarialModel
 from sat_tf.config import TrainConfig
@@ -39,6 +40,7 @@ class RunError(Exception):
 def run(config: TrainConfig, *, command=""):
     """Trains (or resumes) the run described by `config`; returns the final results dict."""
     config.validate()
+    check_names(config)
     started = time.time()
     model_dir = prepare_model_dir(config)
     keras.utils.set_random_seed(config.seed)
@@ -56,6 +58,7 @@ def run(config: TrainConfig, *, command=""):
         raise RunError(
             f"The size of --dataset={config.dataset} is unknown; give --steps_per_epoch."
         )
+    _write_json(model_dir / "config.json", dataclasses.asdict(config))  # inputs are good
     with strategy.scope():
         model = build_model(config, steps_per_epoch)
     checkpointer = callbacks_lib.Checkpointer(
@@ -64,12 +67,10 @@ def run(config: TrainConfig, *, command=""):
     start_step = checkpointer.restore(model)
     if start_step:
         print(f"Resuming {model_dir} from step {start_step}.", flush=True)
-    callbacks = _callbacks(config, model_dir, checkpointer, evaluation, command)
     fit_resumable(
+        _fit_function(config, model, strategy, train, evaluation),
         model,
-        train.dataset,
-        evaluation.dataset,
-        callbacks=callbacks,
+        callbacks=_callbacks(config, model_dir, checkpointer, evaluation, command),
         start_step=start_step,
         steps_per_epoch=steps_per_epoch,
         epochs=config.epochs,
@@ -119,7 +120,6 @@ def prepare_model_dir(config):
             path = model_dir / stale
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     _check_same_config(model_dir / "config.json", config)
-    _write_json(model_dir / "config.json", dataclasses.asdict(config))
     return model_dir
 
 
@@ -137,25 +137,50 @@ def _check_same_config(path, config):
         )
 
 
-def load_data(config):
-    """The training and evaluation inputs (`sat_tf.data.Data`), with one-hot labels."""
+def check_names(config):
+    """Unknown model or activation names fail here, before any directory or data work."""
+    if config.model not in models.names() and not config.init_from:
+        raise RunError(
+            f"--model={config.model}: Unknown model {config.model!r}. "
+            f"Valid names: {', '.join(models.names())}."
+        )
+    try:
+        activations.get(config.activation)
+    except ValueError as error:
+        raise RunError(f"--activation={config.activation}: {error}") from None
 
-    def spec(files):
-        return f"tfrecord:{files}" if files else config.dataset
 
-    common = dict(
-        global_batch_size=config.global_batch_size,
-        image_size=config.image_size,
-        num_classes=config.num_classes,
-        data_dir=config.data_dir or None,
-        augmentation=None if config.augmentation == "none" else config.augmentation,
-    )
-    train = data.load(spec(config.train_files), split="train", **common)
-    evaluation = data.load(spec(config.eval_files), split=config.resolved_eval_split, **common)
-    if config.eval_examples:  # whole batches, so rounded up to a multiple of the batch size
+def load_split(config, *, training, input_context=None):
+    """One input split as `sat_tf.data.Data`, with one-hot labels (needed by label smoothing).
+
+    Args:
+        config: The run's `TrainConfig`.
+        training: The training split (else the evaluation split, cut to `eval_examples`).
+        input_context: Given by `distribute_datasets_from_function` (multi-worker runs).
+    """
+    files = config.train_files if training else config.eval_files
+    try:
+        split = data.load(
+            f"tfrecord:{files}" if files else config.dataset,
+            split="train" if training else config.resolved_eval_split,
+            input_context=input_context,
+            global_batch_size=config.global_batch_size,
+            image_size=config.image_size,
+            num_classes=config.num_classes,
+            data_dir=config.data_dir or None,
+            augmentation=None if config.augmentation == "none" else config.augmentation,
+        )
+    except (ValueError, FileNotFoundError, tf.errors.NotFoundError) as error:
+        raise RunError(f"--dataset={config.dataset}: {error}") from None
+    if config.eval_examples and not training:  # whole batches: rounded up to a batch multiple
         batches = math.ceil(config.eval_examples / config.global_batch_size)
-        evaluation = dataclasses.replace(evaluation, dataset=evaluation.dataset.take(batches))
-    return _one_hot(train, config.num_classes), _one_hot(evaluation, config.num_classes)
+        split = dataclasses.replace(split, dataset=split.dataset.take(batches))
+    return _one_hot(split, config.num_classes)
+
+
+def load_data(config):
+    """The training and evaluation splits."""
+    return load_split(config, training=True), load_split(config, training=False)
 
 
 def _one_hot(split, num_classes):
@@ -259,34 +284,49 @@ def _callbacks(config, model_dir, checkpointer, evaluation, command):
     ]
 
 
-def fit_resumable(model, train, evaluation, *, callbacks, start_step, steps_per_epoch, epochs):
-    """`model.fit` from a global step: finishes a partial epoch first, then the remaining ones."""
+def _fit_function(config, model, strategy, train, evaluation):
+    """`fit(epochs, initial_epoch, steps_per_epoch, callbacks)`: Keras `fit`, or the custom loop
+    of `sat_tf.distribute` under MultiWorkerMirroredStrategy (where Keras 3.15's fit fails)."""
     verbose = 1 if sys.stdout.isatty() else 2
+    if config.strategy != "multi_worker":
+        return functools.partial(
+            model.fit,
+            train.dataset,
+            validation_data=evaluation.dataset,
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a tf.data.Dataset
+        )
+
+    def dataset_fn(training):
+        return lambda context: load_split(config, training=training, input_context=context).dataset
+
+    return functools.partial(
+        distribute.train,
+        model,
+        dataset_fn(True),
+        strategy=strategy,
+        verbose=int(verbose == 1),
+        validation_fn=dataset_fn(False),
+        validation_steps=sum(1 for _ in evaluation.dataset),
+    )
+
+
+def fit_resumable(fit, model, *, callbacks, start_step, steps_per_epoch, epochs):
+    """Runs `fit` from a global step: finishes a partial epoch first, then the remaining ones."""
     epoch, done_in_epoch = divmod(start_step, steps_per_epoch)
     if epoch >= epochs:
         return
     if done_in_epoch:
-        model.fit(
-            train,
-            validation_data=evaluation,
+        fit(
             epochs=epoch + 1,
             initial_epoch=epoch,
             steps_per_epoch=steps_per_epoch - done_in_epoch,
             callbacks=callbacks,
-            verbose=verbose,
         )
         epoch += 1
         if model.stop_training or epoch >= epochs:
             return
-    model.fit(
-        train,
-        validation_data=evaluation,
-        epochs=epochs,
-        initial_epoch=epoch,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=callbacks,
-        verbose=verbose,
-    )
+    fit(epochs=epochs, initial_epoch=epoch, steps_per_epoch=steps_per_epoch, callbacks=callbacks)
 
 
 def save_model_atomically(model, path):

@@ -62,6 +62,7 @@ def main(argv):
             model,
             export_dir,
             image_size=image_size,
+            central_crop=bool(central_crop),
             version=FLAGS.version,
             top_k=FLAGS.top_k,
             card=card,
