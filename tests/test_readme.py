@@ -1,0 +1,74 @@
+"""The README's code never rots: its Python blocks run, its commands name real files and flags."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(language):
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def _commands():
+    """`python tools/...` commands of the bash blocks, with line continuations joined."""
+    for block in _blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("python tools/"):
+                yield shlex.split(line)
+
+
+@pytest.mark.slow
+def test_python_blocks_run(tmp_path):
+    blocks = _blocks("python")
+    assert blocks, "the README should show the user-code example"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for code in blocks:
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "digits_silu.keras").is_file()
+    assert "adv_accuracy" in result.stdout
+
+
+def test_the_two_setup_commands_exist():
+    assert "make demo" in README and "make test" in README
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("argv", list(_commands()), ids=lambda a: " ".join(a[:3]))
+def test_commands_name_real_tools_flagfiles_and_flags(argv):
+    tool = ROOT / argv[1]
+    assert tool.is_file(), argv[1]
+    for arg in argv[2:]:
+        if arg.startswith("--flagfile="):
+            assert (ROOT / arg.split("=", 1)[1]).is_file(), arg
+    # Each flag must be one the tool defines (absl lists them in --helpfull).
+    helpfull = subprocess.run(
+        [sys.executable, str(tool), "--helpfull"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    ).stdout
+    for arg in argv[2:]:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if name != "flagfile":
+            assert f"--{name}" in helpfull or f"--[no]{name}" in helpfull, arg
