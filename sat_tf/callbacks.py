@@ -15,6 +15,11 @@ import numpy as np
 import tensorflow as tf
 
 
+def global_step(model):
+    """The optimizer's iteration count as an int (also for distributed variables)."""
+    return int(model.optimizer.iterations.value.numpy())
+
+
 class Checkpointer(keras.callbacks.Callback):
     """Saves model + optimizer every `every_steps` steps and at each epoch end; restores on demand.
 
@@ -49,12 +54,12 @@ class Checkpointer(keras.callbacks.Callback):
         if manager.latest_checkpoint is None:
             return 0
         manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        self._last_saved = int(model.optimizer.iterations)
+        self._last_saved = global_step(model)
         return self._last_saved
 
     def save(self):
         """Saves now, unless this step is already saved. Returns the checkpoint path."""
-        step = int(self.model.optimizer.iterations)
+        step = global_step(self.model)
         manager = self._get_manager()
         if step != self._last_saved:
             manager.save(checkpoint_number=step)
@@ -62,7 +67,7 @@ class Checkpointer(keras.callbacks.Callback):
         return manager.latest_checkpoint
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = global_step(self.model)
         if self.every_steps and step % self.every_steps == 0:
             self.save()
 
@@ -85,7 +90,7 @@ class StopOnNonFinite(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is None or math.isfinite(float(loss)):
             return
-        self.bad_step = int(self.model.optimizer.iterations)
+        self.bad_step = global_step(self.model)
         self.model.stop_training = True
         raise FloatingPointError(
             f"Training loss became {float(loss)} at step {self.bad_step}. The last good checkpoint "

@@ -64,7 +64,8 @@ def run(config: TrainConfig, *, command=""):
     checkpointer = callbacks_lib.Checkpointer(
         model_dir / "checkpoints", every_steps=config.checkpoint_every_steps
     )
-    start_step = checkpointer.restore(model)
+    with strategy.scope():  # restoring builds optimizer slots: they belong to the strategy
+        start_step = checkpointer.restore(model)
     if start_step:
         print(f"Resuming {model_dir} from step {start_step}.", flush=True)
     fit_resumable(
@@ -76,7 +77,7 @@ def run(config: TrainConfig, *, command=""):
         epochs=config.epochs,
     )
     if model.stop_training:  # SIGTERM / Ctrl-C: checkpoint saved, no final model yet
-        return {"stopped": True, "step": int(model.optimizer.iterations)}
+        return {"stopped": True, "step": callbacks_lib.global_step(model)}
     results = model.evaluate(evaluation.dataset, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
     config_dict = dataclasses.asdict(config)
@@ -84,7 +85,7 @@ def run(config: TrainConfig, *, command=""):
     save_model_atomically(model.classifier, model_dir / FINAL_MODEL)  # last: marks "finished"
     summary = {
         "results": results,
-        "steps": int(model.optimizer.iterations),
+        "steps": callbacks_lib.global_step(model),
         "wall_time_s": round(time.time() - started, 1),
         "command": command,
         "config": config_dict,

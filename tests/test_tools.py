@@ -161,6 +161,13 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert json.loads((model_dir / "results.json").read_text())["steps"] == 12
 
 
+def test_multi_worker_strategy_trains_through_the_custom_loop(tmp_path):
+    # Keras 3.15's fit fails under MultiWorkerMirroredStrategy; training.run uses
+    # sat_tf.distribute.train there (one local worker when TF_CONFIG is unset).
+    tool("train", SMOKE, f"--model_dir={tmp_path / 'mw'}", "--strategy=multi_worker")
+    assert json.loads((tmp_path / "mw" / "results.json").read_text())["steps"] == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
