@@ -1,0 +1,444 @@
+"""RobustBench-compatible L-inf evaluation: the protocol, its data, and its result file.
+
+RobustBench (Croce et al., "RobustBench: a standardized adversarial robustness benchmark",
+NeurIPS 2021 Datasets and Benchmarks; github.com/RobustBench/robustbench, `benchmark()` in
+robustbench/eval.py) evaluates an L-inf model as follows:
+    cifar10:  the first 10,000 CIFAR-10 test images, in the order of the original test batch
+              (torchvision's order), epsilon 8/255.
+    imagenet: the fixed 5,000 ImageNet validation images named in RobustBench's
+              robustbench/helper_files/imagenet_test_image_ids.txt, in that order, resized to 256
+              and centre-cropped to 224 ("Res256Crop224"), epsilon 4/255.
+    Both: AutoAttack "standard"; clean and AutoAttack accuracy reported in percent.
+
+Units. RobustBench models take [0, 1] inputs; ours take [0, 255] pixels (normalisation inside the
+model). An image x01 is x = 255 * x01 here, and the L-inf ball of radius eps01 around x01 is the
+ball of radius 255 * eps01 around x: epsilon 8/255 == 8 pixels, 4/255 == 4 pixels (`to_pixels`).
+`unit_interval_model` wraps one of our models for RobustBench's [0, 1] convention.
+
+Where this differs from RobustBench's own run (every result lists what applies in `deviations`):
+    - sat_tf.autoattack has no FAB-T stage (see its docstring), so "standard" here is APGD-CE,
+      APGD-T and Square with AutoAttack's standard budgets.
+    - ImageNet: our evaluation crop (the central 224/256 of the shorter side, then a TF bilinear
+      resize) covers the same region as torchvision's Resize(256) + CenterCrop(224) but resamples
+      differently (PIL antialiased bilinear before the crop), so pixels differ slightly.
+"""
+
+import dataclasses
+import hashlib
+import os
+import re
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sat_tf import autoattack
+from sat_tf.data import folder, preprocessing, tfrecord
+
+IDS_URL = (
+    "https://raw.githubusercontent.com/RobustBench/robustbench/master/"
+    "robustbench/helper_files/imagenet_test_image_ids.txt"
+)
+# sha256 of that file at RobustBench commit 78fcc9e (last changed in 5be8f6a, August 2022).
+IDS_SHA256 = "d4121626d07722a0126c35b1563042e46a546f1a05ce705f2cdc635896d58574"
+_ID = re.compile(r"^(n\d{8})/([^/\s]+)$")  # "<synset>/<file name>"
+_CHUNK = 500  # Examples per auto_attack call: bounds memory (500 ImageNet images: ~0.6 GB).
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """One RobustBench L-inf leaderboard.
+
+    Attributes:
+        dataset: RobustBench's name, "cifar10" or "imagenet".
+        epsilon: RobustBench's "eps" field: the radius as a fraction of the [0, 1] range.
+        num_examples: examples of the full protocol.
+        image_size: input side of RobustBench's default preprocessing.
+        num_classes: classes of the dataset.
+    """
+
+    dataset: str
+    epsilon: str
+    num_examples: int
+    image_size: int
+    num_classes: int
+
+    @property
+    def epsilon_pixels(self):
+        return to_pixels(self.epsilon)
+
+
+PROTOCOLS = {
+    "cifar10": Protocol("cifar10", "8/255", 10_000, 32, 10),
+    "imagenet": Protocol("imagenet", "4/255", 5_000, 224, 1000),
+}
+
+
+def to_pixels(epsilon):
+    """An L-inf radius in RobustBench's [0, 1] units ("8/255" or 8 / 255) in our pixel units."""
+    if isinstance(epsilon, str):
+        numerator, _, denominator = epsilon.partition("/")
+        return float(numerator) * 255.0 / float(denominator or 1)  # "8/255" -> exactly 8.0
+    return round(float(epsilon) * 255.0, 9)
+
+
+def unit_interval_model(model, name=None):
+    """`model` (inputs in [0, 255]) as a model taking RobustBench's [0, 1] inputs.
+
+    A built-in `Rescaling(255)` layer in front (no Lambda), so the wrapper saves as `.keras` and
+    loads with `safe_mode=True`. Its outputs on x01 equal `model`'s on 255 * x01.
+    """
+    inputs = keras.Input(shape=model.input_shape[1:], name="images_0_1")
+    pixels = keras.layers.Rescaling(255.0, name="to_pixels")(inputs)
+    return keras.Model(inputs, model(pixels), name=name or f"{model.name}_0_1")
+
+
+def read_image_ids(path):
+    """RobustBench's ImageNet subset: `(ids, sha256)`, ids as "<synset>/<file name>" in order.
+
+    Raises:
+        ValueError: naming the first malformed or repeated line.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    ids = [line.strip() for line in raw.decode().splitlines() if line.strip()]
+    for number, line in enumerate(ids, 1):
+        if not _ID.match(line):
+            raise ValueError(f"{path} line {number}: {line!r} is not '<synset>/<file name>'.")
+    if len(set(ids)) != len(ids):
+        repeated = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{path} lists {repeated!r} more than once.")
+    return ids, hashlib.sha256(raw).hexdigest()
+
+
+def _decode(encoded, image_size):
+    """Our ImageNet evaluation crop, rounded to uint8 (RobustBench's images are k/255 too)."""
+    image = preprocessing.preprocess_for_eval(encoded, image_size, augmentation="inception")
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
+def imagenet_from_folder(directory, image_ids, *, split, image_size=224):
+    """RobustBench's ImageNet images from `<directory>/<split>/<synset>/<file>`, in ids order.
+
+    Labels are positions in the sorted class folders (`data.folder.class_names`, as in training
+    and as in RobustBench's ImageFolder), so the folder must hold all 1,000 classes.
+
+    Returns:
+        `(uint8 [N, S, S, 3], int32 [N])`.
+    """
+    names = folder.class_names(directory)
+    index = {name: i for i, name in enumerate(names)}
+    paths = [os.path.join(directory, split, i) for i in image_ids]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    unknown = sorted({i.split("/")[0] for i in image_ids} - set(index))
+    if missing or unknown:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(paths)} images missing (first: {missing[:3]}), "
+            f"{len(unknown)} synsets without a class folder (first: {unknown[:3]})."
+        )
+    labels = np.array([index[i.split("/")[0]] for i in image_ids], np.int32)
+    dataset = tf.data.Dataset.from_tensor_slices(paths)
+    dataset = dataset.map(lambda p: _decode(tf.io.read_file(p), image_size), tf.data.AUTOTUNE)
+    images = np.concatenate(list(dataset.batch(64).as_numpy_iterator()))
+    return images, labels
+
+
+def imagenet_from_tfrecord(file_pattern, image_ids, *, image_size=224, label_offset=1):
+    """RobustBench's ImageNet images from ImageNet-format TFRecords, matched by `image/filename`.
+
+    The records must keep the original file names (ILSVRC2012_val_XXXXXXXX.JPEG), as the TPU
+    converter and `tools/build_tfrecords.py --input_dir` write them; labels are
+    `image/class/label - label_offset`, as in training. Where a record has `image/class/synset`,
+    it must match the id's synset.
+
+    Returns:
+        `(uint8 [N, S, S, 3], int32 [N])`, in `image_ids` order.
+    """
+    names = [i.split("/")[1] for i in image_ids]
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(names, tf.range(len(names), dtype=tf.int64)), -1
+    )
+    spec = {
+        "image/filename": tf.io.FixedLenFeature([], tf.string, ""),
+        "image/class/synset": tf.io.FixedLenFeature([], tf.string, ""),
+        "image/encoded": tf.io.FixedLenFeature([], tf.string, ""),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64, -1),
+    }
+
+    def parse(serialized):
+        f = tf.io.parse_single_example(serialized, spec)
+        base = tf.strings.regex_replace(f["image/filename"], r"^.*/", "")
+        label = f["image/class/label"]
+        return table.lookup(base), f["image/class/synset"], f["image/encoded"], label
+
+    # Any read order will do (the images are put in the ids' order below), so read in parallel.
+    files = tfrecord.list_files(file_pattern)
+    dataset = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+    dataset = dataset.map(parse, tf.data.AUTOTUNE).filter(lambda position, *_: position >= 0)
+    dataset = dataset.map(
+        lambda p, s, e, y: (p, s, _decode(e, image_size), y - label_offset), tf.data.AUTOTUNE
+    )
+    parts = list(dataset.batch(64).as_numpy_iterator())
+    position, synset, images, labels = (
+        np.concatenate([p[k] for p in parts]) if parts else np.zeros([0], np.int64)
+        for k in range(4)
+    )
+    found = np.zeros(len(names), bool)
+    found[position] = True
+    if len(position) != len(set(position.tolist())) or not found.all():
+        raise FileNotFoundError(
+            f"{int(found.sum())} of {len(names)} images found in {file_pattern!r} (each must be "
+            f"exactly once); first missing: {[image_ids[i] for i in np.flatnonzero(~found)[:3]]}."
+        )
+    for p, s in zip(position, synset, strict=True):
+        if s and s.decode() != image_ids[p].split("/")[0]:
+            raise ValueError(f"Record {names[p]} has synset {s.decode()}, not {image_ids[p]}.")
+    order = np.argsort(position)
+    return images[order], labels[order].astype(np.int32)
+
+
+def cifar10_from_tfds(*, num_examples=10_000, data_dir=None):
+    """The first `num_examples` CIFAR-10 test images in the original order (TFDS's "id" field).
+
+    TFDS stores examples in a hashed order; its "id" ("test_00000", ...) numbers them as in the
+    original test batch, which is RobustBench's (torchvision's) order.
+
+    Returns:
+        `(uint8 [N, 32, 32, 3], int32 [N])`.
+    """
+    from sat_tf.data import tfds  # TFDS is slow to import; only pay for it when used.
+
+    examples = tfds.prepared_builder("cifar10", data_dir=data_dir).as_dataset(split="test")
+    ids, images, labels = [], [], []
+    for example in examples.as_numpy_iterator():
+        ids.append(example["id"])
+        images.append(example["image"])
+        labels.append(example["label"])
+    order = np.argsort(np.asarray(ids))[:num_examples]
+    return np.stack(images)[order], np.asarray(labels, np.int32)[order]
+
+
+# The fields of RobustBench's model_info/<dataset>/<threat model>/<Name>.json, in their order;
+# those we cannot know (paper, authors, venue, reported number) start empty for the user to fill.
+_INFO_DEFAULTS = {
+    "link": "",
+    "name": "",
+    "authors": "",
+    "additional_data": False,  # Models trained here see only the dataset's own training split.
+    "number_forward_passes": 1,
+    "dataset": None,
+    "venue": "",
+    "architecture": "",
+    "eps": None,
+    "clean_acc": None,
+    "reported": "",
+    "autoattack_acc": None,
+}
+_MEASURED = ("dataset", "eps", "clean_acc", "autoattack_acc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """A RobustBench-protocol evaluation.
+
+    Attributes:
+        protocol: the `Protocol` followed.
+        num_examples: examples evaluated (the first ones of the protocol's list).
+        version: AutoAttack version, "standard" or "fast".
+        clean_accuracy: fraction of the examples classified correctly.
+        robust_accuracy: fraction still correct after every AutoAttack stage.
+        stages: stage -> cumulative robust accuracy ("clean", "apgd-ce", "apgd-t", "square").
+        image_size: side of the evaluated images.
+        seed: seed of every attack.
+        seconds: wall time of the attacks.
+        source: where the images came from, in words.
+        model_info: user fields of the RobustBench entry (architecture, name, link, ...).
+    """
+
+    protocol: Protocol
+    num_examples: int
+    version: str
+    clean_accuracy: float
+    robust_accuracy: float
+    stages: dict
+    image_size: int
+    seed: int
+    seconds: float
+    source: str = ""
+    model_info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def deviations(self):
+        """How this run differs from RobustBench's own evaluation, in words."""
+        p = self.protocol
+        found = ["AutoAttack without FAB-T (sat_tf.autoattack has no FAB-T stage)"]
+        if self.num_examples < p.num_examples:
+            found.append(f"first {self.num_examples} of the protocol's {p.num_examples} examples")
+        if self.version != "standard":
+            found.append(f'AutoAttack version "{self.version}", not "standard"')
+        if p.dataset == "cifar10" and self.image_size != p.image_size:
+            found.append(f"{self.image_size}-pixel images, not CIFAR-10's {p.image_size}")
+        if p.dataset == "imagenet":
+            found.append("TF central-crop preprocessing, not torchvision Resize(256)+CenterCrop")
+        return found
+
+    def model_info_entry(self):
+        """The JSON entry in the shape of RobustBench's model_info files, plus our "sat_tf" key.
+
+        Accuracies are percentage strings with 2 decimals ("53.42"), eps a fraction of the [0, 1]
+        range ("8/255"), as in RobustBench's files. Delete the "sat_tf" key before submitting.
+        """
+        entry = _INFO_DEFAULTS | self.model_info
+        entry |= {
+            "dataset": self.protocol.dataset,
+            "eps": self.protocol.epsilon,
+            "clean_acc": f"{100 * self.clean_accuracy:.2f}",
+            "autoattack_acc": f"{100 * self.robust_accuracy:.2f}",
+        }
+        budget = autoattack.VERSIONS[self.version]
+        entry["sat_tf"] = {
+            "num_examples": self.num_examples,
+            "protocol_num_examples": self.protocol.num_examples,
+            "autoattack_version": self.version,
+            "attack": (
+                f"sat_tf.autoattack.auto_attack(version={self.version!r}): APGD-CE "
+                f"{budget['apgd_steps']} steps, then APGD-T (DLR) {budget['apgd_steps']} steps x "
+                f"{budget['target_classes']} target classes, then Square "
+                f"{budget['square_queries']} queries; no FAB-T"
+            ),
+            "epsilon_pixels": self.protocol.epsilon_pixels,
+            "input_convention": "[0, 255] pixels; eps/255 of the [0, 1] range == eps pixels",
+            "stages": self.stages,
+            "image_size": self.image_size,
+            "data": self.source,
+            "seed": self.seed,
+            "seconds": round(self.seconds, 1),
+            "deviations": self.deviations,
+        }
+        return entry
+
+    def card_entry(self, command=""):
+        """The evaluation entry for the robustness card (`sat_tf.card.add_evaluation`)."""
+        eps = self.protocol.epsilon_pixels
+        attack = "autoattack" if self.version == "standard" else f"autoattack-{self.version}"
+        return {
+            "protocol": "robustbench",
+            "robustbench_dataset": self.protocol.dataset,
+            "dataset": self.source,
+            "num_examples": self.num_examples,
+            "threat_model": {
+                "norm": "Linf",
+                "epsilon": {"pixels": eps, "fraction_of_255": self.protocol.epsilon},
+            },
+            "clean_accuracy": self.clean_accuracy,
+            "rows": [
+                {
+                    "attack": attack,
+                    "kind": "autoattack",
+                    "epsilon": eps,
+                    "accuracy": self.robust_accuracy,
+                }
+            ],
+            "autoattack_stages": self.stages,
+            "worst_case": {eps: self.robust_accuracy},
+            "deviations": self.deviations,
+            "seed": self.seed,
+            "seconds": round(self.seconds, 1),
+            "command": command,
+        }
+
+
+def evaluate(
+    model,
+    images,
+    labels,
+    *,
+    dataset,
+    num_examples=None,
+    version="standard",
+    batch_size=128,
+    seed=0,
+    model_info=None,
+    source="",
+):
+    """Clean and AutoAttack accuracy under RobustBench's L-inf protocol for `dataset`.
+
+    Args:
+        model: Keras classifier taking [0, 255] pixels, returning logits.
+        images: [N, S, S, 3] pixels in [0, 255] (uint8 or float), in the protocol's order.
+        labels: [N] int classes.
+        dataset: "cifar10" (epsilon 8/255 = 8 pixels) or "imagenet" (4/255 = 4 pixels).
+        num_examples: evaluate the first this many; None: the protocol's full count.
+        version: AutoAttack version, "standard" (the protocol) or "fast" (smoke runs).
+        batch_size: examples per attack call.
+        seed: seed of every attack.
+        model_info: RobustBench fields to fill in (architecture, name, link, authors, venue,
+            additional_data, number_forward_passes, reported, footnote); not measured ones.
+        source: where the images came from, in words, for the records.
+
+    Returns:
+        A `Result`.
+    """
+    protocol = _protocol(dataset)
+    n = protocol.num_examples if num_examples is None else int(num_examples)
+    if not 0 < n <= min(protocol.num_examples, len(labels)):
+        raise ValueError(
+            f"num_examples must be in [1, {protocol.num_examples}] and at most the {len(labels)} "
+            f"images given. Received: num_examples={num_examples}"
+        )
+    if version not in autoattack.VERSIONS:
+        raise ValueError(
+            f"version must be one of {sorted(autoattack.VERSIONS)}. Received: version={version!r}"
+        )
+    clashes = sorted(set(model_info or {}) & set(_MEASURED))
+    if clashes:
+        raise ValueError(f"model_info cannot set measured fields. Received: {clashes}")
+    x, y = images[:n], np.asarray(labels[:n]).astype(np.int32)
+    _check_pixels(x)
+    start, counts = time.perf_counter(), {}
+    for first in range(0, n, _CHUNK):
+        chunk = slice(first, first + _CHUNK)
+        result = autoattack.auto_attack(
+            model,
+            np.asarray(x[chunk], np.float32),
+            y[chunk],
+            epsilon=protocol.epsilon_pixels,
+            version=version,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        for stage, accuracy in result.stages.items():
+            counts[stage] = counts.get(stage, 0) + round(accuracy * len(y[chunk]))
+    stages = {stage: count / n for stage, count in counts.items()}
+    return Result(
+        protocol=protocol,
+        num_examples=n,
+        version=version,
+        clean_accuracy=stages["clean"],
+        robust_accuracy=stages["square"],
+        stages=stages,
+        image_size=int(x.shape[1]),
+        seed=seed,
+        seconds=time.perf_counter() - start,
+        source=source,
+        model_info=dict(model_info or {}),
+    )
+
+
+def _protocol(dataset):
+    if dataset not in PROTOCOLS:
+        raise ValueError(f"dataset must be one of {sorted(PROTOCOLS)}. Received: {dataset!r}")
+    return PROTOCOLS[dataset]
+
+
+def _check_pixels(images):
+    """Refuses images outside [0, 255], and float images that look like [0, 1] ones."""
+    low, high = float(np.min(images)), float(np.max(images))
+    if low < 0 or high > 255:
+        raise ValueError(f"images must be pixels in [0, 255]. Received: range [{low}, {high}]")
+    if np.issubdtype(np.asarray(images).dtype, np.floating) and 0 < high <= 1:
+        raise ValueError(
+            f"images look like [0, 1] values (max {high}); this protocol takes [0, 255] pixels "
+            "(multiply by 255), so that epsilon 8/255 is 8 pixels."
+        )
