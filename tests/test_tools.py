@@ -161,6 +161,32 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert json.loads((model_dir / "results.json").read_text())["steps"] == 12
 
 
+def test_init_from_fine_tunes_a_converted_relu_model(tmp_path):
+    relu_dir, sat_dir = tmp_path / "relu", tmp_path / "sat"
+    tool("train", SMOKE, f"--model_dir={relu_dir}", "--activation=relu")
+    tool(
+        "train",
+        SMOKE,
+        f"--model_dir={sat_dir}",
+        f"--init_from={relu_dir / 'model.keras'}",
+        "--activation=gelu",
+    )
+    script = f"""
+import keras, sat_tf
+model = keras.saving.load_model({str(sat_dir / "model.keras")!r}, safe_mode=True)
+layers = list(model._flatten_layers(include_self=False))
+assert not any(isinstance(layer, keras.layers.ReLU) for layer in layers)
+assert any(isinstance(layer, sat_tf.activations.GELU) for layer in layers)
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert "ok" in result.stdout, result.stderr[-3000:]
+    card = json.loads((sat_dir / "robustness_card.json").read_text())
+    assert card["model"]["init_from"].endswith("model.keras")
+
+
 def test_multi_worker_strategy_trains_through_the_custom_loop(tmp_path):
     # Keras 3.15's fit fails under MultiWorkerMirroredStrategy; training.run uses
     # sat_tf.distribute.train there (one local worker when TF_CONFIG is unset).
