@@ -1,0 +1,123 @@
+"""tools/study.py: the queue (seed-major, skip finished, stop), the row configs and the report."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import study  # noqa: E402
+
+
+def _write_result(folder, row, seed, clean, pgd20, activation="relu"):
+    """A result file shaped as run_one writes it, with hand-chosen metrics."""
+    record = dict(
+        row=row,
+        seed=seed,
+        config=dict(activation=activation, smooth_gradients=["attack"]),
+        metrics=dict(
+            clean=clean,
+            pgd20=pgd20,
+            pgd50x2=pgd20 - 0.01,
+            autoattack=pgd20 - 0.02,
+            subset_clean=clean,
+            curve={"2.0": pgd20 + 0.1, "4.0": pgd20, "8.0": pgd20 - 0.1},
+            checks=[dict(name="accuracy falls as epsilon grows", status="pass", message="")],
+        ),
+        wall_time_s=dict(train=120.0, eval=240.0),
+    )
+    path = study.result_path(row, seed, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def test_queue_is_seed_major():
+    assert study.queue(["a", "b"], [0, 1]) == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+
+
+def test_pending_skips_runs_with_a_result_file(tmp_path):
+    _write_result(tmp_path, "silu", 0, 0.5, 0.3)
+    assert study.pending(["relu", "silu"], [0, 1], tmp_path) == [
+        ("relu", 0),
+        ("relu", 1),
+        ("silu", 1),
+    ]
+
+
+def test_run_queue_starts_pending_runs_and_stops_on_failure(tmp_path):
+    _write_result(tmp_path, "relu", 0, 0.5, 0.3)
+    calls = []
+
+    def call(command, cwd):
+        calls.append(command[command.index("--one") + 1])
+        return 1 if len(calls) == 2 else 0  # the second child fails
+
+    started = study.run_queue(["relu", "silu", "gelu"], [0, 1], results=tmp_path, call=call)
+    assert calls == ["silu:0", "gelu:0"]
+    assert started == [("silu", 0), ("gelu", 0)]
+
+
+def test_run_queue_starts_nothing_after_the_stop_time(tmp_path):
+    def call(command, cwd):
+        raise AssertionError("started a run after the stop time")
+
+    assert (
+        study.run_queue(["relu"], [0], results=tmp_path, stop_at=time.time() - 1, call=call) == []
+    )
+
+
+def test_every_row_has_a_flagfile_and_differs_from_relu_only_where_named():
+    relu = vars(study.load_config("relu", 0, cache="/c"))
+    expected = {
+        "clean_relu": dict(num_steps=0, random_start=False),
+        "smoothgrad_attack": dict(activation="smooth_grad_relu", smooth_gradients=("attack",)),
+        "smoothgrad_update": dict(activation="smooth_grad_relu", smooth_gradients=("update",)),
+        "smoothgrad_both": dict(activation="smooth_grad_relu"),
+    }
+    assert relu["epsilon"] == 4.0 and relu["num_steps"] == 1 and relu["random_start"]
+    for row in study.ROWS:
+        config = vars(study.load_config(row, 2, cache="/c"))
+        want = expected.get(row, {"activation": row} if row != "relu" else {})
+        diff = {k: v for k, v in config.items() if relu[k] != v and k not in ("seed", "model_dir")}
+        assert diff == want, row
+        assert config["seed"] == 2 and config["model_dir"] == f"/c/runs/{row}_s2"
+
+
+def test_report_table_mean_std_missing_runs_and_kept_prose(tmp_path):
+    results = tmp_path / "results"
+    for seed, (clean, pgd) in enumerate([(0.5, 0.30), (0.6, 0.35), (0.7, 0.40)]):
+        _write_result(results, "relu", seed, clean, pgd)
+    _write_result(results, "silu", 0, 0.55, 0.33, activation="silu")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "study.md").write_text(
+        f"# Study\n\nprose before\n{study.BEGIN}\nold\n{study.END}\nafter\n"
+    )
+    study.write_report(study.load_results(results), docs, rows=("relu", "silu"), seeds=(0, 1, 2))
+    text = (docs / "study.md").read_text()
+    assert text.startswith("# Study\n\nprose before\n") and text.endswith("after\n")
+    assert "old" not in text
+    relu_line = next(line for line in text.splitlines() if line.startswith("| relu |"))
+    # Hand-computed: clean 50/60/70 -> 60.0 +- 10.0; PGD-20 30/35/40 -> 35.0 +- 5.0; 6 min a run.
+    assert "| 3 (s0,1,2) | 60.0 +- 10.0 | 35.0 +- 5.0 | 34.0 +- 5.0 | 33.0 +- 5.0 | 0 | 6.0 |" in (
+        relu_line
+    )
+    silu_line = next(line for line in text.splitlines() if line.startswith("| silu |"))
+    assert "| 1 (s0) | 55.0 | 33.0 |" in silu_line  # one seed: no std
+    assert "Not yet run (2): silu s1, silu s2." in text
+    assert (docs / "study_epsilon.png").stat().st_size > 0
+    assert (docs / "study_scatter.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("values, mean, std", [([0.5], 50.0, None), ([0.1, 0.3], 20.0, 14.142)])
+def test_mean_std_in_percent(values, mean, std):
+    got_mean, got_std = study.mean_std(values)
+    assert got_mean == pytest.approx(mean)
+    if std is None:
+        assert got_std != got_std  # nan
+    else:
+        assert got_std == pytest.approx(std, abs=1e-3)
