@@ -254,7 +254,7 @@ def run_one(row, seed, results=RESULTS):
     partial = path.with_name(".partial-" + path.name)
     partial.write_text(json.dumps(record, indent=2, default=float) + "\n")
     os.replace(partial, path)  # its presence marks the run finished
-    print(f"Wrote {path.relative_to(ROOT)}: {json.dumps({k: metrics[k] for k in SUMMARY})}")
+    print(f"Wrote {path}: {json.dumps({k: metrics[k] for k in SUMMARY})}")
 
 
 SUMMARY = ("clean", "pgd20", "pgd50x2", "autoattack")
