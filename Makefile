@@ -22,6 +22,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: $(STAMP)  ## Set up, then train a ReLU model and its SAT twin on built-in data (no download).
 	$(PY) tools/demo.py
 
+$(VENV)/.bench-installed: $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/.bench-installed  ## Set up with ART/CleverHans, run all benchmarks (~20 min), rewrite benchmarks/README.md.
+	$(PY) benchmarks/run_all.py --from-make
+
 test: $(STAMP)  ## Set up, then run the linter and the test suite.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

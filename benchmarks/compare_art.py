@@ -12,14 +12,13 @@ Prints a Markdown table; the numbers in benchmarks/README.md come from this scri
 
 import argparse
 import os
-import platform
 import sys
-import time
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 warnings.filterwarnings("ignore")
 
+import common  # noqa: E402 - benchmarks/common.py, next to this script.
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -56,7 +55,8 @@ def accuracy(model, images, labels):
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-def art_classifier(model, size):
+def art_classifier(model, size, optimizer=None):
+    """ART's wrapper of `model`; with `optimizer`, its `fit` trains (ART's own train step)."""
     from art.estimators.classification import TensorFlowV2Classifier
 
     return TensorFlowV2Classifier(
@@ -65,6 +65,7 @@ def art_classifier(model, size):
         input_shape=(size, size, 3),
         clip_values=(0.0, 255.0),
         loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=optimizer,
     )
 
 
@@ -97,13 +98,6 @@ def art_apgd(classifier, model, x, y, *, epsilon, steps, batch, targeted_ranks=0
             fooled = np.argmax(model(found), axis=1) != y[todo]
             adv[todo[fooled]] = found[fooled]
     return adv
-
-
-def timed(fn, *args):
-    fn(*args)  # Warm-up: tracing and first-call costs are not throughput.
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
 
 
 class Rows(list):
@@ -182,19 +176,24 @@ def compare(args):
     )
     cleverhans = cleverhans_pgd(model, x, y, eps=eps, step=pgd_step)
 
-    # Speed: one batch, the same model, warm-up call excluded, ours and ART's in one run.
+    # Speed: one batch, the same model; ours and ART's in turn after an untimed warm-up.
     xb, yb = x[:batch], y[:batch]
-    _, t_ours_pgd = timed(ours_pgd_fn, tf.constant(xb), tf.constant(yb))
-    _, t_art_pgd = timed(art_pgd.generate, xb, yb)
-    _, t_ours_apgd = timed(lambda a, b: autoattack.apgd(model, a, b, epsilon=eps), xb, yb)
-    _, t_art_apgd = timed(
-        lambda a, b: art_apgd(classifier, model, a, b, epsilon=eps, steps=steps, batch=batch),
-        xb,
-        yb,
+    xt, yt = tf.constant(xb), tf.constant(yb)
+    t = common.interleave(
+        {
+            "ours_pgd": lambda: ours_pgd_fn(xt, yt).numpy(),
+            "art_pgd": lambda: art_pgd.generate(xb, yb),
+            "ours_apgd": lambda: autoattack.apgd(model, xb, yb, epsilon=eps),
+            "art_apgd": lambda: art_apgd(
+                classifier, model, xb, yb, epsilon=eps, steps=steps, batch=batch
+            ),
+        },
+        repeats=1,
     )
+    rate = {name: batch / float(samples[0, 0]) for name, samples in t.items()}
     speed = [
-        ("PGD-10", batch / t_ours_pgd, batch / t_art_pgd),
-        ("APGD-CE-100", batch / t_ours_apgd, batch / t_art_apgd),
+        ("PGD-10", rate["ours_pgd"], rate["art_pgd"]),
+        ("APGD-CE-100", rate["ours_apgd"], rate["art_apgd"]),
     ]
     return rows, cleverhans, speed
 
@@ -233,8 +232,7 @@ def main():
     parser.add_argument("--square-queries", type=int, default=1000)
     args = parser.parse_args()
     rows, cleverhans, speed = compare(args)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    print(f"\n{machine}, TF {tf.__version__}; {vars(args)}\n")
+    print(f"\n{common.machine_line()}; {vars(args)}\n")
     print("| attack | ours: robust acc (%) | ART: robust acc (%) | ours - ART (pp) |")
     print("|---|---|---|---|")
     for name, ours, art in rows:

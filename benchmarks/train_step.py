@@ -18,19 +18,17 @@ Prints a Markdown table; the numbers in benchmarks/README.md come from this scri
 
 import argparse
 import os
-import platform
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402 - benchmarks/common.py: shared timing, models, machine info.
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from sat_tf import distribute, models  # noqa: E402
-from sat_tf.adversarial import AdversarialModel  # noqa: E402
+from sat_tf import distribute  # noqa: E402
 
-NUM_CLASSES = 10
+NUM_CLASSES = common.NUM_CLASSES
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -41,11 +39,12 @@ class EpochTimer(keras.callbacks.Callback):
         self.wall, self.cpu = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter(), time.process_time()
+        self._start = common.clock()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.wall.append(time.perf_counter() - self._start[0])
-        self.cpu.append(time.process_time() - self._start[1])
+        wall, cpu = common.elapsed(self._start)
+        self.wall.append(wall)
+        self.cpu.append(cpu)
 
 
 def dataset_fn_for(args):
@@ -63,19 +62,13 @@ def dataset_fn_for(args):
 
 
 def build(args, activation, adversarial):
-    keras.utils.set_random_seed(0)
-    shape = (args.image_size, args.image_size, 3)
-    model = models.build(
-        args.model, num_classes=NUM_CLASSES, activation=activation, input_shape=shape
+    # The paper's training attack: PGD-1, epsilon = step = 4 pixels (common.build_model).
+    return common.build_model(
+        args.model,
+        image_size=args.image_size,
+        activation=activation,
+        num_steps=1 if adversarial else 0,
     )
-    if adversarial:  # The paper's training attack: PGD-1, epsilon = step = 4 pixels.
-        model = AdversarialModel(model, epsilon=4.0, step_size=4.0, num_steps=1)
-    model.compile(
-        keras.optimizers.SGD(0.01, momentum=0.9),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    return model
 
 
 def time_step(model, runner, dataset_fn, steps):
@@ -128,8 +121,7 @@ def report(args, times):
     """
     print(
         f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-        f"{args.steps} steps x {args.rounds} rounds; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs; TF {tf.__version__}, Keras {keras.__version__}\n"
+        f"{args.steps} steps x {args.rounds} rounds; {common.machine_line()}\n"
     )
     estimators = {
         "median wall": lambda t: np.median(t[:, 0]),
