@@ -108,6 +108,7 @@ def test_report_table_mean_std_missing_runs_and_kept_prose(tmp_path):
     )
     silu_line = next(line for line in text.splitlines() if line.startswith("| silu |"))
     assert "| 1 (s0) | 55.0 | 33.0 |" in silu_line  # one seed: no std
+    assert "| silu | 1 | +5.0 | +3.0 |" in text  # paired with relu seed 0: 55-50, 33-30
     assert "Not yet run (2): silu s1, silu s2." in text
     assert (docs / "study_epsilon.png").stat().st_size > 0
     assert (docs / "study_scatter.png").stat().st_size > 0
