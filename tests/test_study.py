@@ -114,6 +114,39 @@ def test_report_table_mean_std_missing_runs_and_kept_prose(tmp_path):
     assert (docs / "study_scatter.png").stat().st_size > 0
 
 
+def test_run_one_reuses_a_finished_model_and_writes_the_record(tmp_path, monkeypatch):
+    """A run killed during its evaluation is evaluated again, not trained again."""
+    import keras
+    import numpy as np
+
+    monkeypatch.setattr(study, "CACHE", tmp_path / "cache")
+    model_dir = tmp_path / "cache" / "runs" / "silu_s1"
+    model_dir.mkdir(parents=True)
+    inputs = keras.Input((4, 4, 3))
+    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(
+        model_dir / "model.keras"
+    )
+    (model_dir / "results.json").write_text(
+        json.dumps({"results": {"loss": 1.5}, "wall_time_s": 9})
+    )
+    seen = {}
+    monkeypatch.setattr(study, "ensure_data", lambda config: None)
+    monkeypatch.setattr(study, "eval_arrays", lambda config: (np.zeros((2, 4, 4, 3)), [0, 1]))
+    monkeypatch.setattr(
+        study, "evaluate_model",
+        lambda model, x, y: seen.setdefault("m", dict(clean=0.5, pgd20=0.2, pgd50x2=0.1,
+                                                      autoattack=0.1, n=len(y))),
+    )  # fmt: skip
+    from sat_tf import training
+
+    monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("trained a finished run"))
+    study.run_one("silu", 1, tmp_path / "results")
+    record = json.loads((tmp_path / "results" / "silu_s1.json").read_text())
+    assert record["metrics"]["n"] == 2 and record["train_results"] == {"loss": 1.5}
+    assert record["config"]["activation"] == "silu" and record["config"]["seed"] == 1
+    assert record["wall_time_s"]["train"] == 9 and record["machine"]["cpu_count"] >= 1
+
+
 @pytest.mark.parametrize("values, mean, std", [([0.5], 50.0, None), ([0.1, 0.3], 20.0, 14.142)])
 def test_mean_std_in_percent(values, mean, std):
     got_mean, got_std = study.mean_std(values)

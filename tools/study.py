@@ -80,7 +80,7 @@ def pending(rows, seeds, results=RESULTS):
     return [(r, s) for r, s in queue(rows, seeds) if not result_path(r, s, results).exists()]
 
 
-def load_config(row, seed, *, cache=CACHE):
+def load_config(row, seed, *, cache=None):
     """The row's flagfile as a `TrainConfig`, parsed by absl exactly as tools/train.py does."""
     from absl import flags
 
@@ -99,7 +99,7 @@ def load_config(row, seed, *, cache=CACHE):
         }.get(type(default), flags.DEFINE_string)
         default = list(default) if isinstance(default, tuple) else default
         define(name, default, train.HELP[name], flag_values=flag_values)
-    model_dir = Path(cache) / "runs" / f"{row}_s{seed}"
+    model_dir = Path(cache or CACHE) / "runs" / f"{row}_s{seed}"
     cwd = os.getcwd()
     os.chdir(ROOT)  # nested flagfiles are written relative to the repository root
     try:
