@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export KERAS_BACKEND := tensorflow
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --durations=15
 
 .PHONY: help demo test lint format bench clean
 
