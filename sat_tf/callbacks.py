@@ -7,17 +7,73 @@ leaves the previous checkpoint as the latest one, never a half-written file that
 """
 
 import contextlib
+import json
 import math
+import os
 import signal
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+SIGNATURE = "model_signature.json"  # beside the checkpoints: what they fit (model_signature)
+
 
 def global_step(model):
     """The optimizer's iteration count as an int (also for distributed variables)."""
     return int(model.optimizer.iterations.value.numpy())
+
+
+def model_signature(model):
+    """What a checkpoint must fit: the classifier's name and each saved variable's path and shape.
+
+    TensorFlow matches checkpoint values to variables by position in the object graph, so a
+    checkpoint of another architecture can restore silently in part (a deeper ResNet into a
+    shallower one). The signature is written beside the checkpoints and compared before restoring.
+    """
+
+    def entries(variables, strip_first):  # optimizer paths start with its per-process name
+        return [
+            [v.path.split("/", 1)[-1] if strip_first else v.path, list(v.shape)] for v in variables
+        ]
+
+    return {
+        "model": getattr(model, "classifier", model).name,
+        "weights": entries(model.weights, False),
+        "optimizer": entries(model.optimizer.variables, True),
+    }
+
+
+def _signature_difference(saved, current):
+    """A sentence naming the first difference that matters for restoring, or ""."""
+    for part in ("weights", "optimizer"):
+        old, new = saved.get(part, []), current[part]
+        for index, (a, b) in enumerate(zip(old, new, strict=False)):
+            if a[1] != b[1]:  # names may differ between processes; shapes may not
+                return (
+                    f"{part} variable {index} is {a[0]} {a[1]} in the checkpoint "
+                    f"({saved.get('model')}) but {b[0]} {b[1]} in this model ({current['model']})"
+                )
+        if len(old) != len(new):
+            return (
+                f"the checkpoint ({saved.get('model')}) has {len(old)} {part} variables, "
+                f"this model ({current['model']}) has {len(new)}"
+            )
+    return ""
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, payload):
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(payload, f)
+    os.replace(partial, path)
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -36,6 +92,7 @@ class Checkpointer(keras.callbacks.Callback):
         self.max_to_keep = max_to_keep
         self._manager = None
         self._last_saved = -1
+        self._signed = False
 
     def _get_manager(self):
         if self._manager is None:
@@ -48,13 +105,31 @@ class Checkpointer(keras.callbacks.Callback):
         return self._manager
 
     def restore(self, model):
-        """Restores the latest checkpoint into `model`; returns its step, or 0 if there is none."""
+        """Restores the latest checkpoint into `model`; returns its step, or 0 if there is none.
+
+        Raises:
+            ValueError: when the checkpoints were written by another architecture (naming the
+                first variable that differs), instead of restoring part of the weights.
+        """
         self.set_model(model)
         manager = self._get_manager()
-        if manager.latest_checkpoint is None:
+        latest = manager.latest_checkpoint
+        if latest is None:
             return 0
-        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        fix = f"Use a new --model_dir, or delete {self.directory} to train this model from scratch."
+        saved = _read_json(os.path.join(self.directory, SIGNATURE))
+        if saved is not None:
+            difference = _signature_difference(saved, model_signature(model))
+            if difference:
+                raise ValueError(f"{latest} was written by another model: {difference}. {fix}")
+        try:  # no signature (older runs): TensorFlow's own checks, which stop at the first error
+            manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (ValueError, AssertionError) as error:
+            raise ValueError(
+                f"{latest} does not fit this model ({str(error).splitlines()[0]}). {fix}"
+            ) from None
         self._last_saved = global_step(model)
+        self._signed = saved is not None
         return self._last_saved
 
     def save(self):
@@ -62,6 +137,10 @@ class Checkpointer(keras.callbacks.Callback):
         step = global_step(self.model)
         manager = self._get_manager()
         if step != self._last_saved:
+            if not self._signed:  # first save of a fresh run; replaces a stale signature
+                os.makedirs(self.directory, exist_ok=True)
+                _write_json(os.path.join(self.directory, SIGNATURE), model_signature(self.model))
+                self._signed = True
             manager.save(checkpoint_number=step)
             self._last_saved = step
         return manager.latest_checkpoint
@@ -94,13 +173,17 @@ class StopOnNonFinite(keras.callbacks.Callback):
         self.model.stop_training = True
         raise FloatingPointError(
             f"Training loss became {float(loss)} at step {self.bad_step}. The last good checkpoint "
-            "is kept. Try a lower --base_learning_rate or a longer --warmup_epochs; with "
-            "--mixed_precision=float16, check the loss scale (or use bfloat16)."
+            "is kept. Try a lower --base_learning_rate or a longer --warmup_epochs (in a new "
+            "--model_dir: a run resumes only with its own flags); with --mixed_precision=float16, "
+            "check the loss scale (or use bfloat16)."
         )
 
 
 class GracefulStop(keras.callbacks.Callback):
     """On SIGTERM or Ctrl-C, finishes the current step, saves a checkpoint and stops.
+
+    A second signal before that step ends aborts at once (KeyboardInterrupt); the previous
+    checkpoint is then the one a re-run resumes from.
 
     Args:
         checkpointer: The run's `Checkpointer`.
@@ -111,10 +194,13 @@ class GracefulStop(keras.callbacks.Callback):
         super().__init__()
         self.checkpointer = checkpointer
         self.resume_hint = resume_hint
-        self.requested = None
+        self.requested = None  # the name of the signal that asked to stop, e.g. "SIGTERM"
         self._previous = {}
 
     def _request(self, signum, frame):
+        if self.requested:
+            self.on_train_end()  # the previous handlers again, also for an in-process caller
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting")
         self.requested = signal.Signals(signum).name
 
     def on_train_begin(self, logs=None):
@@ -126,7 +212,11 @@ class GracefulStop(keras.callbacks.Callback):
         if self.requested and not self.model.stop_training:
             path = self.checkpointer.save()
             self.model.stop_training = True
-            print(f"\nStopped on {self.requested}; saved {path}. {self.resume_hint}", flush=True)
+            step = global_step(self.model)
+            print(
+                f"\nStopped on {self.requested} at step {step}; saved {path}. {self.resume_hint}",
+                flush=True,
+            )
 
     def on_train_end(self, logs=None):
         for sig, handler in self._previous.items():

@@ -72,9 +72,18 @@ def export_saved_model(
         with tf.control_dependencies(checks):
             return _outputs(model, tf.identity(images), top_k)
 
+    def decode(encoded):
+        # Untrusted requests: refuse empty, non-JPEG/PNG and decompression-bomb images (header
+        # above data.preprocessing.MAX_PIXELS) before decoding allocates anything.
+        problem = data.checks.validate(encoded, tf.constant(0, tf.int64))
+        check = tf.debugging.Assert(tf.equal(problem, ""), ["`image_bytes`: the image", problem])
+        with tf.control_dependencies([check]):
+            encoded = tf.identity(encoded)
+        return data.preprocess_for_eval(encoded, image_size=image_size, augmentation=augmentation)
+
     def from_bytes(image_bytes):
         images = tf.map_fn(
-            lambda b: data.preprocess_for_eval(b, image_size=image_size, augmentation=augmentation),
+            decode,
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )

@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,10 +25,11 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from sat_tf import activations, attacks, card, data, distribute, models, schedules
+from sat_tf import activations, attacks, card, data, distribute, models, saving, schedules
 from sat_tf import callbacks as callbacks_lib
 from sat_tf.adversarial import AdversarialModel
 from sat_tf.config import TrainConfig
+from sat_tf.models import cifar, efficientnet, resnet
 
 FINAL_MODEL = "model.keras"
 MIN_FREE_BYTES = 200 * 2**20
@@ -38,46 +40,73 @@ class RunError(Exception):
 
 
 def run(config: TrainConfig, *, command=""):
-    """Trains (or resumes) the run described by `config`; returns the final results dict."""
+    """Trains (or resumes) the run described by `config`; returns the final results dict.
+
+    Every input is checked before anything in `model_dir` changes: flags, names, the strategy's
+    replicas, the directory (writable, free space, finished run, same config), and the first
+    batch of each data split. Only then does `--overwrite` clear a finished run.
+
+    Returns:
+        The summary written to `results.json`, or `{"stopped": True, "signal": ..., "step": ...}`
+        when SIGTERM / Ctrl-C stopped training (a checkpoint was saved; re-run to resume).
+
+    Raises:
+        RunError: a bad input or a checkpoint of another model, before training.
+        FloatingPointError: the loss became NaN or Inf (the last good checkpoint is kept).
+    """
     config.validate()
     check_names(config)
     started = time.time()
-    model_dir = prepare_model_dir(config)
-    keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision:
-        keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
     strategy = distribute.get_strategy(config.strategy, tpu=config.tpu or None)
     if config.global_batch_size % strategy.num_replicas_in_sync:
         raise RunError(
             f"--global_batch_size={config.global_batch_size} is not divisible by the "
-            f"{strategy.num_replicas_in_sync} replicas of --strategy={config.strategy}."
+            f"{strategy.num_replicas_in_sync} replicas of --strategy={config.strategy}; use a "
+            f"multiple of {strategy.num_replicas_in_sync}."
         )
+    model_dir = check_model_dir(config)
     train, evaluation = load_data(config)
     steps_per_epoch = config.steps_per_epoch or train.steps_per_epoch
     if not steps_per_epoch:
         raise RunError(
             f"The size of --dataset={config.dataset} is unknown; give --steps_per_epoch."
         )
-    _write_json(model_dir / "config.json", dataclasses.asdict(config))  # inputs are good
+    check_first_batches(config, train, evaluation)
+    if config.overwrite:
+        clear_finished_run(model_dir)
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
     with strategy.scope():
         model = build_model(config, steps_per_epoch)
     checkpointer = callbacks_lib.Checkpointer(
         model_dir / "checkpoints", every_steps=config.checkpoint_every_steps
     )
-    with strategy.scope():  # restoring builds optimizer slots: they belong to the strategy
-        start_step = checkpointer.restore(model)
+    try:
+        with strategy.scope():  # restoring builds optimizer slots: they belong to the strategy
+            start_step = checkpointer.restore(model)
+    except ValueError as error:
+        raise RunError(f"--model_dir={model_dir}: {error}") from None
+    _write_json(model_dir / "config.json", dataclasses.asdict(config))  # inputs are good
     if start_step:
         print(f"Resuming {model_dir} from step {start_step}.", flush=True)
-    fit_resumable(
-        _fit_function(config, model, strategy, train, evaluation),
-        model,
-        callbacks=_callbacks(config, model_dir, checkpointer, evaluation, command),
-        start_step=start_step,
-        steps_per_epoch=steps_per_epoch,
-        epochs=config.epochs,
-    )
+    callbacks = _callbacks(config, model_dir, checkpointer, evaluation, command)
+    stop = next(c for c in callbacks if isinstance(c, callbacks_lib.GracefulStop))
+    try:
+        fit_resumable(
+            _fit_function(config, model, strategy, train, evaluation),
+            model,
+            callbacks=callbacks,
+            start_step=start_step,
+            steps_per_epoch=steps_per_epoch,
+            epochs=config.epochs,
+        )
+    except tf.errors.InvalidArgumentError as error:
+        raise _data_error(config, error, resumable=True) from None
+    finally:
+        stop.on_train_end()  # the previous signal handlers again, also after an error
     if model.stop_training:  # SIGTERM / Ctrl-C: checkpoint saved, no final model yet
-        return {"stopped": True, "step": callbacks_lib.global_step(model)}
+        return {"stopped": True, "signal": stop.requested, "step": callbacks_lib.global_step(model)}
     results = model.evaluate(evaluation.dataset, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
     config_dict = dataclasses.asdict(config)
@@ -95,8 +124,9 @@ def run(config: TrainConfig, *, command=""):
     return summary
 
 
-def prepare_model_dir(config):
-    """Checks `model_dir` up front: writable, enough space, not a finished run, same config."""
+def check_model_dir(config):
+    """Checks `model_dir` up front, changing nothing in it: writable, enough free space, not a
+    finished run (unless `overwrite`), and the same config as an unfinished run there."""
     model_dir = Path(config.model_dir)
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -104,23 +134,41 @@ def prepare_model_dir(config):
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise RunError(f"--model_dir={model_dir} is not writable ({error}).") from error
+        raise RunError(
+            f"--model_dir={model_dir} is not writable ({error}). Fix its permissions or choose "
+            "another --model_dir."
+        ) from error
     free = shutil.disk_usage(model_dir).free
     if free < MIN_FREE_BYTES:
         raise RunError(
-            f"--model_dir={model_dir} has only {free // 2**20} MiB free; checkpoints need more. "
-            "Free some space or choose another --model_dir."
+            f"--model_dir={model_dir} has only {free // 2**20} MiB free; checkpoints need at "
+            f"least {MIN_FREE_BYTES // 2**20} MiB. Free some space or choose another --model_dir."
         )
-    if (model_dir / FINAL_MODEL).exists():
-        if not config.overwrite:
-            raise RunError(
-                f"--model_dir={model_dir} holds a finished run ({FINAL_MODEL}). Use a new "
-                "--model_dir, or pass --overwrite to train again from scratch."
-            )
-        for stale in ("checkpoints", FINAL_MODEL, "results.json", "config.json", card.CARD_NAME):
-            path = model_dir / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    _check_same_config(model_dir / "config.json", config)
+    finished = (model_dir / FINAL_MODEL).exists()
+    if finished and not config.overwrite:
+        raise RunError(
+            f"--model_dir={model_dir} holds a finished run ({FINAL_MODEL}). Use a new "
+            "--model_dir, or pass --overwrite to train again from scratch."
+        )
+    if not finished:
+        _check_same_config(model_dir / "config.json", config)
+    return model_dir
+
+
+def clear_finished_run(model_dir):
+    """`--overwrite`: removes a finished run's outputs (called once every input is checked)."""
+    if not (model_dir / FINAL_MODEL).exists():
+        return
+    for stale in ("checkpoints", FINAL_MODEL, "results.json", "config.json", card.CARD_NAME):
+        path = model_dir / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def prepare_model_dir(config):
+    """`check_model_dir`, then clears a finished run if `overwrite`; returns the directory."""
+    model_dir = check_model_dir(config)
+    if config.overwrite:
+        clear_finished_run(model_dir)
     return model_dir
 
 
@@ -149,6 +197,59 @@ def check_names(config):
         activations.get(config.activation)
     except ValueError as error:
         raise RunError(f"--activation={config.activation}: {error}") from None
+    if config.init_from:  # loaded once here too: a bad file must fail before --overwrite acts
+        try:
+            saving.load_model(config.init_from)
+        except saving.ModelFileError as error:
+            raise RunError(f"--init_from={config.init_from}: {error}") from None
+    smallest = min_image_size(config.model)
+    if not config.init_from and config.image_size < smallest:
+        raise RunError(
+            f"--image_size={config.image_size} is too small for --model={config.model}: it "
+            f"downsamples {smallest}x, so its last stages would see 1x1 maps of padding. Use "
+            f"--image_size={smallest} or more, or a CIFAR-size model "
+            f"({', '.join(sorted(cifar.CONFIGS))}, small_cnn)."
+        )
+
+
+def min_image_size(model):
+    """The smallest input side `model` makes sense at: its total downsampling factor.
+
+    The ImageNet stems (ResNet: stride-2 conv and max-pool, then three stride-2 stages;
+    EfficientNet: five stride-2 stages) reduce 32x; the CIFAR nets and small_cnn reduce 4x,
+    which `TrainConfig`'s own minimum of 8 pixels already covers.
+    """
+    return 32 if model in resnet.CONFIGS or model in efficientnet.CONFIGS else 8
+
+
+def check_first_batches(config, train, evaluation):
+    """Reads one batch of each split, so unreadable data fails before the model is built."""
+    for split in (train, evaluation):
+        try:
+            next(iter(split.dataset.take(1)))
+        except tf.errors.InvalidArgumentError as error:
+            raise _data_error(config, error, resumable=False) from None
+        except StopIteration:
+            raise RunError(
+                f"--dataset={config.dataset}: the {'training' if split.is_training else 'eval'} "
+                "split yields no batch; check the files and --global_batch_size."
+            ) from None
+
+
+def _data_error(config, error, *, resumable):
+    """A `RunError` from the message `sat_tf.data` puts in its tf.data assertion, else `error`.
+
+    The pipeline names the file and record ("x.tfrecord (record 7) is not a JPEG or PNG
+    image"); TensorFlow wraps it in an op trace that does not help the user.
+    """
+    found = re.search(r"assertion failed: \[(.*?)\]", error.message, re.S)
+    if not found:
+        return error
+    then = " The last checkpoint is kept; re-run the same command to resume." if resumable else ""
+    return RunError(
+        f"--dataset={config.dataset}: {found.group(1)}. Fix or remove that file (tools/"
+        f"build_tfrecords.py writes checked ones).{then}"
+    )
 
 
 def load_split(config, *, training, input_context=None):
@@ -201,9 +302,15 @@ def build_classifier(config):
         from sat_tf.convert import convert_activations
 
         path = Path(config.init_from)
-        if not path.is_file():
-            raise RunError(f"--init_from={path} does not exist; give a .keras classifier file.")
-        base = keras.saving.load_model(path, safe_mode=True)
+        try:
+            base = saving.load_model(path)
+        except saving.ModelFileError as error:
+            raise RunError(f"--init_from={path}: {error}") from None
+        if tuple(base.input_shape[1:3]) not in ((None, None), (config.image_size,) * 2):
+            raise RunError(
+                f"--init_from={path} takes {base.input_shape[1]}x{base.input_shape[2]} images, "
+                f"not --image_size={config.image_size}; set --image_size to match."
+            )
         return convert_activations(base, config.activation)
     return models.build(
         config.model,

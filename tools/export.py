@@ -52,11 +52,12 @@ def main(argv):
     card_path = model_path.parent / "robustness_card.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else None
 
-    import keras
+    from sat_tf import export, saving
 
-    from sat_tf import export
-
-    model = keras.saving.load_model(model_path, safe_mode=True)
+    try:
+        model = saving.load_model(model_path)  # safe_mode=True, with checks of the file
+    except saving.ModelFileError as error:
+        sys.exit(f"error: {error}")
     try:
         path = export.export_saved_model(
             model,

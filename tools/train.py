@@ -5,9 +5,19 @@
 Every flag is a field of `sat_tf.config.TrainConfig` (same name, same meaning); the command line
 after `--flagfile` overrides it. Re-running the same command after an interruption resumes from the
 last checkpoint in `--model_dir`; a finished run is never overwritten unless `--overwrite` is given.
+
+Exit status (docs/reliability.md):
+    0    finished: model.keras, results.json written.
+    1    an error, as one line "error: ...": a bad flag or input (before any work), a checkpoint
+         of another model, data that cannot be decoded, a NaN/Inf loss (the last good checkpoint
+         is kept). absl's own flag errors (unknown flag, missing flagfile) also exit 1.
+    143  stopped by SIGTERM (130: Ctrl-C) at a step boundary after saving a checkpoint: re-run
+         the same command to resume. A second signal aborts at once (130), keeping the previous
+         checkpoint.
 """
 
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 
@@ -99,9 +109,14 @@ def main(argv):
     from sat_tf import training  # heavy import after the flags are checked
 
     try:
-        training.run(config, command=" ".join(sys.argv))
+        summary = training.run(config, command=" ".join(sys.argv))
     except (training.RunError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: no checkpoint of the current step
+        print("Aborted; re-run the same command to resume from the last checkpoint.")
+        sys.exit(128 + signal.SIGINT)
+    if summary.get("stopped"):  # a checkpoint was saved; the run is resumable
+        sys.exit(128 + signal.Signals[summary["signal"]])
 
 
 if __name__ == "__main__":
