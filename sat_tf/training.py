@@ -54,24 +54,8 @@ def run(config: TrainConfig, *, command=""):
         RunError: a bad input or a checkpoint of another model, before training.
         FloatingPointError: the loss became NaN or Inf (the last good checkpoint is kept).
     """
-    config.validate()
-    check_names(config)
     started = time.time()
-    strategy = distribute.get_strategy(config.strategy, tpu=config.tpu or None)
-    if config.global_batch_size % strategy.num_replicas_in_sync:
-        raise RunError(
-            f"--global_batch_size={config.global_batch_size} is not divisible by the "
-            f"{strategy.num_replicas_in_sync} replicas of --strategy={config.strategy}; use a "
-            f"multiple of {strategy.num_replicas_in_sync}."
-        )
-    model_dir = check_model_dir(config)
-    train, evaluation = load_data(config)
-    steps_per_epoch = config.steps_per_epoch or train.steps_per_epoch
-    if not steps_per_epoch:
-        raise RunError(
-            f"The size of --dataset={config.dataset} is unknown; give --steps_per_epoch."
-        )
-    check_first_batches(config, train, evaluation)
+    strategy, model_dir, train, evaluation, steps_per_epoch = check_inputs(config)
     if config.overwrite:
         clear_finished_run(model_dir)
     keras.utils.set_random_seed(config.seed)
@@ -122,6 +106,32 @@ def run(config: TrainConfig, *, command=""):
     _write_json(model_dir / "results.json", summary)
     print(f"Finished: {json.dumps(results)}\nModel: {model_dir / FINAL_MODEL}", flush=True)
     return summary
+
+
+def check_inputs(config):
+    """Every check that needs no model, in order; changes nothing in `model_dir`.
+
+    Returns:
+        `(strategy, model_dir, train, evaluation, steps_per_epoch)`.
+    """
+    config.validate()
+    check_names(config)
+    strategy = distribute.get_strategy(config.strategy, tpu=config.tpu or None)
+    if config.global_batch_size % strategy.num_replicas_in_sync:
+        raise RunError(
+            f"--global_batch_size={config.global_batch_size} is not divisible by the "
+            f"{strategy.num_replicas_in_sync} replicas of --strategy={config.strategy}; use a "
+            f"multiple of {strategy.num_replicas_in_sync}."
+        )
+    model_dir = check_model_dir(config)
+    train, evaluation = load_data(config)
+    steps_per_epoch = config.steps_per_epoch or train.steps_per_epoch
+    if not steps_per_epoch:
+        raise RunError(
+            f"The size of --dataset={config.dataset} is unknown; give --steps_per_epoch."
+        )
+    check_first_batches(config, train, evaluation)
+    return strategy, model_dir, train, evaluation, steps_per_epoch
 
 
 def check_model_dir(config):

@@ -238,6 +238,20 @@ def test_bad_record_is_named_before_training(finished, good_records, tmp_path, c
     assert "train-bad.tfrecord (record 3)" in message and "Fix or remove that file" in message
 
 
+def test_bad_record_met_during_training_is_named(good_records, tmp_path, monkeypatch):
+    # A bad record beyond the first batch (e.g. deep in an ImageNet shard) is met inside fit:
+    # the same one-line error, and the run stays resumable. Skipping the first-batch probe
+    # puts this small file's bad record there.
+    monkeypatch.setattr(training, "check_first_batches", lambda *args: None)
+    path = write_records(tmp_path / "train-late.tfrecord", [example(jpeg(), 2)] * 3 + [bomb()])
+    with pytest.raises(training.RunError) as info:
+        training.run(smoke(tmp_path / "run", **data_overrides(path, good_records)))
+    message = str(info.value)
+    assert "train-late.tfrecord (record 3) could not be decoded" in message, message
+    assert "re-run the same command to resume" in message and len(message.splitlines()) == 1
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+
 def test_truncated_tfrecord(finished, good_records, tmp_path):
     path = write_records(tmp_path / "cut.tfrecord", [example(jpeg(), 1)] * 6)
     path.write_bytes(path.read_bytes()[:-100])

@@ -17,6 +17,7 @@ Exit status (docs/reliability.md):
 """
 
 import dataclasses
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def main(argv):
     from sat_tf import training  # heavy import after the flags are checked
 
     try:
-        summary = training.run(config, command=" ".join(sys.argv))
+        summary = training.run(config, command=shlex.join(["python", *sys.argv]))
     except (training.RunError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: no checkpoint of the current step
