@@ -93,10 +93,11 @@ def section_5(args, cache):
 
 
 REPLICA_NOTE = (
-    "On one 2-core machine every replica and worker shares the same two cores (each worker "
-    "process also starts its own thread pools), so no speed-up is possible: 2 / 1 measures "
+    "Every replica and worker here shares the same two cores (each worker process also starts "
+    "its own thread pools), so there is no extra hardware to gain from: 2 / 1 above 1.0 is "
     "what distribution costs (per-replica dispatch, all-reduce, gRPC collectives between "
-    "worker processes); near 1.0 means that cost is small. The CPU column sums all processes."
+    "worker processes); below 1.0, two concurrent replicas keep the cores busier than one "
+    "replica's intra-op parallelism does. The CPU column sums all processes."
 )
 NO_GPU = (
     "No GPU was lent to this run, so the GPU rows (ResNet-50, 224 px, batch 128, "
