@@ -81,7 +81,8 @@ def test_eval_reports_clean_and_pgd_and_updates_the_card(trained, tmp_path):
         assert (out / name).is_file()
     card = json.loads((trained / "robustness_card.json").read_text())
     entry = card["evaluations"][-1]
-    assert entry["num_examples"] == 32 and entry["pgd_step_size_pixels"] == 1.0
+    # No --step_size: the run's --eval_step_size (4 in configs/demo.cfg).
+    assert entry["num_examples"] == 32 and entry["pgd_step_size_pixels"] == 4.0
     assert "tools/eval.py" in entry["command"]
 
 

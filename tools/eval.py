@@ -7,9 +7,11 @@
     python tools/eval.py --model_dir=runs/imagenet/r50 --protocol=robustbench \
         --robustbench_ids=imagenet_test_image_ids.txt --dataset=tfrecord:/data/imagenet
 
-The default protocol is the official SAT one: untargeted L-inf PGD, step 1 pixel, random start,
-K in --num_steps, at each epsilon in pixels. Writes results.json, results.md, summary.json and
-plots to --output_dir, and appends the evaluation to the run's robustness card.
+The default protocol is the official SAT one: untargeted L-inf PGD, random start, K in
+--num_steps, at each epsilon in pixels, with the run's evaluation step (--eval_step_size of its
+config.json; 1 pixel for the paper's ImageNet rows, and 1 for a bare .keras file). Writes
+results.json, results.md, summary.json and plots to --output_dir, and appends the evaluation to the
+run's robustness card.
 
 --protocol=robustbench (sat_tf.robustbench, docs/robustbench.md) fixes the attack (AutoAttack,
 --autoattack_version), the epsilon (cifar10 8/255 = 8 pixels, imagenet 4/255 = 4 pixels) and the
@@ -37,7 +39,9 @@ flags.DEFINE_string("data_dir", "", "TFDS data_dir.")
 flags.DEFINE_integer("image_size", 0, "Resolution; default: the run's.")
 flags.DEFINE_integer("num_examples", 0, "Evaluate the first N examples; 0: all.")
 flags.DEFINE_list("epsilons", [], "L-inf radii in pixels; default: the run's evaluation epsilon.")
-flags.DEFINE_float("step_size", 1.0, "PGD step in pixels (official protocol: 1).")
+flags.DEFINE_float(
+    "step_size", None, "PGD step in pixels; default: the run's --eval_step_size, else 1 (official)."
+)
 flags.DEFINE_list("num_steps", ["10", "20", "50"], "PGD steps K (official: 10,20,50,200).")
 flags.DEFINE_integer("restarts", 1, "PGD random restarts (worst case over restarts).")
 flags.DEFINE_list("attacks", [], "Extra attacks: apgd-ce, apgd-t, square, autoattack[-fast].")
@@ -84,7 +88,7 @@ def _resolve():
     config_path = path.parent / "config.json"
     run = json.loads(config_path.read_text()) if config_path.exists() else {}
     output = Path(FLAGS.output_dir) if FLAGS.output_dir else path.parent / "eval"
-    if FLAGS.step_size <= 0:
+    if FLAGS.step_size is not None and FLAGS.step_size <= 0:
         _fail(f"--step_size={FLAGS.step_size} must be > 0 (pixels).")
     if FLAGS.restarts < 1:
         _fail(f"--restarts={FLAGS.restarts} must be >= 1.")
@@ -255,6 +259,7 @@ def main(argv):
         _robustbench(model, path, run, output, command)
         return
     epsilons = _epsilons(run)
+    step_size = FLAGS.step_size if FLAGS.step_size is not None else run.get("eval_step_size", 1.0)
     spec, dataset = _data(run)
     attacks = (
         ["clean"]
@@ -276,7 +281,7 @@ def main(argv):
         batch_size=FLAGS.batch_size,
         seed=FLAGS.seed,
         surrogate=surrogate,
-        pgd_step_size=FLAGS.step_size,
+        pgd_step_size=step_size,
     )
     output.mkdir(parents=True, exist_ok=True)
     results.save(output)
@@ -285,7 +290,7 @@ def main(argv):
     summary |= {a: results.accuracy(a, primary) for a in attacks if a != "clean"}
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     entry = card.evaluation_entry(
-        results, protocol="sat", command=command, dataset=spec, step_size=FLAGS.step_size
+        results, protocol="sat", command=command, dataset=spec, step_size=step_size
     )
     card.add_evaluation(path.parent, entry)
     print((output / "results.md").read_text())
