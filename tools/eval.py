@@ -249,11 +249,13 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     path, run, output = _resolve()
-    import keras
+    from sat_tf import card, evaluation, saving
 
-    from sat_tf import card, evaluation
-
-    model = keras.saving.load_model(path, safe_mode=True)
+    try:  # checks the archive first, always safe_mode=True
+        model = saving.load_model(path)
+        surrogate = saving.load_model(FLAGS.surrogate) if FLAGS.surrogate else None
+    except saving.ModelFileError as error:
+        _fail(str(error))
     command = " ".join(sys.argv)
     if FLAGS.protocol == "robustbench":
         _robustbench(model, path, run, output, command)
@@ -268,9 +270,6 @@ def main(argv):
             for k in FLAGS.num_steps
         ]
         + list(FLAGS.attacks)
-    )
-    surrogate = (
-        keras.saving.load_model(FLAGS.surrogate, safe_mode=True) if FLAGS.surrogate else None
     )
     results = evaluation.evaluate(
         model,
