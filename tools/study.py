@@ -431,8 +431,12 @@ def plot_scatter(table, path, rows=ROWS):
         ax.errorbar(cx, cy, xerr=0 if sx != sx else sx, yerr=0 if sy != sy else sy,
                     marker="s" if row.startswith("smoothgrad") else "o", capsize=2)  # fmt: skip
         ax.annotate(row, (cx, cy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for get, put in ((ax.get_xlim, ax.set_xlim), (ax.get_ylim, ax.set_ylim)):
+        low, high = get()  # at least 4 points wide: no zooming 0.2-point gaps into a trend
+        middle, half = (low + high) / 2, max((high - low) / 2, 2.0)
+        put(middle - half, middle + half)
     ax.set(xlabel="clean accuracy (%)", ylabel="PGD-20 accuracy at eps 4 (%)")
-    ax.set_title("Adversarially trained rows (10,000 test images)")
+    ax.set_title("Adversarial rows, 10,000 test images (binomial s.e. ~0.45 points)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
