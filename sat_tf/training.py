@@ -16,8 +16,6 @@ import functools
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,18 +23,20 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from sat_tf import activations, attacks, card, data, distribute, models, saving, schedules
+from sat_tf import attacks, card, data, distribute, models, saving, schedules
 from sat_tf import callbacks as callbacks_lib
 from sat_tf.adversarial import AdversarialModel
 from sat_tf.config import TrainConfig
-from sat_tf.models import cifar, efficientnet, resnet
-
-FINAL_MODEL = "model.keras"
-MIN_FREE_BYTES = 200 * 2**20
-
-
-class RunError(Exception):
-    """A problem with the run's inputs, found before any training work."""
+from sat_tf.preflight import (  # noqa: F401  (RunError, FINAL_MODEL, min_image_size: public here too)
+    FINAL_MODEL,
+    RunError,
+    check_first_batches,
+    check_model_dir,
+    check_names,
+    clear_finished_run,
+    data_error,
+    min_image_size,
+)
 
 
 def run(config: TrainConfig, *, command=""):
@@ -86,7 +86,7 @@ def run(config: TrainConfig, *, command=""):
             epochs=config.epochs,
         )
     except tf.errors.InvalidArgumentError as error:
-        raise _data_error(config, error, resumable=True) from None
+        raise data_error(config, error, resumable=True) from None
     finally:
         stop.on_train_end()  # the previous signal handlers again, also after an error
     if model.stop_training:  # SIGTERM / Ctrl-C: checkpoint saved, no final model yet
@@ -132,134 +132,6 @@ def check_inputs(config):
         )
     check_first_batches(config, train, evaluation)
     return strategy, model_dir, train, evaluation, steps_per_epoch
-
-
-def check_model_dir(config):
-    """Checks `model_dir` up front, changing nothing in it: writable, enough free space, not a
-    finished run (unless `overwrite`), and the same config as an unfinished run there."""
-    model_dir = Path(config.model_dir)
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        probe = model_dir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise RunError(
-            f"--model_dir={model_dir} is not writable ({error}). Fix its permissions or choose "
-            "another --model_dir."
-        ) from error
-    free = shutil.disk_usage(model_dir).free
-    if free < MIN_FREE_BYTES:
-        raise RunError(
-            f"--model_dir={model_dir} has only {free // 2**20} MiB free; checkpoints need at "
-            f"least {MIN_FREE_BYTES // 2**20} MiB. Free some space or choose another --model_dir."
-        )
-    finished = (model_dir / FINAL_MODEL).exists()
-    if finished and not config.overwrite:
-        raise RunError(
-            f"--model_dir={model_dir} holds a finished run ({FINAL_MODEL}). Use a new "
-            "--model_dir, or pass --overwrite to train again from scratch."
-        )
-    if not finished:
-        _check_same_config(model_dir / "config.json", config)
-    return model_dir
-
-
-def clear_finished_run(model_dir):
-    """`--overwrite`: removes a finished run's outputs (called once every input is checked)."""
-    if not (model_dir / FINAL_MODEL).exists():
-        return
-    for stale in ("checkpoints", FINAL_MODEL, "results.json", "config.json", card.CARD_NAME):
-        path = model_dir / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def prepare_model_dir(config):
-    """`check_model_dir`, then clears a finished run if `overwrite`; returns the directory."""
-    model_dir = check_model_dir(config)
-    if config.overwrite:
-        clear_finished_run(model_dir)
-    return model_dir
-
-
-def _check_same_config(path, config):
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    current = json.loads(json.dumps(dataclasses.asdict(config)))
-    changed = sorted(k for k in current if k != "overwrite" and saved.get(k) != current[k])
-    if changed:
-        raise RunError(
-            f"--model_dir={config.model_dir} holds an unfinished run with other settings "
-            f"({', '.join(f'--{k}' for k in changed)}). Re-run with the same flags to resume, "
-            "or use a new --model_dir."
-        )
-
-
-def check_names(config):
-    """Unknown model or activation names fail here, before any directory or data work."""
-    if config.model not in models.names() and not config.init_from:
-        raise RunError(
-            f"--model={config.model}: Unknown model {config.model!r}. "
-            f"Valid names: {', '.join(models.names())}."
-        )
-    try:
-        activations.get(config.activation)
-    except ValueError as error:
-        raise RunError(f"--activation={config.activation}: {error}") from None
-    if config.init_from:  # loaded once here too: a bad file must fail before --overwrite acts
-        try:
-            saving.load_model(config.init_from)
-        except saving.ModelFileError as error:
-            raise RunError(f"--init_from={config.init_from}: {error}") from None
-    smallest = min_image_size(config.model)
-    if not config.init_from and config.image_size < smallest:
-        raise RunError(
-            f"--image_size={config.image_size} is too small for --model={config.model}: it "
-            f"downsamples {smallest}x, so its last stages would see 1x1 maps of padding. Use "
-            f"--image_size={smallest} or more, or a CIFAR-size model "
-            f"({', '.join(sorted(cifar.CONFIGS))}, small_cnn)."
-        )
-
-
-def min_image_size(model):
-    """The smallest input side `model` makes sense at: its total downsampling factor.
-
-    The ImageNet stems (ResNet: stride-2 conv and max-pool, then three stride-2 stages;
-    EfficientNet: five stride-2 stages) reduce 32x; the CIFAR nets and small_cnn reduce 4x,
-    which `TrainConfig`'s own minimum of 8 pixels already covers.
-    """
-    return 32 if model in resnet.CONFIGS or model in efficientnet.CONFIGS else 8
-
-
-def check_first_batches(config, train, evaluation):
-    """Reads one batch of each split, so unreadable data fails before the model is built."""
-    for split in (train, evaluation):
-        try:
-            next(iter(split.dataset.take(1)))
-        except tf.errors.InvalidArgumentError as error:
-            raise _data_error(config, error, resumable=False) from None
-        except StopIteration:
-            raise RunError(
-                f"--dataset={config.dataset}: the {'training' if split.is_training else 'eval'} "
-                "split yields no batch; check the files and --global_batch_size."
-            ) from None
-
-
-def _data_error(config, error, *, resumable):
-    """A `RunError` from the message `sat_tf.data` puts in its tf.data assertion, else `error`.
-
-    The pipeline names the file and record ("x.tfrecord (record 7) is not a JPEG or PNG
-    image"); TensorFlow wraps it in an op trace that does not help the user.
-    """
-    found = re.search(r"assertion failed: \[(.*?)\]", error.message, re.S)
-    if not found:
-        return error
-    then = " The last checkpoint is kept; re-run the same command to resume." if resumable else ""
-    return RunError(
-        f"--dataset={config.dataset}: {found.group(1)}. Fix or remove that file (tools/"
-        f"build_tfrecords.py writes checked ones).{then}"
-    )
 
 
 def load_split(config, *, training, input_context=None):

@@ -158,7 +158,7 @@ def test_read_only_model_dir(tmp_path):
 
 def test_disk_full_is_refused_at_start(finished, monkeypatch):
     usage = shutil.disk_usage(finished)
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: usage._replace(free=50 * 2**20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=50 * 2**20))
     refused(finished, ["has only 50 MiB free", "Free some space"])
 
 
