@@ -73,12 +73,14 @@ def overhead(args, cache, extra=None):
                 f"{name}, {size} px, batch {batch}",
                 f"{ms[0]:.0f} / {ms[1]:.0f}",
                 f"**{wall:.2f}**",
+                common.spread(samples["pgd1"], samples["clean"]),
                 f"{cpu:.2f}",
                 f"<= 1.7: {common.verdict(wall, cpu, 1.7)}",
             )
         )
     text = common.table(
-        ("model", "clean / PGD-1 ms (median wall)", "PGD-1/clean wall", "CPU", "goal"), rows
+        ("model", "clean / PGD-1 ms (median wall)", "PGD-1/clean wall", "range", "CPU", "goal"),
+        rows,
     )
     k_text, k_results = pgd_k(args, cache)
     results["pgd_k"] = k_results
@@ -99,11 +101,14 @@ def pgd_k(args, cache):
             f"PGD-{k}",
             f"{common.median_ms(samples[f'pgd{k}'])[0]:.0f}",
             f"{rel[k][0]:.2f}",
+            common.spread(samples[f"pgd{k}"], samples["clean"]),
             f"{rel[k][1]:.2f}",
         )
         for k in ks
     ]
-    text = common.table(("resnet20 step", "median wall ms", "/ clean wall", "/ clean CPU"), rows)
+    text = common.table(
+        ("resnet20 step", "median wall ms", "/ clean wall", "range", "/ clean CPU"), rows
+    )
     text += (
         f"\n\nLeast squares over K (in units of one clean step): each extra attack step adds "
         f"**{slope:.3f}** (wall; CPU {slope_c:.3f}), intercept {intercept:.2f}, "
@@ -130,6 +135,7 @@ def activation_cost(args, cache):
             (
                 name,
                 f"**{wall:.3f}**",
+                common.spread(samples[name], samples["relu"]),
                 f"{cpu:.3f}",
                 f"<= 1.10: {ok}",
                 f"{layer['forward']:.1f}x / {layer['backward']:.1f}x",
@@ -139,6 +145,7 @@ def activation_cost(args, cache):
     header = (
         "activation",
         "PGD-1 step / ReLU wall",
+        "range",
         "CPU",
         "goal",
         "layer alone fwd / fwd+bwd vs ReLU",
@@ -202,8 +209,8 @@ def activation_profile(args):
 
 
 def add_arguments(parser):
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after 1 warm-up)")
-    parser.add_argument("--large-repeats", type=int, default=3, help="rounds for ResNet-50")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (after 1 warm-up)")
+    parser.add_argument("--large-repeats", type=int, default=4, help="rounds for ResNet-50")
     parser.add_argument("--small-image-size", type=int, default=32)
     parser.add_argument("--small-batch-size", type=int, default=32)
     parser.add_argument("--large-image-size", type=int, default=224)

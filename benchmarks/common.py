@@ -39,7 +39,7 @@ def elapsed(start, divisor=1):
 
 
 def interleave(candidates, *, repeats, warmup=1, calls=1):
-    """Times each zero-argument callable in turn, round after round.
+    """Times each zero-argument callable in turn (A B A B ...), round after round.
 
     Args:
         candidates: {name: callable}; each call must finish its work before returning
@@ -52,11 +52,14 @@ def interleave(candidates, *, repeats, warmup=1, calls=1):
         {name: array (repeats, 2)} of (wall, CPU) seconds per call.
     """
     samples = {name: [] for name in candidates}
+    names = list(candidates)
     for round_index in range(warmup + repeats):
-        for name, fn in candidates.items():
+        # Rotate the order each round, so that no candidate always follows the same one.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = clock()
             for _ in range(calls):
-                fn()
+                candidates[name]()
             seconds = elapsed(start, calls)
             if round_index >= warmup:
                 samples[name].append(seconds)
@@ -66,6 +69,12 @@ def interleave(candidates, *, repeats, warmup=1, calls=1):
 def ratio(top, bottom):
     """(wall, CPU) medians of the per-round ratios top / bottom."""
     return tuple(float(np.median(top[:, i] / bottom[:, i])) for i in (0, 1))
+
+
+def spread(top, bottom):
+    """'lo-hi' of the per-round wall ratios top / bottom: how much the load moved them."""
+    r = top[:, 0] / bottom[:, 0]
+    return f"{r.min():.2f}-{r.max():.2f}"
 
 
 def median_ms(samples):

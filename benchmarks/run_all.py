@@ -116,10 +116,12 @@ def header(args, seconds, info):
             f"- Machine: {info['cpu']}; GPU: {info['gpu']}; load average (1/5/15 min) at the "
             f"end: {info['load']}.",
             f"- Versions: {info['versions']}.",
-            f"- Method: candidates timed in turn (A B A B ...), 1 untimed warm-up round, then "
+            f"- Method: candidates timed in turn (A B A B ..., the order rotated each round), "
+            f"1 untimed warm-up round, then "
             f"{args.repeats} rounds ({args.large_repeats} for ResNet-50, {args.peer_repeats} "
             f"for peers); each ratio is the median of the per-round ratios, for wall time and "
-            f"for this process's CPU time (all threads). **Bold** = wall ratio, the headline.",
+            f"for this process's CPU time (all threads). **Bold** = wall ratio, the headline; "
+            f"'range' = lowest-highest per-round wall ratio.",
             "- float32 throughout on CPU: the float32 upcast in Softplus/GELU/Mish/SmoothReLU "
             "for float16/bfloat16 inputs does not run here and costs nothing.",
         ]
