@@ -162,11 +162,11 @@ def attack_throughput(args):
 
 def attack_profile(blocks, batch):
     """Each attack's time against its gradients: {name: (samples, gradient calls / 10)}."""
-    rows, bounds, eager, ours_share, gap = [], {}, [], {}, []
+    rows, bounds, eager, ours_share, gap = [], {}, {}, {}, []
     for name, (t, tens) in blocks.items():
         ours_grad, art_grad = t["ours 10 gradients"] * tens, t["ART 10 gradients"] * tens
         n = 10 * tens
-        eager.append(common.ratio(art_grad, ours_grad)[0])
+        eager[name] = common.ratio(art_grad, ours_grad)[0]
         bounds[name] = common.ratio(t["ART"], ours_grad)[0]
         ours_share[name] = common.ratio(ours_grad, t["ours"])[0]
         if common.ratio(t["ART"], t["ours"])[0] < 6 <= bounds[name]:
@@ -181,11 +181,12 @@ def attack_profile(blocks, batch):
                 )
             )
     header = (f"where the time goes (batch {batch})", "gradients ms", "whole attack ms", "share")
+    eager_text = " / ".join(f"{v:.1f}x (in the {k} rounds)" for k, v in eager.items())
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in ours_share.items())
     text = common.table(header, rows)
     text += (
         f"\n\nART's eager `loss_gradient` (Keras layers dispatched op by op from Python, plus "
-        f"tape bookkeeping) costs {min(eager):.1f}-{max(eager):.1f}x our compiled one; the "
+        f"tape bookkeeping) costs {eager_text} our compiled one; the "
         f"rest of ART's time is its other per-step eager/NumPy work (random start, sign, "
         f"projection, clipping; APGD's step-size and checkpoint logic). Our attacks' time "
         f"against as many full-batch compiled gradients: {shares} (APGD may compute fewer: "
