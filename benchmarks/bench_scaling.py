@@ -4,28 +4,18 @@
    against the images/s the ResNet-50 PGD-1 step consumes; timed in the same rounds as the
    ResNet-50 steps of section 1 (`pipeline_candidate`).
 5. PGD-1 step time against batch size, against replicas (MirroredStrategy over 1 and 2
-   logical CPU devices; `sat_tf.distribute.train` with 2 local workers via TF_CONFIG in
-   subprocesses, against one process) and against image size. With a GPU: ResNet-50, 224 px,
-   batch 128, mixed precision, images/s and PGD-1 / clean.
+   logical CPU devices; the 2-worker run is in `bench_workers.py`) and against image size.
+   With a GPU: ResNet-50, 224 px, batch 128, mixed precision, images/s and PGD-1 / clean.
 
-`run_all.py` calls these; `--worker` is the subprocess entry of the multi-worker run.
+`run_all.py` calls these.
 """
 
-import argparse
-import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 
 import common
 import keras
 import numpy as np
 import tensorflow as tf
-
-from sat_tf import distribute
 
 
 def pipeline_candidate(args):
@@ -184,113 +174,6 @@ def replica_scaling(args):
     return samples, row
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _launch(args, workers, out_dir):
-    """Runs one process (workers=1, default strategy) or a 2-worker cluster; returns results."""
-    hosts = [f"localhost:{p}" for p in free_ports(workers)]
-    processes = []
-    for index in range(workers):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-        if workers > 1:
-            env["TF_CONFIG"] = json.dumps(
-                {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
-            )
-        out = os.path.join(out_dir, f"w{workers}_{index}_{time.monotonic_ns()}.json")
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            out,
-            "--strategy",
-            "multi_worker" if workers > 1 else "default",
-            "--small-batch-size",
-            str(args.small_batch_size),
-            "--small-image-size",
-            str(args.small_image_size),
-            "--worker-steps",
-            str(args.worker_steps),
-            "--worker-epochs",
-            str(args.worker_epochs),
-        ]
-        processes.append(
-            (subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True), out)
-        )
-    results = []
-    for process, out in processes:
-        _, stderr = process.communicate(timeout=args.worker_timeout)
-        if process.returncode:
-            raise RuntimeError(f"worker failed: {stderr[-2000:]}")
-        with open(out) as f:
-            results.append(json.load(f))
-    # Per step: the chief's wall time, and the CPU time of all the workers together.
-    wall = float(np.median(results[0]["wall"]))
-    cpu = float(np.median(np.sum([r["cpu"] for r in results], axis=0)))
-    return wall, cpu
-
-
-def multi_worker_scaling(args):
-    """`distribute.train` with 2 local workers / 1 process, same global batch, ABAB."""
-    samples = {1: [], 2: []}
-    with tempfile.TemporaryDirectory() as out_dir:
-        for _ in range(args.worker_rounds):
-            for workers in (1, 2):
-                samples[workers].append(_launch(args, workers, out_dir))
-    samples = {k: np.array(v) for k, v in samples.items()}
-    wall, cpu = common.ratio(samples[2], samples[1])
-    row = (
-        "`distribute.train`, 2 local workers (TF_CONFIG) / 1 process",
-        f"{common.median_ms(samples[1])[0]:.0f}",
-        f"{common.median_ms(samples[2])[0]:.0f}",
-        f"{wall:.2f}",
-        f"{cpu:.2f}",
-    )
-    return samples, row
-
-
-def worker_main(args):
-    """Subprocess: time epochs 2.. of `distribute.train`, write per-step (wall, CPU) lists."""
-    strategy = distribute.get_strategy(args.strategy)
-    size, batch = args.small_image_size, args.small_batch_size
-    images, labels = (t.numpy() for t in common.random_batch(batch, size))
-    with strategy.scope():
-        model = common.build_model("resnet20", image_size=size, num_steps=1)
-
-    def dataset_fn(context):
-        per_replica = context.get_per_replica_batch_size(batch)
-        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-        return dataset.batch(per_replica, drop_remainder=True).prefetch(2)
-
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = common.clock()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(common.elapsed(self.start, args.worker_steps))
-
-    distribute.train(
-        model,
-        dataset_fn,
-        strategy=strategy,
-        epochs=args.worker_epochs,
-        steps_per_epoch=args.worker_steps,
-        callbacks=[Timer()],
-    )
-    times = np.array(times[1:])  # Epoch 1 traces the step.
-    with open(args.worker, "w") as f:
-        json.dump({"wall": times[:, 0].tolist(), "cpu": times[:, 1].tolist()}, f)
-
-
 def gpu_rows(args):
     """ResNet-50, 224 px, mixed precision: images/s of clean and PGD-1 steps, and their ratio."""
     name, size, batch = args.gpu_model, args.gpu_image_size, args.gpu_batch_size
@@ -333,20 +216,6 @@ def add_arguments(parser):
     parser.add_argument("--scaling-batch-sizes", type=int, nargs="+", default=(8, 16, 32, 64))
     parser.add_argument("--scaling-image-sizes", type=int, nargs="+", default=(32, 64, 128))
     parser.add_argument("--scaling-image-batch", type=int, default=8)
-    parser.add_argument("--worker-rounds", type=int, default=2, help="ABAB rounds of processes")
-    parser.add_argument("--worker-steps", type=int, default=4)
-    parser.add_argument("--worker-epochs", type=int, default=3, help="the first is not timed")
-    parser.add_argument("--worker-timeout", type=int, default=600)
     parser.add_argument("--gpu-batch-size", type=int, default=128)
     parser.add_argument("--gpu-model", default="resnet50")
     parser.add_argument("--gpu-image-size", type=int, default=224)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", required=True, help="output JSON path")
-    parser.add_argument("--strategy", default="default")
-    parser.add_argument("--small-batch-size", type=int, default=32)
-    parser.add_argument("--small-image-size", type=int, default=32)
-    add_arguments(parser)
-    worker_main(parser.parse_args())

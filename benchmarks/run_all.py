@@ -38,6 +38,7 @@ _two_logical_cpus()
 import bench_overhead  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_scaling  # noqa: E402
+import bench_workers  # noqa: E402
 import common  # noqa: E402
 
 README = pathlib.Path(__file__).with_name("README.md")
@@ -73,7 +74,7 @@ def section_5(args, cache):
         log("section 5: replicas (MirroredStrategy)")
         _, mirrored = bench_scaling.replica_scaling(args)
         log("section 5: 2 local workers (subprocesses)")
-        _, workers = bench_scaling.multi_worker_scaling(args)
+        _, workers = bench_workers.multi_worker_scaling(args)
         header = (
             f"resnet20 PGD-1, global batch {args.small_batch_size}",
             "1: step ms",
@@ -139,6 +140,7 @@ def main():
     bench_overhead.add_arguments(parser)
     bench_peers.add_arguments(parser)
     bench_scaling.add_arguments(parser)
+    bench_workers.add_arguments(parser)
     args = parser.parse_args()
     start = time.perf_counter()
     cache = common.StepCache()
