@@ -339,6 +339,7 @@ def mean_std(values):
 
 def _cell(values, signed=False):
     mean, std = mean_std(values)
+    mean = round(mean, 1) + 0.0  # no "-0.0"
     text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
     return text if std != std else f"{text} +- {std:.1f}"
 
