@@ -138,10 +138,7 @@ def mirrored_step(devices, args):
     with strategy.scope():
         model = common.build_model("resnet20", image_size=size, num_steps=1)
 
-    def dataset_fn(context):
-        per_replica = context.get_per_replica_batch_size(batch)
-        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-        return dataset.batch(per_replica, drop_remainder=True).prefetch(2)
+    dataset_fn = common.repeating_dataset_fn(images, labels, batch)
 
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
     with strategy.scope():

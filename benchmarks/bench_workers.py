@@ -18,7 +18,6 @@ import time
 import common
 import keras
 import numpy as np
-import tensorflow as tf
 
 from sat_tf import distribute
 
@@ -103,10 +102,7 @@ def worker_main(args):
     with strategy.scope():
         model = common.build_model("resnet20", image_size=size, num_steps=1)
 
-    def dataset_fn(context):
-        per_replica = context.get_per_replica_batch_size(batch)
-        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-        return dataset.batch(per_replica, drop_remainder=True).prefetch(2)
+    dataset_fn = common.repeating_dataset_fn(images, labels, batch)
 
     times = []
 

@@ -99,6 +99,17 @@ def random_batch(batch_size, image_size, seed=0):
     return tf.constant(images), tf.constant(labels)
 
 
+def repeating_dataset_fn(images, labels, global_batch_size):
+    """`dataset_fn(input_context)` repeating one batch, for `distribute_datasets_from_function`."""
+
+    def dataset_fn(context):
+        per_replica = context.get_per_replica_batch_size(global_batch_size)
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+        return dataset.batch(per_replica, drop_remainder=True).prefetch(2)
+
+    return dataset_fn
+
+
 def build_model(name, *, image_size, activation="relu", num_steps=0, **attack):
     """A compiled classifier (`num_steps=0`) or `AdversarialModel` with PGD-`num_steps`.
 
