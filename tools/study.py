@@ -473,9 +473,11 @@ def write_report(table, docs, *, rows=ROWS, seeds=SEEDS):
 
 
 def _utc_today(hhmm):
+    """The next time the UTC clock reads HH:MM (tomorrow's if today's has passed), in epoch s."""
     hours, minutes = map(int, hhmm.split(":"))
     now = time.gmtime()
-    return time.mktime(now[:3] + (hours, minutes, 0) + now[6:]) - time.mktime(now) + time.time()
+    when = time.mktime(now[:3] + (hours, minutes, 0) + now[6:]) - time.mktime(now) + time.time()
+    return when + 86400 if when <= time.time() else when
 
 
 if __name__ == "__main__":
