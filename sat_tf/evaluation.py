@@ -177,21 +177,35 @@ def collect(dataset, num_examples=None):
 
 
 def _run(model, spec, images, labels, *, epsilon, seed, batch_size, source=None):
+    """One attack on every example: (row, [N] bool robust).
+
+    Only the examples still standing are attacked: first the correctly classified ones, then, for
+    each further PGD restart, those that survived the earlier restarts (as AutoAttack does). The
+    accuracy is the same as attacking everything (an example counts as robust only if it is
+    correct and survives every restart), at a fraction of the cost on a model with low accuracy.
+    """
     start = time.perf_counter()
-    robust = np.concatenate(
-        [
-            attack_batch(
+    clean = AttackSpec("clean")
+    robust = np.zeros(len(labels), bool)
+    for i in range(0, len(labels), batch_size):
+        robust[i : i + batch_size] = attack_batch(
+            model, clean, images[i : i + batch_size], labels[i : i + batch_size], epsilon=0.0
+        )
+    restarts = spec.num_restarts if spec.kind in ("pgd", "transfer") else 1
+    single = dataclasses.replace(spec, num_restarts=1) if restarts > 1 else spec
+    for restart in range(restarts if spec.kind != "clean" else 0):
+        standing = np.flatnonzero(robust)
+        for i in range(0, len(standing), batch_size):
+            chunk = standing[i : i + batch_size]
+            robust[chunk] = attack_batch(
                 model,
-                spec,
-                images[i : i + batch_size],
-                labels[i : i + batch_size],
+                single,
+                images[chunk],
+                labels[chunk],
                 epsilon=epsilon,
-                seed=seed,
+                seed=seed + restart,
                 source=source,
             )
-            for i in range(0, len(labels), batch_size)
-        ]
-    )
     row = dict(
         attack=spec.label,
         kind=spec.kind,

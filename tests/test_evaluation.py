@@ -191,3 +191,31 @@ def test_fixed_pgd_step_size_and_lookup_by_spec(model, data):
     assert results.accuracy("apgd-ce-5", 48) == results.accuracy("APGD-CE-5", 48.0)
     # Three 1-pixel steps after a random start hardly beat noise; APGD's 2 * eps steps do.
     assert results.accuracy("pgd-3", 48) > results.accuracy("apgd-ce-5", 48)
+
+
+def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
+    images, labels = data
+    labels = np.where(np.arange(len(labels)) < 8, (labels + 1) % NUM_CLASSES, labels)  # 8 wrong
+    eps = 24.0
+    # FGSM is deterministic: attacking survivors only must give exactly the full attack's answer.
+    fgsm = evaluation.AttackSpec("fgsm")
+    full = evaluation.attack_batch(model, fgsm, images, labels, epsilon=eps)
+    _, robust = evaluation._run(model, fgsm, images, labels, epsilon=eps, seed=0, batch_size=16)
+    np.testing.assert_array_equal(robust, full)
+
+    sizes, attack = [], evaluation._gradient_attack
+    monkeypatch.setattr(
+        evaluation,
+        "_gradient_attack",
+        lambda source, kind, x, *a, **k: sizes.append(len(x)) or attack(source, kind, x, *a, **k),
+    )
+    row, robust = evaluation._run(
+        model, evaluation.parse_attack("pgd-5x3"), images, labels, epsilon=eps, seed=0,
+        batch_size=16,
+    )  # fmt: skip
+    correct = evaluation._correct(model, images, labels)
+    assert 0 < robust.sum() < correct.sum() < len(labels)  # the attack does something here
+    assert not (robust & ~correct).any()
+    assert sizes[0] == min(16, correct.sum())  # restart 1: the correct examples only
+    assert sum(sizes) < 3 * correct.sum()  # later restarts: the survivors only
+    assert row["accuracy"] == robust.mean() and row["num_restarts"] == 3

@@ -13,11 +13,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 import study  # noqa: E402
 
 
-def _write_result(folder, row, seed, clean, pgd20, activation="relu"):
+def _write_result(folder, row, seed, clean, pgd20, activation="relu", version=None):
     """A result file shaped as run_one writes it, with hand-chosen metrics."""
     record = dict(
         row=row,
         seed=seed,
+        eval_protocol=dict(study.EVAL, version=version or study.EVAL["version"]),
         config=dict(activation=activation, smooth_gradients=["attack"]),
         metrics=dict(
             clean=clean,
@@ -46,6 +47,20 @@ def test_pending_skips_runs_with_a_result_file(tmp_path):
         ("relu", 1),
         ("silu", 1),
     ]
+
+
+def test_results_of_an_older_protocol_are_pending_and_left_out_of_the_report(tmp_path):
+    _write_result(tmp_path, "relu", 0, 0.5, 0.3, version=study.EVAL["version"] - 1)
+    _write_result(tmp_path, "silu", 0, 0.5, 0.3)
+    assert study.pending(["relu", "silu"], [0], tmp_path) == [("relu", 0)]
+    assert list(study.load_results(tmp_path)) == ["silu"]
+
+
+def test_stop_at_is_the_next_time_the_clock_reads_it():
+    for hhmm in ("00:00", "11:59", "23:59"):
+        when = study._utc_today(hhmm)
+        assert 0 < when - time.time() <= 86400
+        assert time.strftime("%H:%M", time.gmtime(when)) == hhmm
 
 
 def test_run_queue_starts_pending_runs_and_stops_on_failure(tmp_path):
