@@ -1,4 +1,5 @@
-"""tools/study.py: the queue (seed-major, skip finished, stop), the row configs and the report."""
+"""tools/study.py and tools/study_report.py: the queue (seed-major, skip finished, stop), the
+row configs and the report."""
 
 import json
 import sys
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import study  # noqa: E402
+import study_report  # noqa: E402
 
 
 def _write_result(folder, row, seed, clean, pgd20, activation="relu", version=None):
@@ -53,7 +55,7 @@ def test_results_of_an_older_protocol_are_pending_and_left_out_of_the_report(tmp
     _write_result(tmp_path, "relu", 0, 0.5, 0.3, version=study.EVAL["version"] - 1)
     _write_result(tmp_path, "silu", 0, 0.5, 0.3)
     assert study.pending(["relu", "silu"], [0], tmp_path) == [("relu", 0)]
-    assert list(study.load_results(tmp_path)) == ["silu"]
+    assert list(study_report.load_results(tmp_path, version=study.EVAL["version"])) == ["silu"]
 
 
 def test_stop_at_is_the_next_time_the_clock_reads_it():
@@ -110,9 +112,10 @@ def test_report_table_mean_std_missing_runs_and_kept_prose(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "study.md").write_text(
-        f"# Study\n\nprose before\n{study.BEGIN}\nold\n{study.END}\nafter\n"
+        f"# Study\n\nprose before\n{study_report.BEGIN}\nold\n{study_report.END}\nafter\n"
     )
-    study.write_report(study.load_results(results), docs, rows=("relu", "silu"), seeds=(0, 1, 2))
+    table = study_report.load_results(results, version=study.EVAL["version"])
+    study_report.write_report(table, docs, rows=("relu", "silu"), seeds=(0, 1, 2))
     text = (docs / "study.md").read_text()
     assert text.startswith("# Study\n\nprose before\n") and text.endswith("after\n")
     assert "old" not in text
@@ -164,7 +167,7 @@ def test_run_one_reuses_a_finished_model_and_writes_the_record(tmp_path, monkeyp
 
 @pytest.mark.parametrize("values, mean, std", [([0.5], 50.0, None), ([0.1, 0.3], 20.0, 14.142)])
 def test_mean_std_in_percent(values, mean, std):
-    got_mean, got_std = study.mean_std(values)
+    got_mean, got_std = study_report.mean_std(values)
     assert got_mean == pytest.approx(mean)
     if std is None:
         assert got_std != got_std  # nan

@@ -1,0 +1,172 @@
+"""The CPU-scale study's report: docs/study.md's generated section and its two plots.
+
+`python tools/study.py --report` calls `write_report(load_results(...), "docs", ...)`; the prose
+of docs/study.md outside the generated markers is kept.
+"""
+
+import json
+from pathlib import Path
+
+COLUMNS = (  # (metric key, header); accuracies in percent
+    ("clean", "clean (10k)"),
+    ("pgd20", "PGD-20 (10k)"),
+    ("pgd50x2", "PGD-50x2 (10k)"),
+    ("autoattack", "AutoAttack-fast (1k)"),
+)
+BEGIN, END = "<!-- study:generated -->", "<!-- /study:generated -->"
+
+
+def load_results(results, *, version):
+    """row -> list of the result records of protocol `version`, from `results/*_s*.json`."""
+    table = {}
+    for path in sorted(Path(results).glob("*_s*.json")):
+        record = json.loads(path.read_text())
+        if record["eval_protocol"].get("version", 1) != version:
+            continue  # pending re-evaluation; `missing_markdown` lists it
+        table.setdefault(record["row"], []).append(record)
+    return table
+
+
+def mean_std(values):
+    """(mean, sample std) in percent; std is nan for a single value."""
+    import numpy as np
+
+    values = 100 * np.asarray(values, dtype=float)
+    std = values.std(ddof=1) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(std)
+
+
+def _cell(values, signed=False):
+    mean, std = mean_std(values)
+    mean = round(mean, 1) + 0.0  # no "-0.0"
+    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+    return text if std != std else f"{text} +- {std:.1f}"
+
+
+def table_markdown(table, rows):
+    """One line per row with results: n, mean +- std of each `COLUMNS` metric, warnings, time."""
+    head = ["row", "activation", "n"] + [h for _, h in COLUMNS] + ["masking warns", "min/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in [r for r in rows if r in table]:
+        runs = table[row]
+        cells = [_cell([r["metrics"][key] for r in runs]) for key, _ in COLUMNS]
+        warns = sum(c["status"] == "warn" for r in runs for c in r["metrics"]["checks"])
+        minutes = sum(r["wall_time_s"]["train"] + r["wall_time_s"]["eval"] for r in runs)
+        act = runs[0]["config"]["activation"]
+        if act == "smooth_grad_relu":
+            act += " (" + "+".join(runs[0]["config"]["smooth_gradients"]) + ")"
+        seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+        line = [row, act, f"{len(runs)} (s{seeds})", *cells, str(warns)]
+        lines.append("| " + " | ".join(line + [f"{minutes / 60 / len(runs):.1f}"]) + " |")
+    return "\n".join(lines)
+
+
+def paired_markdown(table, rows, base="relu"):
+    """Row minus `base` at the same seed (clean, PGD-20 on 10k): seed noise cancels in pairs."""
+    if base not in table:
+        return ""
+    by_seed = {r["seed"]: r["metrics"] for r in table[base]}
+    lines = [
+        f"| row | seeds paired with {base} | clean - {base} | PGD-20 - {base} |",
+        "|---|---|---|---|",
+    ]
+    for row in [r for r in rows if r in table and r != base]:
+        pairs = [(r["metrics"], by_seed[r["seed"]]) for r in table[row] if r["seed"] in by_seed]
+        if not pairs:
+            continue
+        cells = [_cell([a[k] - b[k] for a, b in pairs], signed=True) for k in ("clean", "pgd20")]
+        lines.append(f"| {row} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def missing_markdown(table, rows, seeds):
+    """The (row, seed) runs without a result, seed-major like the queue."""
+    done = {(r["row"], r["seed"]) for runs in table.values() for r in runs}
+    missing = [f"{row} s{seed}" for seed in seeds for row in rows if (row, seed) not in done]
+    if not missing:
+        return "Every row has every seed."
+    return f"Not yet run ({len(missing)}): " + ", ".join(missing) + "."
+
+
+def plot_curves(table, path, rows):
+    """Robust accuracy (PGD-20, 1k subset) vs epsilon, mean over seeds, one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, row in enumerate([r for r in rows if r in table]):
+        runs = table[row]
+        epsilons = [0.0] + sorted(float(e) for e in runs[0]["metrics"]["curve"])
+        stats = [mean_std([r["metrics"]["subset_clean"] for r in runs])] + [
+            mean_std([r["metrics"]["curve"][str(e)] for r in runs]) for e in epsilons[1:]
+        ]
+        means = [m for m, _ in stats]
+        errors = [0 if s != s else s for _, s in stats]
+        style = "--" if row.startswith(("clean", "smoothgrad")) else "-"
+        color = plt.cm.tab20(i % 20)  # 11 rows: more colours than the default cycle's 10
+        ax.errorbar(epsilons, means, yerr=errors, label=row, marker="o", ls=style, capsize=2,
+                    color=color)  # fmt: skip
+    ax.set(xlabel="epsilon (pixels of 255)", ylabel="accuracy under PGD-20 (%)")
+    ax.set_title("CIFAR-10, small_cnn, 1,000 test images (eps 0 = clean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scatter(table, path, rows):
+    """Clean vs PGD-20 accuracy (10k), mean +- std over seeds, one point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for row in [r for r in rows if r in table and r != "clean_relu"]:
+        runs = table[row]
+        cx, sx = mean_std([r["metrics"]["clean"] for r in runs])
+        cy, sy = mean_std([r["metrics"]["pgd20"] for r in runs])
+        ax.errorbar(cx, cy, xerr=0 if sx != sx else sx, yerr=0 if sy != sy else sy,
+                    marker="s" if row.startswith("smoothgrad") else "o", capsize=2)  # fmt: skip
+        ax.annotate(row, (cx, cy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for get, put in ((ax.get_xlim, ax.set_xlim), (ax.get_ylim, ax.set_ylim)):
+        low, high = get()  # at least 4 points wide: no zooming 0.2-point gaps into a trend
+        middle, half = (low + high) / 2, max((high - low) / 2, 2.0)
+        put(middle - half, middle + half)
+    ax.set(xlabel="clean accuracy (%)", ylabel="PGD-20 accuracy at eps 4 (%)")
+    ax.set_title("Adversarial rows, 10,000 test images (binomial s.e. ~0.45 points)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(table, docs, *, rows, seeds):
+    """Rewrites the generated section of docs/study.md and the plots; the prose is kept."""
+    docs = Path(docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    plot_curves(table, docs / "study_epsilon.png", rows)
+    plot_scatter(table, docs / "study_scatter.png", rows)
+    checks = sorted({c["name"] for runs in table.values() for r in runs
+                     for c in r["metrics"]["checks"] if c["status"] == "warn"})  # fmt: skip
+    generated = "\n\n".join([
+        BEGIN,
+        f"Generated by `python tools/study.py --report` from {sum(map(len, table.values()))} "
+        "result files in `results/study/`. Accuracies in %, mean +- sample std over seeds.",
+        table_markdown(table, rows),
+        "Paired with ReLU at the same seed (percentage points, mean +- std over the pairs):",
+        paired_markdown(table, rows),
+        missing_markdown(table, rows, seeds),
+        "Masking checks that warned in some run: " + (", ".join(checks) or "none") + ".",
+        "![robust accuracy vs epsilon](study_epsilon.png) ![clean vs robust](study_scatter.png)",
+        END,
+    ])  # fmt: skip
+    path = docs / "study.md"
+    text = path.read_text() if path.exists() else f"# CPU-scale SAT study\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(head + generated + rest.split(END, 1)[1])
