@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from sat_tf import activations, robustbench
+from sat_tf.data import robustbench as robustbench_data
 
 ROOT = Path(__file__).resolve().parents[1]
 ROBUSTBENCH_FIELDS = (
@@ -160,15 +161,15 @@ def test_read_image_ids_checks_the_list(tmp_path):
     good = tmp_path / "ids.txt"
     text = "n01440764/ILSVRC2012_val_00000293.JPEG\nn01443537/ILSVRC2012_val_00000236.JPEG"
     good.write_text(text)  # RobustBench's file has no final newline.
-    ids, sha256 = robustbench.read_image_ids(good)
+    ids, sha256 = robustbench_data.read_image_ids(good)
     assert ids == text.split("\n")
     assert sha256 == hashlib.sha256(text.encode()).hexdigest()
     (tmp_path / "bad.txt").write_text(text + "\nILSVRC2012_val_00000001.JPEG\n")
     with pytest.raises(ValueError, match="line 3"):
-        robustbench.read_image_ids(tmp_path / "bad.txt")
+        robustbench_data.read_image_ids(tmp_path / "bad.txt")
     (tmp_path / "twice.txt").write_text(text + "\n" + text.split("\n")[0])
     with pytest.raises(ValueError, match="more than once"):
-        robustbench.read_image_ids(tmp_path / "twice.txt")
+        robustbench_data.read_image_ids(tmp_path / "twice.txt")
 
 
 SYNSETS = ("n00000003", "n00000001", "n00000002")  # Sorted order: 0001 -> 0, 0002 -> 1, 0003 -> 2.
@@ -209,10 +210,12 @@ def check_selection(images, labels):
 
 def test_imagenet_subset_from_a_folder(tiny_imagenet):
     root, _ = tiny_imagenet
-    images, labels = robustbench.imagenet_from_folder(root, IDS, split="validation", image_size=8)
+    images, labels = robustbench_data.imagenet_from_folder(
+        root, IDS, split="validation", image_size=8
+    )
     check_selection(images, labels)
     with pytest.raises(FileNotFoundError, match="1 of 4 images missing"):
-        robustbench.imagenet_from_folder(
+        robustbench_data.imagenet_from_folder(
             root, IDS + ["n00000001/x.JPEG"], split="validation", image_size=8
         )
 
@@ -244,14 +247,14 @@ def test_imagenet_subset_from_tfrecords(tiny_imagenet, tmp_path):
     _, files = tiny_imagenet
     write_records(tmp_path / "validation-00000-of-00001", files)
     pattern = str(tmp_path / "validation-*")
-    check_selection(*robustbench.imagenet_from_tfrecord(pattern, IDS, image_size=8))
+    check_selection(*robustbench_data.imagenet_from_tfrecord(pattern, IDS, image_size=8))
     with pytest.raises(FileNotFoundError, match="3 of 4 images found"):
-        robustbench.imagenet_from_tfrecord(pattern, IDS + ["n00000001/x.JPEG"], image_size=8)
+        robustbench_data.imagenet_from_tfrecord(pattern, IDS + ["n00000001/x.JPEG"], image_size=8)
     with pytest.raises(FileNotFoundError, match="0 of 1 images found"):
-        robustbench.imagenet_from_tfrecord(pattern, ["n00000001/x.JPEG"], image_size=8)
+        robustbench_data.imagenet_from_tfrecord(pattern, ["n00000001/x.JPEG"], image_size=8)
     write_records(tmp_path / "wrong-00000-of-00001", files, synset_override="n00000009")
     with pytest.raises(ValueError, match="synset"):
-        robustbench.imagenet_from_tfrecord(str(tmp_path / "wrong-*"), IDS, image_size=8)
+        robustbench_data.imagenet_from_tfrecord(str(tmp_path / "wrong-*"), IDS, image_size=8)
 
 
 def test_cifar10_from_tfds_restores_the_original_test_order():
@@ -269,7 +272,7 @@ def test_cifar10_from_tfds_restores_the_original_test_order():
         )
 
     with tfds.testing.mock_data(as_dataset_fn=as_dataset):
-        images, labels = robustbench.cifar10_from_tfds(num_examples=4)
+        images, labels = robustbench_data.cifar10_from_tfds(num_examples=4)
     np.testing.assert_array_equal(labels, [0, 1, 2, 3])
     np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 1, 2, 3])
 

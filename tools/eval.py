@@ -146,24 +146,28 @@ def _split(run, default):
 
 def _robustbench_imagenet(spec, n, image_size, run):
     """RobustBench's ImageNet subset (the first n of --robustbench_ids) from tfrecord:/folder:."""
-    from sat_tf import robustbench
+    from sat_tf.data import robustbench as robustbench_data
 
     if not FLAGS.robustbench_ids:
-        _fail(f"--robustbench_ids=<file> is needed for imagenet; download {robustbench.IDS_URL}")
-    ids, sha256 = robustbench.read_image_ids(FLAGS.robustbench_ids)
+        _fail(
+            f"--robustbench_ids=<file> is needed for imagenet; download {robustbench_data.IDS_URL}"
+        )
+    ids, sha256 = robustbench_data.read_image_ids(FLAGS.robustbench_ids)
     split = _split(run, "validation")
-    known = "" if sha256 == robustbench.IDS_SHA256 else ", not RobustBench's published list"
+    known = "" if sha256 == robustbench_data.IDS_SHA256 else ", not RobustBench's published list"
     source = f"{spec} split {split}: the first {min(n, len(ids))} of RobustBench's ids"
     source += f" (sha256 {sha256[:12]}{known})"
     scheme, _, target = spec.partition(":")
     if scheme == "folder":
-        images, labels = robustbench.imagenet_from_folder(
+        images, labels = robustbench_data.imagenet_from_folder(
             target, ids[:n], split=split, image_size=image_size
         )
     elif scheme == "tfrecord":
         pattern = target.replace("{split}", split)
         pattern = os.path.join(pattern, f"{split}-*") if os.path.isdir(pattern) else pattern
-        images, labels = robustbench.imagenet_from_tfrecord(pattern, ids[:n], image_size=image_size)
+        images, labels = robustbench_data.imagenet_from_tfrecord(
+            pattern, ids[:n], image_size=image_size
+        )
     else:
         _fail(f"imagenet needs tfrecord:<pattern> or folder:<dir> data. Received: {spec}")
     return images, labels, source
@@ -171,7 +175,8 @@ def _robustbench_imagenet(spec, n, image_size, run):
 
 def _robustbench_data(protocol, run):
     """`(images, labels, source)`: the protocol's first --num_examples examples, in its order."""
-    from sat_tf import data, evaluation, robustbench
+    from sat_tf import data, evaluation
+    from sat_tf.data import robustbench as robustbench_data
 
     spec = f"tfrecord:{FLAGS.eval_files}" if FLAGS.eval_files else FLAGS.dataset
     spec = spec or run.get("dataset")
@@ -182,7 +187,7 @@ def _robustbench_data(protocol, run):
     if protocol.dataset == "imagenet":
         return _robustbench_imagenet(spec, n, image_size, run)
     if spec == "tfds:cifar10":
-        images, labels = robustbench.cifar10_from_tfds(
+        images, labels = robustbench_data.cifar10_from_tfds(
             num_examples=n, data_dir=FLAGS.data_dir or run.get("data_dir") or None
         )
         return images, labels, "tfds:cifar10 test, original order (TFDS id)"
