@@ -149,3 +149,18 @@ def test_distribute_datasets_from_function_feeds_both_replicas():
     images, labels = next(iter(dist))
     per_replica = strategy.experimental_local_results(labels)
     assert len(per_replica) == 2 and all(t.shape == (4,) for t in per_replica)
+
+
+def test_folder_eval_order_takes_the_classes_in_turn(tmp_path):
+    # Unequal classes: a has 3 images, b 1, c 2. Eval reads a0 b0 c0 a1 c1 a2, so that the first
+    # batches (e.g. --eval_examples) see every class, and each class keeps its file order.
+    for c, count in (("a", 3), ("b", 1), ("c", 2)):
+        for i in range(count):
+            _image(tmp_path / "val" / c / f"{i}.png", 40 * i + 10 * "abc".index(c) + 5)
+    loaded = data.load(
+        f"folder:{tmp_path}", split="val", global_batch_size=2, image_size=8, is_training=False
+    )
+    batches = list(loaded.dataset.as_numpy_iterator())
+    images, labels = [np.concatenate(t) for t in zip(*batches, strict=True)]
+    assert labels.tolist() == [0, 1, 2, 0, 2, 0]
+    np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), [5, 15, 25, 45, 65, 85], atol=1)

@@ -135,10 +135,17 @@ def ensure_data(config):
 
 
 def eval_arrays(config):
-    """(images, labels) of the whole test split, permuted by `subset_seed`; cached as .npz."""
+    """(images, labels) of the whole test split in the protocol's order; cached as .npz.
+
+    The order does not depend on how the loader reads the folder: the images are sorted by
+    (label, SHA-1 of their pixels), then permuted with `subset_seed`. Its first
+    `subset_examples` are the subset.
+    """
+    import hashlib
+
     import numpy as np
 
-    cache = Path(config.model_dir).parents[1] / "cifar10-test.npz"
+    cache = Path(config.model_dir).parents[1] / f"cifar10-test-p{EVAL['version']}.npz"
     if not cache.exists():
         from sat_tf import data, evaluation
 
@@ -147,10 +154,13 @@ def eval_arrays(config):
             image_size=config.image_size, num_classes=config.num_classes, augmentation=None,
         )  # fmt: skip
         images, labels = evaluation.collect(split.dataset)
-        order = np.random.default_rng(EVAL["subset_seed"]).permutation(len(labels))
+        images = images.astype(np.uint8)
+        digests = [hashlib.sha1(image.tobytes()).hexdigest() for image in images]
+        canonical = np.lexsort((np.asarray(digests), labels))
+        order = canonical[np.random.default_rng(EVAL["subset_seed"]).permutation(len(labels))]
         partial = cache.with_name(".partial-" + cache.name)
         with open(partial, "wb") as f:
-            np.savez(f, images=images[order].astype(np.uint8), labels=labels[order])
+            np.savez(f, images=images[order], labels=labels[order])
         os.replace(partial, cache)
     arrays = np.load(cache)
     return arrays["images"].astype(np.float32), arrays["labels"].astype(np.int32)

@@ -68,7 +68,11 @@ def build_dataset(
     paths, labels = np.asarray(paths), np.asarray(labels, np.int64)
     if is_training:  # Mix the classes inside each chunk (the listing is sorted by class).
         order = np.random.RandomState(0).permutation(len(paths))
-        paths, labels = paths[order], labels[order]
+    else:  # Classes in turn (the i-th image of every class, then the (i+1)-th), so that the
+        # first batches, e.g. --eval_examples, cover every class; each class keeps its file order.
+        rank = np.arange(len(labels)) - np.searchsorted(labels, labels)  # position in its class
+        order = np.lexsort((labels, rank))
+    paths, labels = paths[order], labels[order]
     num_pipelines, pipeline_id = pipeline.shard_info(input_context)
     starts = list(range(0, len(paths), chunk_size))
     shard_records = len(starts) < num_pipelines
