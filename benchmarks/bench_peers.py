@@ -64,25 +64,10 @@ def training(args):
 
 
 def _attack_candidates(model, classifier, x, y, eps):
-    from art.attacks.evasion import ProjectedGradientDescent
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
     step = 2.5 * eps / 10  # compare_art.py's budget: 10 steps of 2.5 * eps / 10.
-
-    @tf.function(reduce_retracing=True)
-    def ours_pgd(images, labels):
-        return attacks.pgd(model, images, labels, epsilon=eps, step_size=step, num_steps=10, seed=0)
-
-    art_pgd = ProjectedGradientDescent(
-        classifier,
-        norm=np.inf,
-        eps=eps,
-        eps_step=step,
-        max_iter=10,
-        num_random_init=1,
-        batch_size=len(y),
-        verbose=False,
-    )
+    ours_pgd, art_pgd = compare_art.pgd10_pair(model, classifier, epsilon=eps, batch=len(y))
     xt, yt = tf.constant(x), tf.constant(y)
     pgd = {
         "ours": lambda: ours_pgd(xt, yt).numpy(),

@@ -108,32 +108,44 @@ class Rows(list):
         super().append(row)
 
 
-def compare(args):
-    from art.attacks.evasion import ProjectedGradientDescent, SquareAttack
+def pgd10_pair(model, classifier, *, epsilon, batch):
+    """(ours, ART's) PGD-10 with the same budget: 10 steps of 2.5 * epsilon / 10, random start.
 
-    model = small_cnn(args.image_size)
-    x, y = make_data(args.num_examples, args.image_size, seed=1)
-    classifier = art_classifier(model, args.image_size)
-    eps, steps, batch = args.epsilon, 100, args.batch_size
-    pgd_step = 2.5 * eps / 10
-    rows = Rows([("clean", accuracy(model, x, y), None)])
+    Ours is a compiled `(images, labels) -> adversarial` function; ART's is its `ProjectedGradient
+    Descent` attack object (call `.generate(x, y)`).
+    """
+    from art.attacks.evasion import ProjectedGradientDescent
 
-    def ours_pgd(images, labels):
+    step = 2.5 * epsilon / 10
+
+    @tf.function(reduce_retracing=True)
+    def ours(images, labels):
         return attacks.pgd(
-            model, images, labels, epsilon=eps, step_size=pgd_step, num_steps=10, seed=0
+            model, images, labels, epsilon=epsilon, step_size=step, num_steps=10, seed=0
         )
 
-    ours_pgd_fn = tf.function(ours_pgd, reduce_retracing=True)
-    art_pgd = ProjectedGradientDescent(
+    art = ProjectedGradientDescent(
         classifier,
         norm=np.inf,
-        eps=eps,
-        eps_step=pgd_step,
+        eps=epsilon,
+        eps_step=step,
         max_iter=10,
         num_random_init=1,
         batch_size=batch,
         verbose=False,
     )
+    return ours, art
+
+
+def compare(args):
+    from art.attacks.evasion import SquareAttack
+
+    model = small_cnn(args.image_size)
+    x, y = make_data(args.num_examples, args.image_size, seed=1)
+    classifier = art_classifier(model, args.image_size)
+    eps, steps, batch = args.epsilon, 100, args.batch_size
+    rows = Rows([("clean", accuracy(model, x, y), None)])
+    ours_pgd_fn, art_pgd = pgd10_pair(model, classifier, epsilon=eps, batch=batch)
     ours = np.concatenate(
         [ours_pgd_fn(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
     )
@@ -174,7 +186,7 @@ def compare(args):
     rows.append(
         (f"Square-{args.square_queries}", accuracy(model, ours_sq, y), accuracy(model, art_sq, y))
     )
-    cleverhans = cleverhans_pgd(model, x, y, eps=eps, step=pgd_step)
+    cleverhans = cleverhans_pgd(model, x, y, eps=eps, step=2.5 * eps / 10)
 
     # Speed: one batch, the same model; ours and ART's in turn after an untimed warm-up.
     xb, yb = x[:batch], y[:batch]
