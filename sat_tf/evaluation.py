@@ -15,7 +15,10 @@ Attack specs are strings `name[-budget][xrestarts]` or `AttackSpec`s:
     "autoattack[-fast]"      the AutoAttack ensemble, "standard" (default) or "fast".
 Epsilons are L-inf radii in pixel units (0-255 images: 8 means 8/255). Besides the table, the
 evaluation runs "pgd-20" at `large_epsilon` and, when a `surrogate` model is given, a transfer
-PGD from it, for the checks in `sat_tf.masking`. `tools/eval.py` is the command-line front end.
+PGD from it, for the checks in `sat_tf.masking`. An attack runs only on the examples still
+standing (correct clean, and for restart r, having survived restarts 1..r-1): the accuracy is
+that of attacking every example, at a fraction of the cost when accuracy is low.
+`tools/eval.py` is the command-line front end.
 """
 
 import dataclasses
