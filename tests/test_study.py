@@ -2,6 +2,8 @@
 row configs and the report."""
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,7 +75,9 @@ def test_run_queue_starts_pending_runs_and_stops_on_failure(tmp_path):
         calls.append(command[command.index("--one") + 1])
         return 1 if len(calls) == 2 else 0  # the second child fails
 
-    started = study.run_queue(["relu", "silu", "gelu"], [0, 1], results=tmp_path, call=call)
+    started = study.run_queue(
+        ["relu", "silu", "gelu"], [0, 1], results=tmp_path, call=call, claims=tmp_path / "c"
+    )
     assert calls == ["silu:0", "gelu:0"]
     assert started == [("silu", 0), ("gelu", 0)]
 
@@ -83,8 +87,33 @@ def test_run_queue_starts_nothing_after_the_stop_time(tmp_path):
         raise AssertionError("started a run after the stop time")
 
     assert (
-        study.run_queue(["relu"], [0], results=tmp_path, stop_at=time.time() - 1, call=call) == []
+        study.run_queue(
+            ["relu"], [0], results=tmp_path, stop_at=time.time() - 1, call=call, claims=tmp_path
+        )
+        == []
     )
+
+
+def test_claims_keep_two_queues_apart_and_a_dead_runners_claim_is_taken(tmp_path):
+    claims = tmp_path / "claims"
+    mine = study.claim("relu", 0, claims)
+    assert mine.read_text() == str(os.getpid())
+    assert study.claim("relu", 0, claims) is None  # held by a live process (this one)
+
+    def call(command, cwd):  # while silu s0 runs, another queue finishes gelu s0
+        _write_result(tmp_path, "gelu", 0, 0.5, 0.3)
+        return 0
+
+    # relu s0 is claimed: the queue skips it, runs silu s0, and skips gelu s0, finished meanwhile.
+    rows = ["relu", "silu", "gelu"]
+    started = study.run_queue(rows, [0], results=tmp_path, call=call, claims=claims)
+    assert started == [("silu", 0)] and not (claims / "silu_s0.pid").exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine.write_text(str(dead.pid))  # its runner died: the claim is taken over
+    assert study.claim("relu", 0, claims) == mine and mine.read_text() == str(os.getpid())
+    assert sorted(p.name for p in claims.iterdir()) == ["relu_s0.pid"]  # no drafts left
 
 
 def test_every_row_has_a_flagfile_and_differs_from_relu_only_where_named():

@@ -283,21 +283,61 @@ def run_one(row, seed, results=RESULTS):
 SUMMARY = ("clean", "pgd20", "pgd50x2", "autoattack")
 
 
-def run_queue(rows, seeds, *, results=RESULTS, stop_at=None, call=subprocess.call):
-    """Runs each pending (row, seed) in a child process; stops before starting past `stop_at`.
+def claim(row, seed, claims):
+    """Claims a run for this process: the path of its claim file, or None if a live runner has it.
+
+    Several `--run` queues may share the machine and its results folder (a small model's
+    evaluation keeps about one core busy, so two queues use two cores). A claim is
+    `<claims>/<row>_s<seed>.pid`, created complete and atomically with a hard link; the claim of
+    a runner that died is taken over.
+    """
+    claims = Path(claims)
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / f"{row}_s{seed}.pid"
+    draft = claims / f".{row}_s{seed}.{os.getpid()}"
+    draft.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):  # a second try after removing a dead runner's claim
+            try:
+                os.link(draft, path)
+                return path
+            except FileExistsError:
+                try:
+                    os.kill(int(path.read_text()), 0)
+                    return None  # its runner is alive
+                except ProcessLookupError:
+                    path.unlink(missing_ok=True)
+                except (FileNotFoundError, ValueError, PermissionError):
+                    pass  # released meanwhile, or another user's process: try once more
+        return None
+    finally:
+        draft.unlink(missing_ok=True)
+
+
+def run_queue(rows, seeds, *, results=RESULTS, stop_at=None, call=subprocess.call, claims=None):
+    """Runs each pending, unclaimed (row, seed) in a child process; none after `stop_at`.
 
     Returns the (row, seed) pairs started. A failing child stops the queue (e.g. a broken edit of
     a shared module would otherwise fail every later run in a second).
     """
+    claims = Path(claims or CACHE / "claims")
     started = []
     for row, seed in pending(rows, seeds, results):
         if stop_at is not None and time.time() >= stop_at:
             print(f"Stop time reached; not starting {row} seed {seed}.", flush=True)
             break
-        print(f"=== {row} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
-        started.append((row, seed))
-        command = [sys.executable, __file__, "--one", f"{row}:{seed}", f"--results={results}"]
-        code = call(command, cwd=ROOT)
+        held = claim(row, seed, claims)
+        if held is None:
+            continue  # another queue runs it
+        try:
+            if is_current(result_path(row, seed, results)):
+                continue  # another queue finished it since `pending` was listed
+            print(f"=== {row} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
+            started.append((row, seed))
+            command = [sys.executable, __file__, "--one", f"{row}:{seed}", f"--results={results}"]
+            code = call(command, cwd=ROOT)
+        finally:
+            held.unlink(missing_ok=True)
         if code:
             print(f"{row} seed {seed} failed (exit {code}); stopping the queue.", flush=True)
             break
