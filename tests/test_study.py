@@ -144,7 +144,9 @@ def test_report_table_mean_std_missing_runs_and_kept_prose(tmp_path):
         f"# Study\n\nprose before\n{study_report.BEGIN}\nold\n{study_report.END}\nafter\n"
     )
     table = study_report.load_results(results, version=study.EVAL["version"])
-    study_report.write_report(table, docs, rows=("relu", "silu"), seeds=(0, 1, 2))
+    study_report.write_report(
+        table, docs, rows=("relu", "silu"), seeds=(0, 1, 2), protocol=study.EVAL
+    )
     text = (docs / "study.md").read_text()
     assert text.startswith("# Study\n\nprose before\n") and text.endswith("after\n")
     assert "old" not in text
@@ -178,11 +180,11 @@ def test_run_one_reuses_a_finished_model_and_writes_the_record(tmp_path, monkeyp
     )
     seen = {}
     monkeypatch.setattr(study, "ensure_data", lambda config: None)
-    monkeypatch.setattr(study, "eval_arrays", lambda config: (np.zeros((2, 4, 4, 3)), [0, 1]))
+    monkeypatch.setattr(study, "eval_arrays", lambda config, arm: (np.zeros((2, 4, 4, 3)), [0, 1]))
     monkeypatch.setattr(
         study, "evaluate_model",
-        lambda model, x, y: seen.setdefault("m", dict(clean=0.5, pgd20=0.2, pgd50x2=0.1,
-                                                      autoattack=0.1, n=len(y))),
+        lambda model, x, y, protocol: seen.setdefault("m", dict(clean=0.5, pgd20=0.2, pgd50x2=0.1,
+                                                                autoattack=0.1, n=len(y))),
     )  # fmt: skip
     from sat_tf import training
 
@@ -192,6 +194,35 @@ def test_run_one_reuses_a_finished_model_and_writes_the_record(tmp_path, monkeyp
     assert record["metrics"]["n"] == 2 and record["train_results"] == {"loss": 1.5}
     assert record["config"]["activation"] == "silu" and record["config"]["seed"] == 1
     assert record["wall_time_s"]["train"] == 9 and record["machine"]["cpu_count"] >= 1
+    assert record["arm"] == "cifar10" and record["eval_protocol"]["epsilon"] == 4.0
+
+
+def test_digits_arm_keeps_the_rows_and_changes_the_data_and_scale():
+    digits = study.ARMS["digits"]
+    for row in study.ROWS:
+        cifar = vars(study.load_config(row, 1, cache="/c"))
+        small = vars(study.load_config(row, 1, cache="/c", arm=digits))
+        for name in ("activation", "smooth_gradients", "num_steps", "random_start", "seed"):
+            assert small[name] == cifar[name], (row, name)
+        assert small["model_dir"] == f"/c/runs/digits/{row}_s1"
+    assert (small["dataset"], small["image_size"], small["epsilon"]) == ("demo", 16, 16.0)
+    assert small["augmentation"] == "none" and small["label_smoothing"] == 0.0
+    assert study.result_path("relu", 2, "/r", digits) == Path("/r/digits/relu_s2.json")
+
+
+def test_the_report_writes_one_section_per_arm(tmp_path):
+    docs = tmp_path / "docs"
+    for arm in study.ARMS.values():
+        results = tmp_path / "results" / arm.name
+        _write_result(results, "relu", 0, 0.5, 0.3)
+        table = study_report.load_results(results, version=study.EVAL["version"])
+        study_report.write_report(table, docs, rows=["relu"], seeds=[0], protocol=arm.protocol,
+                                  arm=arm.name, data=arm.data)  # fmt: skip
+    text = (docs / "study.md").read_text()
+    assert text.count("| relu | relu | 1 (s0) | 50.0 | 30.0 |") == 2
+    assert "| clean (10k) |" in text and "| clean (360) | PGD-20 (360) |" in text
+    assert text.index(study_report.BEGIN) < text.index(study_report.markers("digits")[0])
+    assert (docs / "study_digits_epsilon.png").exists() and (docs / "study_epsilon.png").exists()
 
 
 @pytest.mark.parametrize("values, mean, std", [([0.5], 50.0, None), ([0.1, 0.3], 20.0, 14.142)])

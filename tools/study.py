@@ -2,13 +2,17 @@
 
     python tools/study.py --run                 # the queue, seed-major; resumes; ~8 min a run
     python tools/study.py --run --seeds=0 --rows=relu,silu
-    python tools/study.py --report              # docs/study.md + docs/study_*.png from results/
+    python tools/study.py --run --arm=digits    # the same rows on the built-in digits
+    python tools/study.py --report [--arm=digits]   # docs/study.md + docs/study_*.png
 
 Rows are the flagfiles `configs/study/<row>.cfg` (each also runs alone with tools/train.py). A run
-is finished when `results/study/<row>_s<seed>.json` exists, and is skipped; a killed run resumes
-from the checkpoints of `training.run` in `<cache>/runs/<row>_s<seed>` (outside the repository).
-Each run trains in a child process (a fresh TensorFlow per run), then evaluates the final model
-with the fixed protocol `EVAL` below, the same for every row; the protocol is recorded in the JSON.
+is finished when `results/study/<row>_s<seed>.json` exists with the current protocol, and is
+skipped; a killed run resumes from the checkpoints of `training.run` in
+`<cache>/runs/<row>_s<seed>` (outside the repository). Each run trains in a child process (a fresh
+TensorFlow per run), then evaluates the final model with the fixed protocol `EVAL` below, the same
+for every row; the protocol is recorded in the JSON. The digits arm (`ARMS`) adds
+configs/study/_digits.cfg after each row's flagfile and writes under `digits/` subfolders.
+Several `--run` queues may run at once; they split the runs between them (`claim`).
 """
 
 import argparse
@@ -63,6 +67,42 @@ EVAL = dict(
     autoattack_version="fast",  # "standard" costs ~1M gradients per run: see docs/study.md
     batch_size=128,
 )
+# The digits arm: all 360 test digits for everything, at `make demo`'s epsilon of 16/255.
+EVAL_DIGITS = dict(
+    EVAL,
+    version=1,
+    epsilon=16.0,
+    step_size=4.0,  # epsilon / 4, as in the CIFAR-10 arm and configs/demo.cfg
+    full_examples=360,
+    subset_examples=360,
+    curve_epsilons=(8.0, 16.0, 32.0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One dataset of the study: the same rows, another recipe scale and evaluation.
+
+    Attributes:
+        name: "cifar10" or "digits" (`--arm`).
+        data: The dataset's name in the report.
+        flagfile: Given after each row's flagfile (its data and recipe), or "" for none.
+        folder: Subfolder of results/study/, of `<cache>/runs/` and of the claims ("" for none).
+        protocol: The evaluation protocol (`EVAL`).
+    """
+
+    name: str
+    data: str
+    flagfile: str
+    folder: str
+    protocol: dict
+
+
+ARMS = {
+    "cifar10": Arm("cifar10", "CIFAR-10", "", "", EVAL),
+    "digits": Arm("digits", "digits", "configs/study/_digits.cfg", "digits", EVAL_DIGITS),
+}
+CIFAR10 = ARMS["cifar10"]
 
 
 def row_names():
@@ -75,23 +115,28 @@ def queue(rows, seeds):
     return [(row, seed) for seed in seeds for row in rows]
 
 
-def result_path(row, seed, results=RESULTS):
-    return Path(results) / f"{row}_s{seed}.json"
+def result_path(row, seed, results=RESULTS, arm=CIFAR10):
+    return Path(results) / arm.folder / f"{row}_s{seed}.json"
 
 
-def is_current(path):
-    """Whether `path` is a result of the current `EVAL` protocol (protocol 1 had no version)."""
+def is_current(path, arm=CIFAR10):
+    """Whether `path` is a result of the arm's current protocol (protocol 1 had no version)."""
     if not Path(path).exists():
         return False
-    return json.loads(Path(path).read_text())["eval_protocol"].get("version", 1) == EVAL["version"]
+    version = json.loads(Path(path).read_text())["eval_protocol"].get("version", 1)
+    return version == arm.protocol["version"]
 
 
-def pending(rows, seeds, results=RESULTS):
+def pending(rows, seeds, results=RESULTS, arm=CIFAR10):
     """The queue minus the runs whose result file exists with the current protocol."""
-    return [(r, s) for r, s in queue(rows, seeds) if not is_current(result_path(r, s, results))]
+    return [
+        (r, s)
+        for r, s in queue(rows, seeds)
+        if not is_current(result_path(r, s, results, arm), arm)
+    ]
 
 
-def load_config(row, seed, *, cache=None):
+def load_config(row, seed, *, cache=None, arm=CIFAR10):
     """The row's flagfile as a `TrainConfig`, parsed by absl exactly as tools/train.py does."""
     from absl import flags
 
@@ -110,11 +155,12 @@ def load_config(row, seed, *, cache=None):
         }.get(type(default), flags.DEFINE_string)
         default = list(default) if isinstance(default, tuple) else default
         define(name, default, train.HELP[name], flag_values=flag_values)
-    model_dir = Path(cache or CACHE) / "runs" / f"{row}_s{seed}"
+    model_dir = Path(cache or CACHE) / "runs" / arm.folder / f"{row}_s{seed}"
+    arm_flags = [f"--flagfile={arm.flagfile}"] if arm.flagfile else []
     cwd = os.getcwd()
     os.chdir(ROOT)  # nested flagfiles are written relative to the repository root
     try:
-        flag_values(["study", f"--flagfile=configs/study/{row}.cfg", f"--seed={seed}"])
+        flag_values(["study", f"--flagfile=configs/study/{row}.cfg", *arm_flags, f"--seed={seed}"])
     finally:
         os.chdir(cwd)
     flag_values["model_dir"].value = str(model_dir)
@@ -134,7 +180,7 @@ def ensure_data(config):
     return folder
 
 
-def eval_arrays(config):
+def eval_arrays(config, arm=CIFAR10):
     """(images, labels) of the whole test split in the protocol's order; cached as .npz.
 
     The order does not depend on how the loader reads the folder: the images are sorted by
@@ -145,7 +191,8 @@ def eval_arrays(config):
 
     import numpy as np
 
-    cache = Path(config.model_dir).parents[1] / f"cifar10-test-p{EVAL['version']}.npz"
+    protocol = arm.protocol
+    cache = CACHE / f"{arm.name}-test-p{protocol['version']}.npz"
     if not cache.exists():
         from sat_tf import data, evaluation
 
@@ -157,7 +204,7 @@ def eval_arrays(config):
         images = images.astype(np.uint8)
         digests = [hashlib.sha1(image.tobytes()).hexdigest() for image in images]
         canonical = np.lexsort((np.asarray(digests), labels))
-        order = canonical[np.random.default_rng(EVAL["subset_seed"]).permutation(len(labels))]
+        order = canonical[np.random.default_rng(protocol["subset_seed"]).permutation(len(labels))]
         partial = cache.with_name(".partial-" + cache.name)
         with open(partial, "wb") as f:
             np.savez(f, images=images[order], labels=labels[order])
@@ -187,35 +234,37 @@ def _git_head():
         return "unknown"
 
 
-def evaluate_model(model, images, labels):
-    """The `EVAL` protocol on one model; every attack uses the model's exact (ReLU) gradient."""
+def evaluate_model(model, images, labels, protocol=EVAL):
+    """An `EVAL`-shaped protocol on one model; every attack uses the model's exact gradient."""
     from sat_tf import activations, autoattack, evaluation, masking
 
-    eps, step, n = EVAL["epsilon"], EVAL["step_size"], EVAL["subset_examples"]
-    kw = dict(batch_size=EVAL["batch_size"], checks=False, large_epsilon=None, verbose=True)
+    eps, step, n = protocol["epsilon"], protocol["step_size"], protocol["subset_examples"]
+    kw = dict(batch_size=protocol["batch_size"], checks=False, large_epsilon=None, verbose=True)
     # SmoothGradReLU defaults to its smooth backward; the evaluation attacks the ReLU network.
     with activations.smooth_gradients(False):
         full = evaluation.evaluate(
             model, (images, labels), attacks=["clean", "pgd-20", "pgd-50x2"], epsilons=[eps],
-            pgd_step_size=step, num_examples=EVAL["full_examples"], **kw,
+            pgd_step_size=step, num_examples=protocol["full_examples"], **kw,
         )  # fmt: skip
         sub = images[:n], labels[:n]
         rows = []
-        for e in EVAL["curve_epsilons"]:
+        for e in protocol["curve_epsilons"]:
             part = evaluation.evaluate(model, sub, attacks=["clean", "pgd-20"], epsilons=[e],
                                        pgd_step_size=e / 4, **kw)  # fmt: skip
             rows += [r for r in part.rows if r["kind"] != "clean" or not rows]
         large = evaluation.evaluate(
-            model, sub, attacks=["pgd-20"], epsilons=[EVAL["large_epsilon"]], **kw
+            model, sub, attacks=["pgd-20"], epsilons=[protocol["large_epsilon"]], **kw
         )
         rows += [r for r in large.rows if r["kind"] != "clean"]
-        checks = masking.run_checks(model, sub[0], rows, large_epsilon=EVAL["large_epsilon"],
+        checks = masking.run_checks(model, sub[0], rows, large_epsilon=protocol["large_epsilon"],
                                     tolerance=max(0.01, 1 / n), verbose=False)  # fmt: skip
-        more = masking.check_more_iterations(full.rows, tolerance=0.01)  # on the 10,000
+        more = masking.check_more_iterations(full.rows, tolerance=0.01)  # on all images
         checks = [more if c.name == more.name else c for c in checks]
         print("\n".join(c.line() for c in checks))
         start = time.perf_counter()
-        aa = autoattack.auto_attack(model, *sub, epsilon=eps, version=EVAL["autoattack_version"])
+        aa = autoattack.auto_attack(
+            model, *sub, epsilon=eps, version=protocol["autoattack_version"]
+        )
         aa_seconds = time.perf_counter() - start
 
     def at(attack, epsilon, table):
@@ -232,36 +281,38 @@ def evaluate_model(model, images, labels):
         autoattack=aa.robust_accuracy,
         autoattack_stages=aa.stages,
         autoattack_seconds=round(aa_seconds, 1),
-        curve={str(e): at("pgd-20", e, rows) for e in EVAL["curve_epsilons"]},
+        curve={str(e): at("pgd-20", e, rows) for e in protocol["curve_epsilons"]},
         rows=full.rows + rows,
         checks=[dict(name=c.name, status=c.status, message=c.message) for c in checks],
     )
 
 
-def run_one(row, seed, results=RESULTS):
+def run_one(row, seed, results=RESULTS, arm=CIFAR10):
     """Trains (or resumes, or reuses) one run, evaluates it and writes its result file."""
     import keras
 
     from sat_tf import training
 
-    config = load_config(row, seed)
+    config = load_config(row, seed, arm=arm)
     ensure_data(config)
     started = time.time()
     final = Path(config.model_dir) / training.FINAL_MODEL
     if not final.exists():
-        summary = training.run(config, command=f"python tools/study.py --run  # {row} seed {seed}")
+        command = f"python tools/study.py --run --arm={arm.name}  # {row} seed {seed}"
+        summary = training.run(config, command=command)
         if summary.get("stopped"):
             sys.exit(f"{row} seed {seed}: stopped at step {summary['step']}; re-run to resume.")
     train_summary = json.loads((Path(config.model_dir) / "results.json").read_text())
     model = keras.saving.load_model(final)
-    images, labels = eval_arrays(config)
+    images, labels = eval_arrays(config, arm)
     eval_start = time.time()
-    metrics = evaluate_model(model, images, labels)
+    metrics = evaluate_model(model, images, labels, arm.protocol)
     record = dict(
         row=row,
         seed=seed,
         config=dataclasses.asdict(config),
-        eval_protocol=EVAL,
+        arm=arm.name,
+        eval_protocol=arm.protocol,
         metrics=metrics,
         train_results=train_summary["results"],
         wall_time_s=dict(
@@ -272,7 +323,7 @@ def run_one(row, seed, results=RESULTS):
         machine=machine(),
         finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    path = result_path(row, seed, results)
+    path = result_path(row, seed, results, arm)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(".partial-" + path.name)
     partial.write_text(json.dumps(record, indent=2, default=float) + "\n")
@@ -314,15 +365,17 @@ def claim(row, seed, claims):
         draft.unlink(missing_ok=True)
 
 
-def run_queue(rows, seeds, *, results=RESULTS, stop_at=None, call=subprocess.call, claims=None):
+def run_queue(
+    rows, seeds, *, results=RESULTS, stop_at=None, call=subprocess.call, claims=None, arm=CIFAR10
+):
     """Runs each pending, unclaimed (row, seed) in a child process; none after `stop_at`.
 
     Returns the (row, seed) pairs started. A failing child stops the queue (e.g. a broken edit of
     a shared module would otherwise fail every later run in a second).
     """
-    claims = Path(claims or CACHE / "claims")
+    claims = Path(claims or CACHE / "claims") / arm.folder
     started = []
-    for row, seed in pending(rows, seeds, results):
+    for row, seed in pending(rows, seeds, results, arm):
         if stop_at is not None and time.time() >= stop_at:
             print(f"Stop time reached; not starting {row} seed {seed}.", flush=True)
             break
@@ -330,11 +383,12 @@ def run_queue(rows, seeds, *, results=RESULTS, stop_at=None, call=subprocess.cal
         if held is None:
             continue  # another queue runs it
         try:
-            if is_current(result_path(row, seed, results)):
+            if is_current(result_path(row, seed, results, arm), arm):
                 continue  # another queue finished it since `pending` was listed
             print(f"=== {row} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
             started.append((row, seed))
-            command = [sys.executable, __file__, "--one", f"{row}:{seed}", f"--results={results}"]
+            command = [sys.executable, __file__, "--one", f"{row}:{seed}", f"--arm={arm.name}",
+                       f"--results={results}"]  # fmt: skip
             code = call(command, cwd=ROOT)
         finally:
             held.unlink(missing_ok=True)
@@ -351,6 +405,7 @@ def main(argv=None):
     parser.add_argument("--rows", default=",".join(ROWS), help="comma list of rows")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list")
     parser.add_argument("--stop_at", default="", help="UTC HH:MM: start no run after it")
+    parser.add_argument("--arm", default="cifar10", choices=sorted(ARMS), help="the dataset")
     parser.add_argument("--results", default=str(RESULTS), help="folder of the result files")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # row:seed, child process
     args = parser.parse_args(argv)
@@ -359,15 +414,18 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    arm = ARMS[args.arm]
     if args.one:
         row, seed = args.one.split(":")
-        run_one(row, int(seed), args.results)
+        run_one(row, int(seed), args.results, arm)
     elif args.run:
         stop_at = _utc_today(args.stop_at) if args.stop_at else None
-        run_queue(rows, seeds, results=args.results, stop_at=stop_at)
+        run_queue(rows, seeds, results=args.results, stop_at=stop_at, arm=arm)
     if args.report:
-        table = study_report.load_results(args.results, version=EVAL["version"])
-        study_report.write_report(table, ROOT / "docs", rows=rows, seeds=seeds)
+        folder = Path(args.results) / arm.folder
+        table = study_report.load_results(folder, version=arm.protocol["version"])
+        study_report.write_report(table, ROOT / "docs", rows=rows, seeds=seeds,
+                                  protocol=arm.protocol, arm=arm.name, data=arm.data)  # fmt: skip
     if not (args.one or args.run or args.report):
         parser.print_help()
 

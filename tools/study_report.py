@@ -7,13 +7,29 @@ of docs/study.md outside the generated markers is kept.
 import json
 from pathlib import Path
 
-COLUMNS = (  # (metric key, header); accuracies in percent
-    ("clean", "clean (10k)"),
-    ("pgd20", "PGD-20 (10k)"),
-    ("pgd50x2", "PGD-50x2 (10k)"),
-    ("autoattack", "AutoAttack-fast (1k)"),
-)
-BEGIN, END = "<!-- study:generated -->", "<!-- /study:generated -->"
+BEGIN, END = "<!-- study:generated -->", "<!-- /study:generated -->"  # the CIFAR-10 arm's section
+
+
+def markers(arm):
+    """The (begin, end) comments around an arm's generated section of docs/study.md."""
+    if arm == "cifar10":
+        return BEGIN, END
+    return f"<!-- study:{arm}:generated -->", f"<!-- /study:{arm}:generated -->"
+
+
+def _count(n):
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def columns(protocol):
+    """(metric key, header) of the table; the headers say on how many test images."""
+    full, subset = _count(protocol["full_examples"]), _count(protocol["subset_examples"])
+    return (
+        ("clean", f"clean ({full})"),
+        ("pgd20", f"PGD-20 ({full})"),
+        ("pgd50x2", f"PGD-50x2 ({full})"),
+        ("autoattack", f"AutoAttack-{protocol['autoattack_version']} ({subset})"),
+    )
 
 
 def load_results(results, *, version):
@@ -43,13 +59,14 @@ def _cell(values, signed=False):
     return text if std != std else f"{text} +- {std:.1f}"
 
 
-def table_markdown(table, rows):
-    """One line per row with results: n, mean +- std of each `COLUMNS` metric, warnings, time."""
-    head = ["row", "activation", "n"] + [h for _, h in COLUMNS] + ["masking warns", "min/run"]
+def table_markdown(table, rows, protocol):
+    """One line per row with results: n, mean +- std of each `columns` metric, warnings, time."""
+    metrics = columns(protocol)
+    head = ["row", "activation", "n"] + [h for _, h in metrics] + ["masking warns", "min/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in [r for r in rows if r in table]:
         runs = table[row]
-        cells = [_cell([r["metrics"][key] for r in runs]) for key, _ in COLUMNS]
+        cells = [_cell([r["metrics"][key] for r in runs]) for key, _ in metrics]
         warns = sum(c["status"] == "warn" for r in runs for c in r["metrics"]["checks"])
         minutes = sum(r["wall_time_s"]["train"] + r["wall_time_s"]["eval"] for r in runs)
         act = runs[0]["config"]["activation"]
@@ -88,8 +105,8 @@ def missing_markdown(table, rows, seeds):
     return f"Not yet run ({len(missing)}): " + ", ".join(missing) + "."
 
 
-def plot_curves(table, path, rows):
-    """Robust accuracy (PGD-20, 1k subset) vs epsilon, mean over seeds, one line per row."""
+def plot_curves(table, path, rows, title):
+    """Robust accuracy (PGD-20 on the subset) vs epsilon, mean over seeds, one line per row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +126,7 @@ def plot_curves(table, path, rows):
         ax.errorbar(epsilons, means, yerr=errors, label=row, marker="o", ls=style, capsize=2,
                     color=color)  # fmt: skip
     ax.set(xlabel="epsilon (pixels of 255)", ylabel="accuracy under PGD-20 (%)")
-    ax.set_title("CIFAR-10, small_cnn, 1,000 test images (eps 0 = clean)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -117,8 +134,8 @@ def plot_curves(table, path, rows):
     plt.close(fig)
 
 
-def plot_scatter(table, path, rows):
-    """Clean vs PGD-20 accuracy (10k), mean +- std over seeds, one point per row."""
+def plot_scatter(table, path, rows, *, title, epsilon):
+    """Clean vs PGD-20 accuracy (all test images), mean +- std over seeds, one point per row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,37 +153,44 @@ def plot_scatter(table, path, rows):
         low, high = get()  # at least 4 points wide: no zooming 0.2-point gaps into a trend
         middle, half = (low + high) / 2, max((high - low) / 2, 2.0)
         put(middle - half, middle + half)
-    ax.set(xlabel="clean accuracy (%)", ylabel="PGD-20 accuracy at eps 4 (%)")
-    ax.set_title("Adversarial rows, 10,000 test images (binomial s.e. ~0.45 points)")
+    ax.set(xlabel="clean accuracy (%)", ylabel=f"PGD-20 accuracy at eps {epsilon:g} (%)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(table, docs, *, rows, seeds):
-    """Rewrites the generated section of docs/study.md and the plots; the prose is kept."""
+def write_report(table, docs, *, rows, seeds, protocol, arm="cifar10", data="CIFAR-10"):
+    """Rewrites the arm's generated section of docs/study.md and its plots; the prose is kept."""
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
-    plot_curves(table, docs / "study_epsilon.png", rows)
-    plot_scatter(table, docs / "study_scatter.png", rows)
+    begin, end = markers(arm)
+    stem = "study" if arm == "cifar10" else f"study_{arm}"
+    full, subset = protocol["full_examples"], protocol["subset_examples"]
+    plot_curves(table, docs / f"{stem}_epsilon.png", rows,
+                f"{data}, small_cnn, {subset:,} test images (eps 0 = clean)")  # fmt: skip
+    plot_scatter(table, docs / f"{stem}_scatter.png", rows, epsilon=protocol["epsilon"],
+                 title=f"{data}, adversarial rows, {full:,} test images")  # fmt: skip
     checks = sorted({c["name"] for runs in table.values() for r in runs
                      for c in r["metrics"]["checks"] if c["status"] == "warn"})  # fmt: skip
+    folder = "results/study/" + ("" if arm == "cifar10" else f"{arm}/")
     generated = "\n\n".join([
-        BEGIN,
+        begin,
         f"Generated by `python tools/study.py --report` from {sum(map(len, table.values()))} "
-        "result files in `results/study/`. Accuracies in %, mean +- sample std over seeds.",
-        table_markdown(table, rows),
+        f"result files in `{folder}`. Accuracies in %, mean +- sample std over seeds.",
+        table_markdown(table, rows, protocol),
         "Paired with ReLU at the same seed (percentage points, mean +- std over the pairs):",
         paired_markdown(table, rows),
         missing_markdown(table, rows, seeds),
         "Masking checks that warned in some run: " + (", ".join(checks) or "none") + ".",
-        "![robust accuracy vs epsilon](study_epsilon.png) ![clean vs robust](study_scatter.png)",
-        END,
+        f"![robust accuracy vs epsilon]({stem}_epsilon.png) "
+        f"![clean vs robust]({stem}_scatter.png)",
+        end,
     ])  # fmt: skip
     path = docs / "study.md"
-    text = path.read_text() if path.exists() else f"# CPU-scale SAT study\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + generated + rest.split(END, 1)[1])
+    text = path.read_text() if path.exists() else "# CPU-scale SAT study\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    path.write_text(head + generated + rest.split(end, 1)[1])
