@@ -233,3 +233,32 @@ def test_mean_std_in_percent(values, mean, std):
         assert got_std != got_std  # nan
     else:
         assert got_std == pytest.approx(std, abs=1e-3)
+
+
+def test_eval_arrays_order_depends_on_the_images_not_the_file_names(tmp_path, monkeypatch):
+    """The subset is the first images of the protocol's order: renaming files must not move it."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    arm = dataclasses.replace(study.CIFAR10, name="tiny")
+    orders = []
+    for name, reverse in (("a", False), ("b", True)):
+        for label in ("cat", "dog"):
+            for i, value in enumerate(sorted(range(10, 60, 10), reverse=reverse)):
+                path = tmp_path / name / "test" / label / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image = np.full((8, 8, 3), value + (label == "dog"), np.uint8)
+                Image.fromarray(image).save(path)
+        monkeypatch.setattr(study, "CACHE", tmp_path / f"cache_{name}")
+        study.CACHE.mkdir()
+        config = dataclasses.replace(
+            study.load_config("relu", 0, cache=tmp_path),
+            dataset=f"folder:{tmp_path / name}", image_size=8, num_classes=2,
+        )  # fmt: skip
+        orders.append(study.eval_arrays(config, arm))
+    (xa, ya), (xb, yb) = orders
+    assert sorted(ya.tolist()) == [0] * 5 + [1] * 5 and ya.tolist() != sorted(ya.tolist())
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
