@@ -64,27 +64,12 @@ def training(args):
 
 
 def _attack_candidates(model, classifier, x, y, eps):
-    from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
-
-    step = 2.5 * eps / 10  # compare_art.py's budget: 10 steps of 2.5 * eps / 10.
     ours_pgd, art_pgd = compare_art.pgd10_pair(model, classifier, epsilon=eps, batch=len(y))
     xt, yt = tf.constant(x), tf.constant(y)
     pgd = {
         "ours": lambda: ours_pgd(xt, yt).numpy(),
         "ART": lambda: art_pgd.generate(x, y),
-        "CleverHans": lambda: projected_gradient_descent(
-            lambda z: model(z, training=False),
-            xt,
-            eps,
-            step,
-            10,
-            np.inf,
-            clip_min=0.0,
-            clip_max=255.0,
-            y=yt,
-            rand_init=True,
-            sanity_checks=False,
-        ).numpy(),
+        "CleverHans": lambda: compare_art.cleverhans_pgd10(model, xt, yt, eps=eps),
     }
     apgd = {
         "ours": lambda: autoattack.apgd(model, x, y, epsilon=eps),
