@@ -9,7 +9,6 @@ to JSON. `--worker` is the subprocess entry; `run_all.py` calls `multi_worker_sc
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,19 +21,9 @@ import numpy as np
 from sat_tf import distribute
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _launch(args, workers, out_dir):
     """Runs one process (workers=1, default strategy) or a 2-worker cluster; returns results."""
-    hosts = [f"localhost:{p}" for p in free_ports(workers)]
+    hosts = distribute.local_hosts(workers)
     processes = []
     for index in range(workers):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")

@@ -18,10 +18,24 @@ Typical use::
     train(model, dataset_fn, strategy=strategy, epochs=90, steps_per_epoch=5000)
 """
 
+import socket
+
 import keras
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+def local_hosts(count):
+    """`count` "localhost:<port>" addresses on free ports: a one-machine multi-worker cluster
+    (TF_CONFIG's cluster.worker), as the tests and benchmarks launch."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return [f"localhost:{port}" for port in ports]
 
 
 def get_strategy(name, tpu=None):

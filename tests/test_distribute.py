@@ -7,7 +7,6 @@ one global batch gives the same step whether it is split over replicas/workers o
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -179,16 +178,6 @@ with open(out + ".json", "w") as f:
 """
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_multi_worker_custom_loop_matches_default(case, reference, tmp_path):
     images, labels, weights = case
@@ -196,7 +185,7 @@ def test_multi_worker_custom_loop_matches_default(case, reference, tmp_path):
     np.savez(tmp_path / "data.npz", images=images, labels=labels, n=len(weights), **arrays)
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(setup=SETUP, batch=GLOBAL_BATCH, steps=STEPS))
-    workers = [f"localhost:{port}" for port in free_ports(2)]
+    workers = distribute.local_hosts(2)
     processes = []
     for index in range(2):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
