@@ -262,3 +262,91 @@ def test_eval_arrays_order_depends_on_the_images_not_the_file_names(tmp_path, mo
     assert sorted(ya.tolist()) == [0] * 5 + [1] * 5 and ya.tolist() != sorted(ya.tolist())
     np.testing.assert_array_equal(xa, xb)
     np.testing.assert_array_equal(ya, yb)
+
+
+def test_standard_autoattack_pass_queues_finished_runs_without_its_file(tmp_path):
+    _write_result(tmp_path, "relu", 0, 0.5, 0.3)
+    _write_result(tmp_path, "silu", 0, 0.5, 0.3)
+    done = study.result_path("silu", 0, tmp_path, standard_aa=True)
+    done.parent.mkdir()
+    done.write_text(json.dumps(dict(eval_protocol=study.EVAL)))
+    # relu s1 has no result: it is trained by --run first, not attacked by this pass.
+    assert study.pending(["relu", "silu"], [0, 1], tmp_path, standard_aa=True) == [("relu", 0)]
+    calls = []
+
+    def call(command, cwd):
+        calls.append(command)
+        return 0
+
+    study.run_queue(["relu", "silu"], [0, 1], results=tmp_path, call=call,
+                    claims=tmp_path / "c", standard_aa=True)  # fmt: skip
+    assert len(calls) == 1 and calls[0][-1] == "--autoattack_standard" and "relu:0" in calls[0]
+
+
+def test_standard_autoattack_runs_on_the_subset_with_the_true_gradient(tmp_path, monkeypatch):
+    import keras
+    import numpy as np
+
+    from sat_tf import activations, autoattack
+
+    monkeypatch.setattr(study, "CACHE", tmp_path / "cache")
+    results = tmp_path / "results"
+    _write_result(results, "smoothgrad_both", 1, 0.5, 0.3)
+    model_dir = tmp_path / "cache" / "runs" / "smoothgrad_both_s1"
+    model_dir.mkdir(parents=True)
+    inputs = keras.Input((4, 4, 3))
+    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(
+        model_dir / "model.keras"
+    )
+    n = study.EVAL["subset_examples"]
+    labels = np.arange(n + 5) % 10
+    monkeypatch.setattr(study, "ensure_data", lambda config: None)
+    monkeypatch.setattr(
+        study, "eval_arrays", lambda config, arm: (np.zeros((n + 5, 4, 4, 3)), labels)
+    )
+    seen = {}
+
+    def spy(model, images, labels, *, epsilon, version):
+        seen.update(n=len(labels), epsilon=epsilon, version=version,
+                    smooth=activations.smooth_gradients_enabled())  # fmt: skip
+        stages = {"clean": 0.5, "apgd-ce": 0.3, "apgd-t": 0.25, "square": 0.25}
+        return autoattack.AutoAttackResult(0.5, 0.25, stages, images, labels < 3)
+
+    monkeypatch.setattr(autoattack, "auto_attack", spy)
+    study.run_standard_autoattack("smoothgrad_both", 1, results)
+    assert seen == dict(n=n, epsilon=4.0, version="standard", smooth=False)
+    record = json.loads(
+        study.result_path("smoothgrad_both", 1, results, standard_aa=True).read_text()
+    )
+    assert record["autoattack"] == 0.25 and record["autoattack_fast"] == pytest.approx(0.28)
+    assert record["budget"]["apgd_steps"] == 100 and record["num_examples"] == n
+
+
+def test_standard_autoattack_without_the_saved_model_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "CACHE", tmp_path / "cache")
+    with pytest.raises(SystemExit, match="no saved model.*--rows=relu --seeds=2"):
+        study.run_standard_autoattack("relu", 2, tmp_path)
+
+
+def test_report_shows_standard_autoattack_next_to_fast_and_paired(tmp_path):
+    results = tmp_path / "results"
+    cases = [("relu", 0, 0.22, 0.20), ("relu", 1, 0.24, 0.21), ("silu", 0, 0.25, 0.22),
+             ("silu", 1, 0.23, 0.22)]  # fmt: skip
+    for row, seed, fast, standard in cases:
+        _write_result(results, row, seed, 0.5, 0.3)
+        path = study.result_path(row, seed, results, standard_aa=True)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(dict(row=row, seed=seed, eval_protocol=study.EVAL,
+                                        num_examples=1000, autoattack=standard,
+                                        autoattack_fast=fast, seconds=600)))  # fmt: skip
+    version = study.EVAL["version"]
+    standard = study_report.load_standard_aa(results, version=version)
+    study_report.write_report(
+        study_report.load_results(results, version=version), tmp_path / "docs",
+        rows=("relu", "silu"), seeds=(0, 1), protocol=study.EVAL, standard=standard,
+    )  # fmt: skip
+    text = (tmp_path / "docs" / "study.md").read_text()
+    # Hand-computed: relu fast 22/24 -> 23.0 +- 1.4, standard 20/21 -> 20.5 +- 0.7, diff -2/-3;
+    # silu standard - relu standard at seeds 0, 1: +2, +1 -> +1.5 +- 0.7.
+    assert "| relu | 0,1 | 23.0 +- 1.4 | 20.5 +- 0.7 | -2.5 +- 0.7 |  | 10.0 |" in text
+    assert "| silu | 0,1 | 24.0 +- 1.4 | 22.0 +- 0.0 | -2.0 +- 1.4 | +1.5 +- 0.7 | 10.0 |" in text

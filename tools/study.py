@@ -4,6 +4,7 @@
     python tools/study.py --run --seeds=0 --rows=relu,silu
     python tools/study.py --run --arm=digits    # the same rows on the built-in digits
     python tools/study.py --report [--arm=digits]   # docs/study.md + docs/study_*.png
+    python tools/study.py --run --autoattack_standard --rows=relu,silu   # the AutoAttack check
 
 Rows are the flagfiles `configs/study/<row>.cfg` (each also runs alone with tools/train.py). A run
 is finished when `results/study/<row>_s<seed>.json` exists with the current protocol, and is
@@ -13,6 +14,10 @@ TensorFlow per run), then evaluates the final model with the fixed protocol `EVA
 for every row; the protocol is recorded in the JSON. The digits arm (`ARMS`) adds
 configs/study/_digits.cfg after each row's flagfile and writes under `digits/` subfolders.
 Several `--run` queues may run at once; they split the runs between them (`claim`).
+
+`--autoattack_standard` queues another pass over finished runs: standard AutoAttack on the same
+subset, from the saved model, into `results/study/autoattack_standard/` (the protocol's own
+AutoAttack is the fast version, which only bounds standard AutoAttack from above; `STANDARD_AA`).
 """
 
 import argparse
@@ -115,8 +120,13 @@ def queue(rows, seeds):
     return [(row, seed) for seed in seeds for row in rows]
 
 
-def result_path(row, seed, results=RESULTS, arm=CIFAR10):
-    return Path(results) / arm.folder / f"{row}_s{seed}.json"
+STANDARD_AA = "autoattack_standard"  # subfolder of the standard-AutoAttack pass's results
+
+
+def result_path(row, seed, results=RESULTS, arm=CIFAR10, standard_aa=False):
+    """The run's result file, or with `standard_aa` its standard-AutoAttack file."""
+    folder = Path(results) / arm.folder
+    return (folder / STANDARD_AA if standard_aa else folder) / f"{row}_s{seed}.json"
 
 
 def is_current(path, arm=CIFAR10):
@@ -127,13 +137,18 @@ def is_current(path, arm=CIFAR10):
     return version == arm.protocol["version"]
 
 
-def pending(rows, seeds, results=RESULTS, arm=CIFAR10):
-    """The queue minus the runs whose result file exists with the current protocol."""
-    return [
-        (r, s)
-        for r, s in queue(rows, seeds)
-        if not is_current(result_path(r, s, results, arm), arm)
+def pending(rows, seeds, results=RESULTS, arm=CIFAR10, standard_aa=False):
+    """The queue minus the runs whose result file exists with the current protocol.
+
+    With `standard_aa`: the finished runs (current result file) without a current
+    standard-AutoAttack file.
+    """
+    done = [
+        (r, s) for r, s in queue(rows, seeds) if is_current(result_path(r, s, results, arm), arm)
     ]
+    if not standard_aa:
+        return [pair for pair in queue(rows, seeds) if pair not in done]
+    return [(r, s) for r, s in done if not is_current(result_path(r, s, results, arm, True), arm)]
 
 
 def load_config(row, seed, *, cache=None, arm=CIFAR10):
@@ -324,14 +339,68 @@ def run_one(row, seed, results=RESULTS, arm=CIFAR10):
         finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     path = result_path(row, seed, results, arm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(".partial-" + path.name)
-    partial.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    os.replace(partial, path)  # its presence marks the run finished
+    _write_json(path, record)
     print(f"Wrote {path}: {json.dumps({k: metrics[k] for k in SUMMARY})}")
 
 
 SUMMARY = ("clean", "pgd20", "pgd50x2", "autoattack")
+
+
+def run_standard_autoattack(row, seed, results=RESULTS, arm=CIFAR10):
+    """Standard AutoAttack on the protocol's subset of one finished run; writes its result file.
+
+    The model is the run's saved final model (`<cache>/runs/...`); the images are the subset the
+    run's AutoAttack-fast saw, so the two numbers pair image for image.
+    """
+    import keras
+
+    from sat_tf import activations, autoattack, training
+
+    config = load_config(row, seed, arm=arm)
+    final = Path(config.model_dir) / training.FINAL_MODEL
+    if not final.exists():
+        sys.exit(
+            f"error: {row} seed {seed}: no saved model at {final} (the cache was cleared?). "
+            f"Remove {result_path(row, seed, results, arm)} and run `tools/study.py --run "
+            f"--rows={row} --seeds={seed}` to train it again, then this pass."
+        )
+    ensure_data(config)
+    model = keras.saving.load_model(final)
+    images, labels = eval_arrays(config, arm)
+    n, protocol = arm.protocol["subset_examples"], arm.protocol
+    start = time.perf_counter()
+    with activations.smooth_gradients(False):  # the ReLU network's true gradient, as in `EVAL`
+        aa = autoattack.auto_attack(
+            model, images[:n], labels[:n], epsilon=protocol["epsilon"], version="standard"
+        )
+    main = json.loads(result_path(row, seed, results, arm).read_text())["metrics"]
+    record = dict(
+        row=row,
+        seed=seed,
+        arm=arm.name,
+        eval_protocol=protocol,
+        autoattack_version="standard",
+        budget=autoattack.VERSIONS["standard"],
+        num_examples=n,
+        clean=aa.clean_accuracy,
+        autoattack=aa.robust_accuracy,
+        stages=aa.stages,
+        autoattack_fast=main["autoattack"],
+        seconds=round(time.perf_counter() - start, 1),
+        machine=machine(),
+        finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    _write_json(result_path(row, seed, results, arm, standard_aa=True), record)
+    print(f"{row} seed {seed}: AutoAttack standard {aa.robust_accuracy:.3f}, "
+          f"fast {main['autoattack']:.3f} ({record['seconds']:.0f} s)")  # fmt: skip
+
+
+def _write_json(path, record):
+    """Writes `record` atomically: the file's presence marks the work finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(".partial-" + path.name)
+    partial.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    os.replace(partial, path)
 
 
 def claim(row, seed, claims):
@@ -366,16 +435,26 @@ def claim(row, seed, claims):
 
 
 def run_queue(
-    rows, seeds, *, results=RESULTS, stop_at=None, call=subprocess.call, claims=None, arm=CIFAR10
+    rows,
+    seeds,
+    *,
+    results=RESULTS,
+    stop_at=None,
+    call=subprocess.call,
+    claims=None,
+    arm=CIFAR10,
+    standard_aa=False,
 ):
     """Runs each pending, unclaimed (row, seed) in a child process; none after `stop_at`.
+
+    With `standard_aa` the queue is the standard-AutoAttack pass (`run_standard_autoattack`).
 
     Returns the (row, seed) pairs started. A failing child stops the queue (e.g. a broken edit of
     a shared module would otherwise fail every later run in a second).
     """
-    claims = Path(claims or CACHE / "claims") / arm.folder
+    claims = Path(claims or CACHE / "claims") / arm.folder / (STANDARD_AA if standard_aa else "")
     started = []
-    for row, seed in pending(rows, seeds, results, arm):
+    for row, seed in pending(rows, seeds, results, arm, standard_aa):
         if stop_at is not None and time.time() >= stop_at:
             print(f"Stop time reached; not starting {row} seed {seed}.", flush=True)
             break
@@ -383,12 +462,13 @@ def run_queue(
         if held is None:
             continue  # another queue runs it
         try:
-            if is_current(result_path(row, seed, results, arm), arm):
+            if is_current(result_path(row, seed, results, arm, standard_aa), arm):
                 continue  # another queue finished it since `pending` was listed
             print(f"=== {row} seed {seed} ({time.strftime('%H:%M:%S')})", flush=True)
             started.append((row, seed))
             command = [sys.executable, __file__, "--one", f"{row}:{seed}", f"--arm={arm.name}",
                        f"--results={results}"]  # fmt: skip
+            command += ["--autoattack_standard"] * standard_aa
             code = call(command, cwd=ROOT)
         finally:
             held.unlink(missing_ok=True)
@@ -407,6 +487,10 @@ def main(argv=None):
     parser.add_argument("--stop_at", default="", help="UTC HH:MM: start no run after it")
     parser.add_argument("--arm", default="cifar10", choices=sorted(ARMS), help="the dataset")
     parser.add_argument("--results", default=str(RESULTS), help="folder of the result files")
+    parser.add_argument(
+        "--autoattack_standard", action="store_true",
+        help=f"with --run: standard AutoAttack on finished runs (results/study/{STANDARD_AA})",
+    )  # fmt: skip
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # row:seed, child process
     args = parser.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
@@ -417,14 +501,18 @@ def main(argv=None):
     arm = ARMS[args.arm]
     if args.one:
         row, seed = args.one.split(":")
-        run_one(row, int(seed), args.results, arm)
+        one = run_standard_autoattack if args.autoattack_standard else run_one
+        one(row, int(seed), args.results, arm)
     elif args.run:
         stop_at = _utc_today(args.stop_at) if args.stop_at else None
-        run_queue(rows, seeds, results=args.results, stop_at=stop_at, arm=arm)
+        run_queue(rows, seeds, results=args.results, stop_at=stop_at, arm=arm,
+                  standard_aa=args.autoattack_standard)  # fmt: skip
     if args.report:
         folder = Path(args.results) / arm.folder
-        table = study_report.load_results(folder, version=arm.protocol["version"])
-        study_report.write_report(table, ROOT / "docs", rows=rows, seeds=seeds,
+        version = arm.protocol["version"]
+        table = study_report.load_results(folder, version=version)
+        standard = study_report.load_standard_aa(folder, version=version)
+        study_report.write_report(table, ROOT / "docs", rows=rows, seeds=seeds, standard=standard,
                                   protocol=arm.protocol, arm=arm.name, data=arm.data)  # fmt: skip
     if not (args.one or args.run or args.report):
         parser.print_help()
