@@ -118,20 +118,22 @@ def table_markdown(table, rows, protocol):
     return "\n".join(lines)
 
 
-def paired_markdown(table, rows, base="relu"):
-    """Row minus `base` at the same seed (clean, PGD-20 on 10k): seed noise cancels in pairs."""
+def paired_markdown(table, rows, protocol, base="relu"):
+    """Row minus `base` at the same seed (clean, PGD-20, AutoAttack): seed noise cancels."""
     if base not in table:
         return ""
     by_seed = {r["seed"]: r["metrics"] for r in table[base]}
+    keys = ("clean", "pgd20", "autoattack")
+    heads = [h for key, h in columns(protocol) if key in keys]
     lines = [
-        f"| row | seeds paired with {base} | clean - {base} | PGD-20 - {base} |",
-        "|---|---|---|---|",
+        f"| row | seeds paired with {base} | " + " | ".join(f"{h} - {base}" for h in heads) + " |",
+        "|---|---|" + "---|" * len(keys),
     ]
     for row in [r for r in rows if r in table and r != base]:
         pairs = [(r["metrics"], by_seed[r["seed"]]) for r in table[row] if r["seed"] in by_seed]
         if not pairs:
             continue
-        cells = [_cell([a[k] - b[k] for a, b in pairs], signed=True) for k in ("clean", "pgd20")]
+        cells = [_cell([a[k] - b[k] for a, b in pairs], signed=True) for k in keys]
         lines.append(f"| {row} | {len(pairs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -226,7 +228,7 @@ def write_report(
         f"result files in `{folder}`. Accuracies in %, mean +- sample std over seeds.",
         table_markdown(table, rows, protocol),
         "Paired with ReLU at the same seed (percentage points, mean +- std over the pairs):",
-        paired_markdown(table, rows),
+        paired_markdown(table, rows, protocol),
         missing_markdown(table, rows, seeds),
         standard_aa_markdown(standard or {}, rows),
         "Masking checks that warned in some run: " + (", ".join(checks) or "none") + ".",
