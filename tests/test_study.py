@@ -340,7 +340,7 @@ def test_report_shows_standard_autoattack_next_to_fast_and_paired(tmp_path):
                                         num_examples=1000, autoattack=standard,
                                         autoattack_fast=fast, seconds=600)))  # fmt: skip
     version = study.EVAL["version"]
-    standard = study_report.load_standard_aa(results, version=version)
+    standard = study_report.load_results(results / study.STANDARD_AA, version=version)
     study_report.write_report(
         study_report.load_results(results, version=version), tmp_path / "docs",
         rows=("relu", "silu"), seeds=(0, 1), protocol=study.EVAL, standard=standard,

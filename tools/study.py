@@ -511,7 +511,7 @@ def main(argv=None):
         folder = Path(args.results) / arm.folder
         version = arm.protocol["version"]
         table = study_report.load_results(folder, version=version)
-        standard = study_report.load_standard_aa(folder, version=version)
+        standard = study_report.load_results(folder / STANDARD_AA, version=version)
         study_report.write_report(table, ROOT / "docs", rows=rows, seeds=seeds, standard=standard,
                                   protocol=arm.protocol, arm=arm.name, data=arm.data)  # fmt: skip
     if not (args.one or args.run or args.report):

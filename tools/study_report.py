@@ -43,18 +43,12 @@ def load_results(results, *, version):
     return table
 
 
-def load_standard_aa(results, *, version):
-    """row -> the standard-AutoAttack records (`tools/study.py --autoattack_standard`)."""
-    table = {}
-    for path in sorted((Path(results) / "autoattack_standard").glob("*_s*.json")):
-        record = json.loads(path.read_text())
-        if record["eval_protocol"]["version"] == version:
-            table.setdefault(record["row"], []).append(record)
-    return table
-
-
 def standard_aa_markdown(standard, rows, base="relu"):
-    """Standard AutoAttack next to the run's AutoAttack-fast (same model, same images)."""
+    """Standard AutoAttack next to the run's AutoAttack-fast (same model, same images).
+
+    `standard`: `load_results` of the standard-AutoAttack folder (`tools/study.py
+    --autoattack_standard`).
+    """
     if not standard:
         return ""
     n = next(iter(standard.values()))[0]["num_examples"]
@@ -208,7 +202,7 @@ def write_report(
 ):
     """Rewrites the arm's generated section of docs/study.md and its plots; the prose is kept.
 
-    `standard`: `load_standard_aa`'s table, shown under the main one when it has results.
+    `standard`: the standard-AutoAttack results (`standard_aa_markdown`), shown when there are any.
     """
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
