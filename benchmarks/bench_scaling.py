@@ -30,7 +30,7 @@ def pipeline_candidate(args):
 
     records = pipeline.imagenette_tfrecords(args.cache_dir)
     dataset = data.build_dataset(
-        os.path.join(records, "train-*"), is_training=True, global_batch_size=64, image_size=224
+        os.path.join(records, "train-*"), training=True, global_batch_size=64, image_size=224
     )
     iterator = iter(dataset)
 

@@ -2,7 +2,7 @@
 
 Extracts ../shared/data/imagenette-224.tar (train: 2,000 JPEGs of 10 classes) once into
 `--cache_dir`, converts it with tools/build_tfrecords.py (real ImageNet labels from the synsets
-file), then times `sat_tf.data.build_dataset(is_training=True)`: Inception crop fused with JPEG
+file), then times `sat_tf.data.build_dataset(training=True)`: Inception crop fused with JPEG
 decoding, flip, resize to 224, shuffle, batch. The first `--warmup` batches are not timed.
 
   python benchmarks/pipeline.py --cache_dir=/tmp/sat_tf_cache
@@ -69,7 +69,7 @@ def measure(config):
     records = imagenette_tfrecords(config.cache_dir)
     dataset = data.build_dataset(
         os.path.join(records, "train-*"),
-        is_training=True,
+        training=True,
         global_batch_size=config.batch_size,
         image_size=config.image_size,
     )

@@ -17,23 +17,12 @@ logs `adv_accuracy`, `val_accuracy` and `val_adv_accuracy`.
 
 import keras
 import tensorflow as tf
-from keras.src.trainers.compile_utils import CompileMetrics
-from keras.src.utils import tracking
 
+from sat_tf import _keras_compat as compat
 from sat_tf import activations, attacks
 from sat_tf.models import weight_decay_variables
 
-_PHASES = ("attack", "update")
-
-
-class _AdversarialMetrics(CompileMetrics):
-    """The compiled metrics, a second time, on adversarial predictions: names get `adv_`.
-
-    Reuses Keras's own resolution of "accuracy" etc. from the label and output shapes.
-    """
-
-    def result(self):
-        return {f"adv_{name}": value for name, value in super().result().items()}
+SMOOTH_PHASES = ("attack", "update")  # where SmoothGradReLU may use its smooth backward
 
 
 def _clone_metric(metric):
@@ -85,7 +74,7 @@ class AdversarialModel(keras.Model):
         eval_epsilon=None,
         eval_step_size=1.0,
         eval_num_steps=10,
-        smooth_gradients=_PHASES,
+        smooth_gradients=SMOOTH_PHASES,
         weight_decay=0.0,
         **kwargs,
     ):
@@ -93,9 +82,9 @@ class AdversarialModel(keras.Model):
         kwargs.setdefault("dtype", classifier.dtype_policy)
         super().__init__(**kwargs)
         phases = (smooth_gradients,) if isinstance(smooth_gradients, str) else smooth_gradients
-        if not set(phases) <= set(_PHASES):
+        if not set(phases) <= set(SMOOTH_PHASES):
             raise ValueError(
-                f"`smooth_gradients` must be a subset of {_PHASES}. "
+                f"`smooth_gradients` must be a subset of {SMOOTH_PHASES}. "
                 f"Received: smooth_gradients={smooth_gradients!r}"
             )
         if not weight_decay >= 0:
@@ -119,7 +108,7 @@ class AdversarialModel(keras.Model):
         for config in (self.attack_config, self.eval_attack_config):  # Fail at construction.
             attacks.check_arguments(**config)
         self._eval_epsilon = eval_epsilon
-        self.smooth_gradients = tuple(p for p in _PHASES if p in phases)
+        self.smooth_gradients = tuple(p for p in SMOOTH_PHASES if p in phases)
         self.weight_decay = float(weight_decay)
         self.adv_loss_tracker = keras.metrics.Mean(name="adv_loss")
         self._adv_metrics = None
@@ -133,22 +122,19 @@ class AdversarialModel(keras.Model):
         with activations.smooth_gradients("attack" in self.smooth_gradients):
             return attacks.pgd(self.classifier, images, labels, **config)
 
-    @tracking.no_automatic_dependency_tracking
+    @compat.no_automatic_dependency_tracking
     def compile(self, *args, **kwargs):
-        """`keras.Model.compile`; the compiled metrics are also kept for adversarial inputs."""
+        """`keras.Model.compile`; the compiled metrics are also kept for adversarial inputs.
+
+        The twin reuses Keras's own resolution of "accuracy" etc. from the label and output
+        shapes; its names get `adv_`.
+        """
         super().compile(*args, **kwargs)
-        clean = self._compile_metrics
-        self._adv_metrics = None
-        if clean is not None:
-            self._adv_metrics = _AdversarialMetrics(
-                keras.tree.map_structure(_clone_metric, clean._user_metrics),
-                keras.tree.map_structure(_clone_metric, clean._user_weighted_metrics),
-                output_names=clean.output_names,
-            )
+        self._adv_metrics = compat.metrics_twin(self, _clone_metric, prefix="adv_")
 
     def compile_from_config(self, config):
         # Keras skips compiling on load when `compile` is overridden; ours only adds the
-        # adversarial metrics, so compile as Keras would (Trainer.compile_from_config).
+        # adversarial metrics, so compile as Keras 3.15's Trainer.compile_from_config does.
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
@@ -163,13 +149,13 @@ class AdversarialModel(keras.Model):
     def _build_metrics(self, y, y_pred):
         # Both metric sets must exist before the logs are read: training updates only the
         # adversarial set, and Keras reads all of `self.metrics` at the end of an epoch.
-        for metrics in (self._compile_metrics, self._adv_metrics):
+        for metrics in (compat.compiled_metrics(self), self._adv_metrics):
             if metrics is not None and not metrics.built:
                 metrics.build(y, y_pred)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        # Under a strategy Keras builds the compiled metrics by tracing this method
-        # symbolically before the first step (Trainer._symbolic_build); build the
+        # Under a strategy Keras 3.15 builds the compiled metrics by tracing this method
+        # symbolically before the first step (`compat.symbolic_build`); build the
         # adversarial twins alongside, so no variable is created in a replica context.
         self._build_metrics(y, y_pred)
         return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -190,11 +176,13 @@ class AdversarialModel(keras.Model):
         with activations.smooth_gradients("update" in self.smooth_gradients):
             with tf.GradientTape() as tape:
                 y_pred = self(x_adv, training=True)
-                loss = self._compute_loss(
-                    x=x_adv, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                loss = compat.compute_loss(
+                    self, x=x_adv, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
                 )
                 # Keras scales each replica's loss by 1 / replicas; report the true mean.
-                self._loss_tracker.update_state(loss * _replicas(), sample_weight=tf.shape(x)[0])
+                compat.loss_tracker(self).update_state(
+                    loss * _replicas(), sample_weight=tf.shape(x)[0]
+                )
                 scaled_loss = self.optimizer.scale_loss(loss)  # Mixed precision: loss scaling.
             gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
@@ -205,7 +193,7 @@ class AdversarialModel(keras.Model):
 
     def train_metrics_result(self):
         """The training logs: `loss` and the `adv_` metrics (readable in any context)."""
-        logs = {"loss": self._loss_tracker.result()}
+        logs = {"loss": compat.loss_tracker(self).result()}
         if self._adv_metrics is not None and self._adv_metrics.built:
             logs.update(self._adv_metrics.result())
         return logs
@@ -214,14 +202,14 @@ class AdversarialModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = tf.shape(x)[0]
         y_pred = self(x, training=False)
-        loss = self._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+        loss = compat.compute_loss(
+            self, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
         )
-        self._loss_tracker.update_state(loss * _replicas(), sample_weight=batch_size)
+        compat.loss_tracker(self).update_state(loss * _replicas(), sample_weight=batch_size)
         x_adv = self.adversarial_examples(x, y, training=False)
         y_adv = self(x_adv, training=False)
-        adv_loss = self._compute_loss(
-            x=x_adv, y=y, y_pred=y_adv, sample_weight=sample_weight, training=False
+        adv_loss = compat.compute_loss(
+            self, x=x_adv, y=y, y_pred=y_adv, sample_weight=sample_weight, training=False
         )
         self.adv_loss_tracker.update_state(adv_loss * _replicas(), sample_weight=batch_size)
         self._build_metrics(y, y_adv)

@@ -14,9 +14,10 @@ are not recomputed.
 """
 
 import math
-import weakref
 
 import tensorflow as tf
+
+from sat_tf.attacks import compiled, project
 
 
 def dlr_loss(logits, labels):
@@ -76,23 +77,13 @@ def checkpoints(num_steps):
     return sorted(w for w in found if 0 < w < num_steps)
 
 
-_COMPILED = weakref.WeakKeyDictionary()  # model -> {static config: tf.function}
-
-
-def _compiled(model, key, build):
-    """One traced function per (model, static config); batch size changes do not retrace twice."""
-    per_model = _COMPILED.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = tf.function(build(), reduce_retracing=True)
-    return per_model[key]
-
-
 def _per_example(v, x):
     return tf.reshape(v, [-1] + [1] * (len(x.shape) - 1))
 
 
 def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max):
-    model = weakref.ref(model)  # The cache is keyed weakly on the model: do not keep it alive.
+    """(init, segment) of one APGD run; `model` is a `weakref.ref` (`attacks.compiled`)."""
+    bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
 
     def loss_grad(x, s):
         with tf.GradientTape() as tape:
@@ -102,9 +93,6 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max):
             total = tf.reduce_sum(value)
         grad = tape.gradient(total, x)
         return value, grad, tf.argmax(logits, axis=1, output_type=tf.int32) != s["y"]
-
-    def project(z, x):
-        return tf.clip_by_value(tf.clip_by_value(z, x - epsilon, x + epsilon), clip_min, clip_max)
 
     def init(s):
         value, grad, fooled = loss_grad(s["x_cur"], s)
@@ -129,8 +117,8 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max):
         x_cur, x = s["x_cur"], s["x"]
         # Momentum 0.75, none on the first step (official code: a = 1 at i = 0).
         a = tf.where(k == 0, 1.0, 0.75)
-        z = project(x_cur + _per_example(s["step"], x) * tf.sign(s["grad"]), x)
-        x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - s["x_prev"]), x)
+        z = project(x_cur + _per_example(s["step"], x) * tf.sign(s["grad"]), x, **bounds)
+        x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - s["x_prev"]), x, **bounds)
         value, grad, fooled = loss_grad(x_new, s)
         better = value > s["loss_best"]
         pick = lambda c, new, old: tf.where(_per_example(c, new), new, old)  # noqa: E731
@@ -167,7 +155,7 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max):
             reduced_at_check=halve,
         )
 
-    return (lambda: init), (lambda: segment)
+    return init, segment
 
 
 def _apgd_single_run(model, x, y, target, x_start, *, num_steps, config):
@@ -177,9 +165,8 @@ def _apgd_single_run(model, x, y, target, x_start, *, num_steps, config):
     iterate elsewhere. Fooled examples leave the batch at every checkpoint (early exit).
     """
     key = ("apgd",) + tuple(sorted(config.items()))
-    make_init, make_segment = _make_apgd_fns(model, **config)
-    init = _compiled(model, key + ("init",), make_init)
-    segment = _compiled(model, key + ("segment",), make_segment)
+    init = compiled(model, key + ("init",), lambda ref: _make_apgd_fns(ref, **config)[0])
+    segment = compiled(model, key + ("segment",), lambda ref: _make_apgd_fns(ref, **config)[1])
     index = tf.range(tf.shape(y)[0])
     s = init({"x": x, "y": y, "target": target, "x_cur": x_start, "index": index})
     out_adv, out_fooled = s["x_best"], tf.zeros_like(s["fooled"])
@@ -280,7 +267,7 @@ def apgd(
             noise = tf.random.stateless_uniform(
                 tf.shape(xa), seed=[seed, run], minval=-epsilon, maxval=epsilon
             )
-            start = tf.clip_by_value(xa + noise, clip_min, clip_max)
+            start = project(xa + noise, xa, epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
             hit, adv_run = _apgd_single_run(
                 model,
                 xa,

@@ -18,7 +18,11 @@ Conventions:
     by 128; here each example gets its own power-of-two scale, see `input_gradient`).
 """
 
+import weakref
+
 import tensorflow as tf
+
+from sat_tf import _keras_compat as compat
 
 # Largest per-example loss scale, 2**120: far beyond float16's range, finite in float32.
 _MAX_LOG2_SCALE = 120.0
@@ -32,6 +36,23 @@ def project(x_adv, images, *, epsilon, clip_min=0.0, clip_max=255.0):
     """
     x_adv = tf.clip_by_value(x_adv, images - epsilon, images + epsilon)
     return tf.clip_by_value(x_adv, clip_min, clip_max)
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
+
+
+def compiled(model, key, build):
+    """`tf.function(build(model_ref), reduce_retracing=True)`, traced once per (model, key).
+
+    The one cache of compiled attack functions (APGD, Square, the evaluation's PGD/FGSM):
+    `key` holds every static argument, new batch sizes reuse the trace. The cache is keyed
+    weakly on the model, and `build` gets a `weakref.ref` to it, so a cached function never
+    keeps its model alive.
+    """
+    per_model = _COMPILED.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = tf.function(build(weakref.ref(model)), reduce_retracing=True)
+    return per_model[key]
 
 
 def step(x_adv, gradient, *, step_size):
@@ -55,7 +76,7 @@ def _is_one_hot(labels, logits):
 
 def uses_float16(model):
     """Whether any layer of `model` computes in float16 (where input gradients underflow)."""
-    layers = [model, *model._flatten_layers(include_self=False)]
+    layers = [model, *compat.flatten_layers(model)]
     return any(getattr(layer, "compute_dtype", None) == "float16" for layer in layers)
 
 
@@ -264,6 +285,7 @@ def fgsm(
 
 __all__ = [
     "check_arguments",
+    "compiled",
     "fgsm",
     "input_gradient",
     "per_example_loss",

@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from sat_tf.atomic import atomic_write
+
 SIGNATURE = "model_signature.json"  # beside the checkpoints: what they fit (model_signature)
 
 
@@ -70,10 +72,7 @@ def _read_json(path):
 
 
 def _write_json(path, payload):
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        json.dump(payload, f)
-    os.replace(partial, path)
+    atomic_write(path, json.dumps(payload))
 
 
 class Checkpointer(keras.callbacks.Callback):

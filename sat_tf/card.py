@@ -8,8 +8,9 @@ SavedModel's `assets.extra/`.
 """
 
 import json
-import os
 from pathlib import Path
+
+from sat_tf.atomic import atomic_write
 
 CARD_NAME = "robustness_card.json"
 INPUT_CONVENTION = (
@@ -94,11 +95,7 @@ def read(directory):
 
 def write(directory, card):
     """Writes the card atomically (temporary name, then rename)."""
-    path = Path(directory) / CARD_NAME
-    partial = path.with_name(f".partial-{CARD_NAME}")
-    partial.write_text(json.dumps(card, indent=2, default=str) + "\n")
-    os.replace(partial, path)
-    return path
+    return atomic_write(Path(directory) / CARD_NAME, json.dumps(card, indent=2, default=str) + "\n")
 
 
 def add_evaluation(directory, entry):

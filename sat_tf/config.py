@@ -1,17 +1,23 @@
 """The one configuration object of a training run: `TrainConfig`, a frozen dataclass.
 
-`tools/train.py` defines one absl flag per field, with the same name, and builds a `TrainConfig` at
-the top of `main()`; nothing else reads flags. Units are stated once, here: `epsilon` and
-`step_size` are in pixels of the [0, 255] input (4 means 4/255), learning rates are per 256 images.
+`tools/train.py` defines one absl flag per field, with the same name (`define_flags`), and builds a
+`TrainConfig` at the top of `main()` (`from_flags`); nothing in sat_tf reads the global FLAGS.
+Units are stated once, here: `epsilon` and `step_size` are in pixels of the [0, 255] input (4 means
+4/255), learning rates are per 256 images. A run's settings are read back with
+`TrainConfig.from_json(model_dir / "config.json")`; its data and evaluation attack are resolved by
+`data_spec`, `resolved_eval_split` and `resolved_eval_epsilon`, for training and tools/eval.py.
 """
 
 import dataclasses
+import json
+import typing
 
-SMOOTH_PHASES = ("attack", "update")
-OPTIMIZERS = ("sgd", "rmsprop")
-SCHEDULES = ("step", "exponential", "cosine")
+from sat_tf.adversarial import SMOOTH_PHASES
+from sat_tf.distribute import STRATEGIES
+from sat_tf.schedules import SCHEDULES
+
+OPTIMIZERS = ("sgd", "rmsprop")  # training.build_optimizer
 MIXED_PRECISION = ("", "float16", "bfloat16")
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +60,8 @@ class TrainConfig:
     num_steps: int = 1  # 0 with random_start=False trains on clean images
     random_start: bool = True
     prob_start_from_clean: float = 0.2
-    # Evaluation attack (pixels); eval_epsilon < 0 means "same as epsilon".
-    eval_epsilon: float = -1.0
+    # Evaluation attack (pixels); eval_epsilon None means "same as epsilon".
+    eval_epsilon: float | None = None
     eval_step_size: float = 1.0
     eval_num_steps: int = 10
     smooth_gradients: tuple = SMOOTH_PHASES
@@ -67,16 +73,42 @@ class TrainConfig:
     checkpoint_every_steps: int = 200
     overwrite: bool = False
 
+    @classmethod
+    def from_dict(cls, values):
+        """A config from `dataclasses.asdict` output, e.g. a run's config.json.
+
+        Lists become tuples, unknown keys are ignored, missing ones take their defaults, and an
+        `eval_epsilon` < 0 (how runs before the None sentinel wrote "same as epsilon") is None.
+        """
+        names = {field.name for field in dataclasses.fields(cls)}
+        values = {
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in values.items()
+            if key in names
+        }
+        if values.get("eval_epsilon") is not None and values["eval_epsilon"] < 0:
+            values["eval_epsilon"] = None
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path):
+        """The config a run wrote to `<model_dir>/config.json`."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def data_spec(self, *, training):
+        """The `sat_tf.data.load` spec of a split: `--train_files`/`--eval_files` override the
+        pattern of `--dataset`."""
+        files = self.train_files if training else self.eval_files
+        return f"tfrecord:{files}" if files else self.dataset
+
     @property
     def resolved_eval_split(self):
-        if self.eval_split:
-            return self.eval_split
-        test_split = self.dataset == "demo" or self.dataset.startswith("tfds:cifar")
-        return "test" if test_split else "validation"
+        return self.eval_split or default_eval_split(self.dataset)
 
     @property
     def resolved_eval_epsilon(self):
-        return self.epsilon if self.eval_epsilon < 0 else self.eval_epsilon
+        return self.epsilon if self.eval_epsilon is None else self.eval_epsilon
 
     def validate(self):
         """Raises ValueError naming the first bad flag and how to fix it."""
@@ -85,6 +117,91 @@ class TrainConfig:
                 value = getattr(self, name)
                 raise ValueError(f"--{name}={_show(value)} is invalid: {hint}")
         return self
+
+
+def default_eval_split(spec):
+    """The evaluation split of a data spec: "test" for demo and tfds:cifar*, else "validation"."""
+    return "test" if spec == "demo" or spec.startswith("tfds:cifar") else "validation"
+
+
+HELP = {
+    "model_dir": "Directory for checkpoints, TensorBoard logs, config.json and model.keras.",
+    "model": "Model name from sat_tf.models.names().",
+    "activation": "Activation name from sat_tf.activations.names() (relu, silu, gelu, ...).",
+    "num_classes": "Number of classes.",
+    "image_size": "Training and evaluation resolution in pixels.",
+    "init_from": "A .keras classifier to fine-tune; its ReLUs are replaced by --activation.",
+    "dataset": "demo | tfrecord:<pattern> | tfds:<name> | folder:<dir>.",
+    "train_files": "TFRecord pattern for training (overrides the pattern in --dataset).",
+    "eval_files": "TFRecord pattern for evaluation.",
+    "eval_split": "Evaluation split; empty: test for demo and tfds:cifar*, else validation.",
+    "data_dir": "TFDS data_dir (and manual_dir for imagenet2012).",
+    "augmentation": "auto | inception | cifar | none.",
+    "global_batch_size": "Batch size summed over all replicas.",
+    "epochs": "Training epochs.",
+    "steps_per_epoch": "Steps per epoch; 0 means one pass over the training set.",
+    "eval_examples": "Evaluation examples; 0 means the whole evaluation set.",
+    "optimizer": "sgd (Nesterov) | rmsprop.",
+    "base_learning_rate": "Learning rate per 256 images (lr = base * global_batch_size / 256).",
+    "lr_schedule": "step | exponential | cosine (after linear warm-up).",
+    "warmup_epochs": "Epochs of linear learning-rate warm-up.",
+    "decay_epochs": "Epochs at which a step schedule multiplies the rate by --decay_rate.",
+    "decay_rate": "Decay factor of the step and exponential schedules.",
+    "decay_every_epochs": "Period of the exponential schedule, in epochs.",
+    "momentum": "Momentum (SGD Nesterov, RMSProp).",
+    "ema_decay": "Exponential moving average of the weights (0: off; EfficientNet uses 0.9999).",
+    "weight_decay": "L2 weight decay on conv and dense kernels.",
+    "label_smoothing": "Label smoothing of the training loss.",
+    "epsilon": "Training attack L-inf budget in pixels of [0, 255] (4 means 4/255).",
+    "step_size": "Training attack step in pixels.",
+    "num_steps": "Training attack PGD steps (0 with --norandom_start trains on clean images).",
+    "random_start": "Start the attack from a random point in the epsilon ball.",
+    "prob_start_from_clean": "Per-example chance that the attack starts from the clean image.",
+    "eval_epsilon": "Evaluation attack budget in pixels; unset or negative means --epsilon.",
+    "eval_step_size": "Evaluation attack step in pixels.",
+    "eval_num_steps": "Evaluation attack PGD steps.",
+    "smooth_gradients": "Phases where SmoothGradReLU uses its smooth backward: attack,update.",
+    "strategy": "default | mirrored | multi_worker | tpu.",
+    "tpu": "TPU name or address (with --strategy=tpu).",
+    "mixed_precision": "float16 | bfloat16 | empty for float32.",
+    "seed": "Random seed.",
+    "checkpoint_every_steps": "Checkpoint every N steps (and at each epoch end); 0: epochs only.",
+    "overwrite": "Allow replacing a finished run in --model_dir.",
+}
+
+
+def define_flags(flag_values):
+    """Defines one absl flag per `TrainConfig` field in `flag_values` (same name, default, type).
+
+    `tools/train.py` passes `absl.flags.FLAGS`; the study passes a fresh `flags.FlagValues()`.
+    """
+    from absl import flags
+
+    for field in dataclasses.fields(TrainConfig):
+        default = None if field.default is dataclasses.MISSING else field.default
+        kind = type(default) if default is not None else typing.get_args(field.type)[:1]
+        define = {
+            bool: flags.DEFINE_bool,
+            int: flags.DEFINE_integer,
+            float: flags.DEFINE_float,
+            (float,): flags.DEFINE_float,
+            tuple: flags.DEFINE_list,
+        }.get(kind, flags.DEFINE_string)
+        if isinstance(default, tuple):
+            default = list(default)
+        define(field.name, default, HELP[field.name], flag_values=flag_values)
+
+
+def from_flags(flag_values):
+    """The `TrainConfig` of parsed flags (not yet validated); a negative --eval_epsilon is None."""
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = flag_values[field.name].value
+        values[field.name] = tuple(v for v in value if v) if isinstance(value, list) else value
+    values["decay_epochs"] = tuple(float(e) for e in values["decay_epochs"])
+    if values["eval_epsilon"] is not None and values["eval_epsilon"] < 0:
+        values["eval_epsilon"] = None
+    return TrainConfig(**values)
 
 
 def _show(value):
@@ -113,6 +230,11 @@ def _checks(c):
     yield "step_size", c.step_size > 0, "the attack step in pixels must be > 0 (e.g. 4)"
     yield "num_steps", c.num_steps >= 0, "must be >= 0 (0 with --norandom_start: clean training)"
     yield "prob_start_from_clean", 0 <= c.prob_start_from_clean <= 1, "must be in [0, 1]"
+    yield (
+        "eval_epsilon",
+        c.eval_epsilon is None or c.eval_epsilon >= 0,
+        "must be >= 0 pixels, or unset for --epsilon",
+    )
     yield "eval_step_size", c.eval_step_size > 0, "must be > 0 (e.g. 1)"
     yield "eval_num_steps", c.eval_num_steps >= 0, "must be >= 0"
     yield (

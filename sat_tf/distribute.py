@@ -23,6 +23,8 @@ import socket
 import keras
 import tensorflow as tf
 
+from sat_tf import _keras_compat as compat
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
@@ -79,10 +81,10 @@ def _logs(model):
 
 def _build(model, strategy, dataset_fn):
     """Creates the model's metric and optimizer variables before any replica context,
-    as Keras's fit does (Trainer._symbolic_build), from the dataset's element spec."""
+    as Keras's fit does, from the dataset's element spec."""
     element_spec = dataset_fn(tf.distribute.InputContext()).element_spec
     with strategy.scope():
-        model._symbolic_build(data_batch=element_spec)
+        compat.symbolic_build(model, element_spec)
 
 
 def _make_step(model, strategy, validation=False):

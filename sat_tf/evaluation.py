@@ -4,15 +4,7 @@
                        "apgd-t", "square", "autoattack"], epsilons=[2, 4, 8])
     results.save("eval/")  # results.json, results.md, accuracy_vs_{epsilon,steps}.png
 
-Attack specs are strings `name[-budget][xrestarts]` or `AttackSpec`s:
-    "clean"                  no attack.
-    "fgsm"                   one signed-gradient step of size epsilon.
-    "pgd-K", "pgd-KxR"       PGD, K steps of 2.5 * epsilon / K (Madry et al. 2018), random start;
-                             R restarts, an example counts as robust only if it survives all R.
-    "apgd-ce[-K]"            APGD on cross-entropy, K steps (default 100).
-    "apgd-t[-K]"             APGD on the targeted DLR loss, 9 target classes, K steps (default 100).
-    "square[-Q]"             Square Attack, Q queries (default 5000).
-    "autoattack[-fast]"      the AutoAttack ensemble, "standard" (default) or "fast".
+Attack specs are strings such as "pgd-50x3" or `AttackSpec`s (`sat_tf.rows` lists them).
 Epsilons are L-inf radii in pixel units (0-255 images: 8 means 8/255). Besides the table, the
 evaluation runs "pgd-20" at `large_epsilon` and, when a `surrogate` model is given, a transfer
 PGD from it, for the checks in `sat_tf.masking`. An attack runs only on the examples still
@@ -22,88 +14,33 @@ that of attacking every example, at a fraction of the cost when accuracy is low.
 """
 
 import dataclasses
-import re
 import time
-import weakref
 
 import numpy as np
 import tensorflow as tf
 
-from sat_tf import autoattack, masking, reporting
+from sat_tf import attacks, autoattack, masking, reporting
+from sat_tf.rows import AttackSpec, Row, parse_attack
 
-_PATTERN = re.compile(
-    r"^(clean|fgsm|pgd|apgd-ce|apgd-t|square|autoattack)(?:-(\d+|fast|standard))?(?:x(\d+))?$"
-)
-_DEFAULT_BUDGET = {"pgd": 10, "apgd-ce": 100, "apgd-t": 100, "square": 5000}
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackSpec:
-    """One attack of the table.
-
-    Attributes:
-        kind: "clean", "fgsm", "pgd", "apgd-ce", "apgd-t", "square", "autoattack" or "transfer".
-        num_steps: Steps (PGD, APGD) or queries (Square); None where it does not apply.
-        num_restarts: Random restarts (PGD, APGD).
-        version: AutoAttack version, "standard" or "fast".
-        step_size: PGD step in pixels; None for Madry's 2.5 * epsilon / num_steps.
-    """
-
-    kind: str
-    num_steps: int | None = None
-    num_restarts: int = 1
-    version: str = "standard"
-    step_size: float | None = None
-
-    @property
-    def label(self):
-        if self.kind == "autoattack":
-            return "autoattack" if self.version == "standard" else f"autoattack-{self.version}"
-        budget = f"-{self.num_steps}" if self.num_steps is not None else ""
-        restarts = f"x{self.num_restarts}" if self.num_restarts > 1 else ""
-        return f"{self.kind}{budget}{restarts}"
-
-
-def parse_attack(spec):
-    """An `AttackSpec` from a string such as "pgd-50x3" (or an `AttackSpec`, returned as is)."""
-    if isinstance(spec, AttackSpec):
-        return spec
-    match = _PATTERN.match(str(spec).strip().lower())
-    if not match:
-        raise ValueError(
-            f"Unknown attack spec. Received: {spec!r}; see sat_tf.evaluation's docstring."
-        )
-    kind, budget, restarts = match.groups()
-    if kind == "autoattack":
-        return AttackSpec("autoattack", version=budget or "standard")
-    if budget is not None and not budget.isdigit():
-        raise ValueError(f"Only autoattack takes a version. Received: {spec!r}")
-    steps = int(budget) if budget else _DEFAULT_BUDGET.get(kind)
-    return AttackSpec(kind, steps, int(restarts or 1))
-
-
-_COMPILED = weakref.WeakKeyDictionary()  # model -> {(kind, epsilon, steps): tf.function}
+__all__ = ["AttackSpec", "Row", "attack_batch", "collect", "evaluate", "parse_attack"]
 
 
 def _gradient_attack(source, kind, images, labels, *, epsilon, num_steps, seed, step_size=None):
     """`sat_tf.attacks` FGSM or PGD (default step 2.5 * epsilon / K, Madry et al. 2018), compiled
     once per (model, kind, epsilon, steps, step)."""
-    from sat_tf import attacks  # Imported here: attacks.py is the training-time module.
-
-    per_model = _COMPILED.setdefault(source, {})
     if step_size is None and kind == "pgd":
         step_size = 2.5 * epsilon / num_steps
-    key = (kind, float(epsilon), num_steps, step_size)
-    ref = weakref.ref(source)  # The cache is keyed weakly on the model: do not keep it alive.
-    if key not in per_model:
+    key = ("evaluation", kind, float(epsilon), num_steps, step_size)
+
+    def build(ref):
         if kind == "fgsm":
-            fn = lambda x, y, s: attacks.fgsm(ref(), x, y, epsilon=epsilon)  # noqa: E731
-        else:
-            fn = lambda x, y, s: attacks.pgd(  # noqa: E731
-                ref(), x, y, epsilon=epsilon, step_size=step_size, num_steps=num_steps, seed=s
-            )
-        per_model[key] = tf.function(fn, reduce_retracing=True)
-    return per_model[key](images, labels, tf.constant([seed, 0], tf.int64))
+            return lambda x, y, s: attacks.fgsm(ref(), x, y, epsilon=epsilon)
+        return lambda x, y, s: attacks.pgd(
+            ref(), x, y, epsilon=epsilon, step_size=step_size, num_steps=num_steps, seed=s
+        )
+
+    attack = attacks.compiled(source, key, build)
+    return attack(images, labels, tf.constant([seed, 0], tf.int64))
 
 
 def _correct(model, images, labels):
@@ -180,7 +117,7 @@ def collect(dataset, num_examples=None):
 
 
 def _run(model, spec, images, labels, *, epsilon, seed, batch_size, source=None):
-    """One attack on every example: (row, [N] bool robust).
+    """One attack on every example: (`Row`, [N] bool robust).
 
     Only the examples still standing are attacked: first the correctly classified ones, then, for
     each further PGD restart, those that survived the earlier restarts (as AutoAttack does). The
@@ -209,7 +146,7 @@ def _run(model, spec, images, labels, *, epsilon, seed, batch_size, source=None)
                 seed=seed + restart,
                 source=source,
             )
-    row = dict(
+    row = Row(
         attack=spec.label,
         kind=spec.kind,
         epsilon=float(epsilon),
@@ -287,7 +224,7 @@ def evaluate(
         if spec.kind != "transfer" and eps in epsilons:
             worst[eps] = worst.get(eps, robust) & robust
         if verbose:
-            accuracy, seconds = row["accuracy"], row["seconds"]
+            accuracy, seconds = row.accuracy, row.seconds
             print(f"{spec.label:>16s}  eps={eps:<7g} accuracy={accuracy:.4f}  ({seconds:.1f} s)")
     tolerance = max(0.01, 1.0 / max(len(labels), 1))
     found = (

@@ -10,14 +10,13 @@ written under a temporary name and renamed to `<export_dir>/<version>` when comp
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 from sat_tf import data
+from sat_tf.atomic import atomic_path
 
 
 def _outputs(model, images, top_k):
@@ -92,12 +91,11 @@ def export_saved_model(
     archive.add_endpoint("serving_default", from_pixels, input_signature=[pixels_spec])
     archive.add_endpoint("serving_bytes", from_bytes, input_signature=[bytes_spec])
 
-    partial = final.parent / f".partial-{final.name}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    archive.write_out(str(partial), verbose=False)
-    if card is not None:
-        (partial / "assets.extra").mkdir(exist_ok=True)
-        (partial / "assets.extra" / "robustness_card.json").write_text(json.dumps(card, indent=2))
-    os.replace(partial, final)
+    with atomic_path(final) as partial:
+        archive.write_out(str(partial), verbose=False)
+        if card is not None:
+            (partial / "assets.extra").mkdir(exist_ok=True)
+            (partial / "assets.extra" / "robustness_card.json").write_text(
+                json.dumps(card, indent=2)
+            )
     return final

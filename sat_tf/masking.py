@@ -8,9 +8,8 @@ reach ~0 at a large one, more iterations or restarts that help the model, a blac
 attack stronger than the white-box one. A check that fails says "warn": it is evidence to look at,
 not proof of masking.
 
-The model-probing checks call the model; the others read evaluation rows: dicts with keys
-"attack", "kind" ("pgd", "apgd-ce", "square", "transfer", ...), "epsilon", "num_steps",
-"num_restarts" and "accuracy", as `sat_tf.evaluation` writes them.
+The model-probing checks call the model; the others read evaluation rows (`sat_tf.rows.Row`), as
+`sat_tf.evaluation` writes them.
 """
 
 import dataclasses
@@ -74,23 +73,23 @@ def _series(rows, kind=None, attack=None):
     return [
         r
         for r in rows
-        if (kind is None or r["kind"] == kind) and (attack is None or r["attack"] == attack)
+        if (kind is None or r.kind == kind) and (attack is None or r.attack == attack)
     ]
 
 
 def check_epsilon_monotone(rows, *, tolerance):
     """Warns when an attack's accuracy rises with epsilon by more than `tolerance`."""
     worst = {}
-    for attack in sorted({r["attack"] for r in rows if r["kind"] != "clean"}):
-        series = sorted(_series(rows, attack=attack), key=lambda r: r["epsilon"])
+    for attack in sorted({r.attack for r in rows if r.kind != "clean"}):
+        series = sorted(_series(rows, attack=attack), key=lambda r: r.epsilon)
         for low, high in zip(series[:-1], series[1:], strict=True):
-            rise = high["accuracy"] - low["accuracy"]
+            rise = high.accuracy - low.accuracy
             if rise > worst.get("rise", -np.inf):
                 worst = {
                     "attack": attack,
                     "rise": rise,
-                    "from": low["epsilon"],
-                    "to": high["epsilon"],
+                    "from": low.epsilon,
+                    "to": high.epsilon,
                 }
     if not worst:
         return Check("accuracy falls as epsilon grows", None, "fewer than two epsilons per attack")
@@ -104,18 +103,18 @@ def check_epsilon_monotone(rows, *, tolerance):
 
 def check_large_epsilon(rows, *, epsilon, threshold=0.05):
     """Warns unless the white-box accuracy at a large `epsilon` is at most `threshold` (~0)."""
-    found = [r for r in rows if r["epsilon"] == epsilon and r["kind"] in WHITE_BOX]
+    found = [r for r in rows if r.epsilon == epsilon and r.kind in WHITE_BOX]
     if not found:
         return Check("accuracy ~0 at a large epsilon", None, f"no white-box row at eps={epsilon:g}")
-    best = min(found, key=lambda r: r["accuracy"])
-    ok = best["accuracy"] <= threshold
-    accuracy = best["accuracy"]
-    message = f"{best['attack']} at eps={epsilon:g}: accuracy {accuracy:.3f} (want <= {threshold})"
+    best = min(found, key=lambda r: r.accuracy)
+    ok = best.accuracy <= threshold
+    accuracy = best.accuracy
+    message = f"{best.attack} at eps={epsilon:g}: accuracy {accuracy:.3f} (want <= {threshold})"
     return Check(
         "accuracy ~0 at a large epsilon",
         ok,
         message,
-        {"accuracy": best["accuracy"], "epsilon": epsilon},
+        {"accuracy": best.accuracy, "epsilon": epsilon},
     )
 
 
@@ -124,16 +123,16 @@ def check_more_iterations(rows, *, tolerance):
     worst = None
     for a in _series(rows, kind="pgd"):
         for b in _series(rows, kind="pgd"):
-            stronger = b["num_steps"] >= a["num_steps"] and b["num_restarts"] >= a["num_restarts"]
-            if a is b or a["epsilon"] != b["epsilon"] or not stronger:
+            stronger = b.num_steps >= a.num_steps and b.num_restarts >= a.num_restarts
+            if a is b or a.epsilon != b.epsilon or not stronger:
                 continue
-            rise = b["accuracy"] - a["accuracy"]
+            rise = b.accuracy - a.accuracy
             if worst is None or rise > worst["rise"]:
                 worst = {
                     "rise": rise,
-                    "weaker": a["attack"],
-                    "stronger": b["attack"],
-                    "epsilon": a["epsilon"],
+                    "weaker": a.attack,
+                    "stronger": b.attack,
+                    "epsilon": a.epsilon,
                 }
     if worst is None:
         return Check("more steps/restarts never help", None, "need two PGD budgets at one epsilon")
@@ -148,19 +147,19 @@ def check_more_iterations(rows, *, tolerance):
 def _weaker_than_white_box(rows, kind, name, *, tolerance):
     worst = None
     for row in _series(rows, kind=kind):
-        white = [r for r in rows if r["epsilon"] == row["epsilon"] and r["kind"] in WHITE_BOX]
+        white = [r for r in rows if r.epsilon == row.epsilon and r.kind in WHITE_BOX]
         if not white:
             continue
-        best = min(white, key=lambda r: r["accuracy"])
-        gap = best["accuracy"] - row["accuracy"]  # > 0: the weaker attack found more.
+        best = min(white, key=lambda r: r.accuracy)
+        gap = best.accuracy - row.accuracy  # > 0: the weaker attack found more.
         if worst is None or gap > worst["gap"]:
             worst = {
                 "gap": gap,
-                "attack": row["attack"],
-                "accuracy": row["accuracy"],
-                "white_box": best["attack"],
-                "white_box_accuracy": best["accuracy"],
-                "epsilon": row["epsilon"],
+                "attack": row.attack,
+                "accuracy": row.accuracy,
+                "white_box": best.attack,
+                "white_box_accuracy": best.accuracy,
+                "epsilon": row.epsilon,
             }
     if worst is None:
         return Check(name, None, f"no {kind} row with a white-box row at the same epsilon")

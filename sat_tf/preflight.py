@@ -131,7 +131,7 @@ def check_first_batches(config, train, evaluation):
             raise data_error(config, error, resumable=False) from None
         except StopIteration:
             raise RunError(
-                f"--dataset={config.dataset}: the {'training' if split.is_training else 'eval'} "
+                f"--dataset={config.dataset}: the {'training' if split.training else 'eval'} "
                 "split yields no batch; check the files and --global_batch_size."
             ) from None
 

@@ -9,14 +9,16 @@ import matplotlib
 matplotlib.use("Agg")  # No display on servers and CI; set before pyplot is imported.
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sat_tf.rows import parse_attack  # noqa: E402
+
 
 @dataclasses.dataclass
 class EvaluationResults:
     """What `evaluate` measured.
 
     Attributes:
-        rows: One dict per (attack, epsilon): attack, kind, epsilon (pixels), num_steps,
-            num_restarts, accuracy, seconds. The first row is the clean accuracy (epsilon 0).
+        rows: One `sat_tf.rows.Row` per (attack, epsilon); the first row is the clean
+            accuracy (epsilon 0).
         worst_case: Epsilon -> accuracy under the per-example worst case over all attacks.
         checks: `sat_tf.masking.Check`s.
         num_examples: Number of evaluated examples.
@@ -29,24 +31,22 @@ class EvaluationResults:
 
     @property
     def clean_accuracy(self):
-        return next(r["accuracy"] for r in self.rows if r["kind"] == "clean")
+        return next(r.accuracy for r in self.rows if r.kind == "clean")
 
     def accuracy(self, attack, epsilon):
         """Accuracy at `epsilon` of an attack, by spec ("apgd-ce") or label ("apgd-ce-100")."""
-        from sat_tf.evaluation import parse_attack  # Here: evaluation imports this module.
-
-        if attack not in {r["attack"] for r in self.rows}:
+        if attack not in {r.attack for r in self.rows}:
             attack = parse_attack(attack).label
         for row in self.rows:
-            if row["attack"] == attack and row["epsilon"] == float(epsilon):
-                return row["accuracy"]
+            if row.attack == attack and row.epsilon == float(epsilon):
+                return row.accuracy
         raise KeyError(f"No row for attack={attack!r}, epsilon={epsilon!r}")
 
     def to_dict(self):
         return {
             "num_examples": self.num_examples,
             "clean_accuracy": self.clean_accuracy,
-            "rows": self.rows,
+            "rows": [row.to_dict() for row in self.rows],
             "worst_case": {str(k): v for k, v in self.worst_case.items()},
             "checks": [
                 {"name": c.name, "status": c.status, "message": c.message, "values": c.values}
@@ -59,9 +59,9 @@ class EvaluationResults:
 
     def to_markdown(self):
         """A table (attacks x epsilons, accuracy in %), the worst case, then the checks."""
-        epsilons = sorted({r["epsilon"] for r in self.rows if r["kind"] != "clean"})
-        attacks = list(dict.fromkeys(r["attack"] for r in self.rows if r["kind"] != "clean"))
-        cells = {(r["attack"], r["epsilon"]): r["accuracy"] for r in self.rows}
+        epsilons = sorted({r.epsilon for r in self.rows if r.kind != "clean"})
+        attacks = list(dict.fromkeys(r.attack for r in self.rows if r.kind != "clean"))
+        cells = {(r.attack, r.epsilon): r.accuracy for r in self.rows}
         head = "| attack | " + " | ".join(f"eps={e:g}" for e in epsilons) + " |"
         lines = [
             f"Accuracy (%) on {self.num_examples} examples; L-inf epsilon in pixels (0-255). "
@@ -84,10 +84,8 @@ class EvaluationResults:
 
     def plot_accuracy_vs_epsilon(self, path):
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for attack in dict.fromkeys(r["attack"] for r in self.rows if r["kind"] != "clean"):
-            series = sorted(
-                (r["epsilon"], r["accuracy"]) for r in self.rows if r["attack"] == attack
-            )
+        for attack in dict.fromkeys(r.attack for r in self.rows if r.kind != "clean"):
+            series = sorted((r.epsilon, r.accuracy) for r in self.rows if r.attack == attack)
             ax.plot(
                 *zip(*[(0.0, self.clean_accuracy)] + series, strict=True), marker="o", label=attack
             )
@@ -100,12 +98,12 @@ class EvaluationResults:
     def plot_accuracy_vs_steps(self, path):
         """PGD accuracy against the number of steps, one line per (epsilon, restarts)."""
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        pgd = [r for r in self.rows if r["kind"] == "pgd"]
-        for eps, restarts in sorted({(r["epsilon"], r["num_restarts"]) for r in pgd}):
+        pgd = [r for r in self.rows if r.kind == "pgd"]
+        for eps, restarts in sorted({(r.epsilon, r.num_restarts) for r in pgd}):
             series = sorted(
-                (r["num_steps"], r["accuracy"])
+                (r.num_steps, r.accuracy)
                 for r in pgd
-                if r["epsilon"] == eps and r["num_restarts"] == restarts
+                if r.epsilon == eps and r.num_restarts == restarts
             )
             label = f"eps={eps:g}" + (f", {restarts} restarts" if restarts > 1 else "")
             ax.plot(*zip(*series, strict=True), marker="o", label=label)

@@ -1,5 +1,5 @@
 """RobustBench-compatible L-inf evaluation: the protocol and its result file (its data:
-`sat_tf.data.robustbench`).
+`sat_tf.data.robustbench_data`).
 
 RobustBench (Croce et al., "RobustBench: a standardized adversarial robustness benchmark",
 NeurIPS 2021 Datasets and Benchmarks; github.com/RobustBench/robustbench, `benchmark()` in
@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from sat_tf import autoattack
+from sat_tf.rows import Row
 
 _CHUNK = 500  # Examples per auto_attack call: bounds memory (500 ImageNet images: ~0.6 GB).
 
@@ -197,12 +198,9 @@ class Result:
             },
             "clean_accuracy": self.clean_accuracy,
             "rows": [
-                {
-                    "attack": attack,
-                    "kind": "autoattack",
-                    "epsilon": eps,
-                    "accuracy": self.robust_accuracy,
-                }
+                Row(attack, "autoattack", eps, self.robust_accuracy).to_dict(
+                    ("attack", "kind", "epsilon", "accuracy")
+                )
             ],
             "autoattack_stages": self.stages,
             "worst_case": {eps: self.robust_accuracy},
@@ -213,7 +211,7 @@ class Result:
         }
 
 
-def evaluate(
+def benchmark(
     model,
     images,
     labels,

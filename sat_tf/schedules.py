@@ -9,15 +9,20 @@ iteration counter) continues on the same curve.
 import keras
 from keras import ops
 
+SCHEDULES = ("step", "exponential", "cosine")  # the `kind`s of `WarmupDecay`
+
 
 @keras.saving.register_keras_serializable(package="sat_tf")
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak_lr`, then step or exponential decay.
+    """Linear warm-up to `peak_lr`, then step, exponential or cosine decay.
 
-    lr(step) = peak_lr * step / warmup_steps                           while step < warmup_steps
+    lr(step) = peak_lr * (step + 1) / warmup_steps                     while step < warmup_steps
              = peak_lr * decay_rate ** (number of boundaries passed)  for kind="step"
              = peak_lr * decay_rate ** floor(step / decay_steps)      for kind="exponential"
              = peak_lr * 0.5 * (1 + cos(pi * t))                      for kind="cosine", t in [0, 1]
+
+    `step` is the optimizer's iteration count before the update (0 for the first), so the
+    first update already uses peak_lr / warmup_steps and the last warm-up step reaches peak_lr.
 
     Args:
         peak_lr: Learning rate after warm-up.
@@ -29,7 +34,7 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         total_steps: Length of a "cosine" schedule.
     """
 
-    KINDS = ("step", "exponential", "cosine")
+    KINDS = SCHEDULES
 
     def __init__(
         self,

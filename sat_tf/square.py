@@ -5,9 +5,9 @@ gradients; AutoAttack runs it last. The schedule and the vertical-stripe initial
 paper and fra31/auto-attack's `square.py`; the code is written for TF.
 """
 
-import weakref
-
 import tensorflow as tf
+
+from sat_tf.attacks import compiled, project
 
 # Square-size schedule: p halves each time the query counter, rescaled to a budget of 10,000
 # queries, passes one of these thresholds (paper, App. E; official `p_selection`).
@@ -21,9 +21,6 @@ def p_schedule(query, num_queries, p_init):
     return p_init / tf.pow(2.0, halvings)
 
 
-_COMPILED = weakref.WeakKeyDictionary()  # model -> {static config: tf.function}
-
-
 def _margin_and_loss(model, x, y, loss):
     logits = tf.cast(model(x, training=False), tf.float32)
     true = tf.gather(logits, y, axis=1, batch_dims=1)
@@ -35,8 +32,8 @@ def _margin_and_loss(model, x, y, loss):
 
 
 def _make_chunk(model, *, epsilon, num_queries, p_init, loss, clip_min, clip_max, seed):
-    """Builds a graph that runs queries [start, stop) on the active examples."""
-    model = weakref.ref(model)  # The cache is keyed weakly on the model: do not keep it alive.
+    """Queries [start, stop) on the active examples; `model` is a `weakref.ref`."""
+    bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
 
     def query(i, s):
         x, x_best = s["x"], s["x_best"]
@@ -57,9 +54,7 @@ def _make_chunk(model, *, epsilon, num_queries, p_init, loss, clip_min, clip_max
             tf.random.stateless_uniform([tf.shape(x)[0], 1, 1, channels], seed=[seed + 1, i]) - 0.5
         )
         x_new = x_best + window * 2.0 * epsilon * signs
-        x_new = tf.clip_by_value(
-            tf.clip_by_value(x_new, x - epsilon, x + epsilon), clip_min, clip_max
-        )
+        x_new = project(x_new, x, **bounds)
         margin, value = _margin_and_loss(model(), x_new, s["y"], loss)
         # Keep the candidate where the loss fell or the example became misclassified.
         better = (value < s["loss"]) | (margin <= 0.0)
@@ -120,7 +115,8 @@ def square(
     stripes = tf.sign(
         tf.random.stateless_uniform([x.shape[0], 1, x.shape[2], x.shape[3]], [seed, -1]) - 0.5
     )
-    x_best = tf.clip_by_value(x + epsilon * stripes, clip_min, clip_max)
+    bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
+    x_best = project(x + epsilon * stripes, x, **bounds)
     margin, value = _margin_and_loss(model, x_best, y, loss)
     config = dict(
         epsilon=float(epsilon),
@@ -131,11 +127,8 @@ def square(
         clip_max=float(clip_max),
         seed=int(seed),
     )
-    per_model = _COMPILED.setdefault(model, {})
-    key = tuple(sorted(config.items()))
-    if key not in per_model:  # One trace per model and config; new batch sizes reuse it.
-        per_model[key] = tf.function(_make_chunk(model, **config), reduce_retracing=True)
-    chunk = per_model[key]
+    key = ("square",) + tuple(sorted(config.items()))
+    chunk = compiled(model, key, lambda ref: _make_chunk(ref, **config))
     out = x_best
     s = {
         "x": x,

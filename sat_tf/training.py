@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import tensorflow as tf
 from sat_tf import attacks, card, data, distribute, models, saving, schedules
 from sat_tf import callbacks as callbacks_lib
 from sat_tf.adversarial import AdversarialModel
+from sat_tf.atomic import atomic_path, atomic_write
 from sat_tf.config import TrainConfig
 from sat_tf.preflight import (  # noqa: F401  (RunError, FINAL_MODEL, min_image_size: public here too)
     FINAL_MODEL,
@@ -142,10 +142,9 @@ def load_split(config, *, training, input_context=None):
         training: The training split (else the evaluation split, cut to `eval_examples`).
         input_context: Given by `distribute_datasets_from_function` (multi-worker runs).
     """
-    files = config.train_files if training else config.eval_files
     try:
         split = data.load(
-            f"tfrecord:{files}" if files else config.dataset,
+            config.data_spec(training=training),
             split="train" if training else config.resolved_eval_split,
             input_context=input_context,
             global_batch_size=config.global_batch_size,
@@ -321,13 +320,9 @@ def fit_resumable(fit, model, *, callbacks, start_step, steps_per_epoch, epochs)
 
 def save_model_atomically(model, path):
     """Saves to a temporary name in the same directory, then renames: never a half file."""
-    path = Path(path)
-    partial = path.with_name(f".partial-{path.name}")
-    model.save(partial)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        model.save(partial)
 
 
 def _write_json(path, payload):
-    partial = Path(path).with_name(f".partial-{Path(path).name}")
-    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(partial, path)
+    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")

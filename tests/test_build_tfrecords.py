@@ -113,7 +113,7 @@ def test_pipeline_reads_tool_output_with_counts(folder, tmp_path):
         split="train",
         global_batch_size=4,
         image_size=8,
-        is_training=False,
+        training=False,
     )
     assert loaded.num_examples == 12 and loaded.num_classes == 3 and loaded.steps_per_epoch == 3
     labels = np.concatenate([y.numpy() for _, y in loaded.dataset])
@@ -181,7 +181,7 @@ def test_real_imagenette_labels_match_synsets(shared_data, tmp_path):
 def test_json_info_is_written_atomically(folder, tmp_path):
     tool.build(config(folder, tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "train.json").read_text())["num_examples"] == 12
-    assert not list((tmp_path / "out").glob(".*tmp*"))
+    assert not list((tmp_path / "out").glob(".partial-*"))
 
 
 def _tiny_tfds_builder():
@@ -229,7 +229,7 @@ def test_tfds_dataset_through_pipeline_and_tool(tmp_path):
     )
     assert tool.build(config) == {"num_examples": 9, "num_classes": 3, "label_offset": 1}
     train = data.load(
-        f"tfrecord:{out}", split="train", global_batch_size=9, image_size=8, is_training=False
+        f"tfrecord:{out}", split="train", global_batch_size=9, image_size=8, training=False
     )
     assert sorted(np.concatenate([y.numpy() for _, y in train.dataset]).tolist()) == [
         0,

@@ -14,6 +14,7 @@ EfficientNet/efficientnet_builder.py), not read back from the configs.
 import dataclasses
 import pathlib
 import shlex
+import typing
 
 import pytest
 from absl import flags as absl_flags
@@ -93,8 +94,11 @@ class FlagfileError(ValueError):
 
 
 def _kind(name):
-    """The Python type of a field, from its default (`model_dir` has none and is a string)."""
+    """The Python type of a field, from its default (`model_dir` has none and is a string; a None
+    default, as `eval_epsilon`'s, takes the type of its `float | None` annotation)."""
     field = FIELDS[name]
+    if field.default is None:
+        return typing.get_args(field.type)[0]
     return str if field.default is dataclasses.MISSING else type(field.default)
 
 

@@ -29,13 +29,13 @@ def test_demo_split_is_an_exact_partition_of_the_digits():
 def test_load_demo_train_and_padded_eval():
     train = data.load("demo", split="train", global_batch_size=32)
     assert (train.num_examples, train.num_classes, train.image_size) == (1437, 10, 16)
-    assert train.is_training and train.steps_per_epoch == 1437 // 32
+    assert train.training and train.steps_per_epoch == 1437 // 32
     images, labels = next(iter(train.dataset))
     assert images.shape == (32, 16, 16, 3) and images.dtype == tf.float32
     assert labels.dtype == tf.int32 and labels.numpy().min() >= 0 and labels.numpy().max() <= 9
     assert float(tf.reduce_min(images)) >= 0 and float(tf.reduce_max(images)) <= 255
     test = data.load("demo", split="test", global_batch_size=64, pad_final_batch=True)
-    assert not test.is_training and test.steps_per_epoch == 6
+    assert not test.training and test.steps_per_epoch == 6
     batches = list(test.dataset)
     assert len(batches) == 6 and all(b[0].shape[0] == 64 for b in batches)
     weights = np.concatenate([b[2].numpy() for b in batches])
@@ -102,14 +102,14 @@ def test_folder_labels_are_sorted_class_folders(tmp_path):
 def test_folder_bad_image_is_named_by_path(tmp_path):
     _image(tmp_path / "train" / "a" / "ok.png", 1)
     (tmp_path / "train" / "a" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 20)
-    loaded = data.load(f"folder:{tmp_path}", split="train", global_batch_size=1, is_training=False)
+    loaded = data.load(f"folder:{tmp_path}", split="train", global_batch_size=1, training=False)
     with pytest.raises(tf.errors.InvalidArgumentError, match="zz_broken.jpg"):
         list(loaded.dataset)
     skipping = data.load(
         f"folder:{tmp_path}",
         split="train",
         global_batch_size=1,
-        is_training=False,
+        training=False,
         skip_corrupt=True,
     )
     assert len(list(skipping.dataset)) == 1 and int(skipping.skipped.numpy()) == 1
@@ -158,7 +158,7 @@ def test_folder_eval_order_takes_the_classes_in_turn(tmp_path):
         for i in range(count):
             _image(tmp_path / "val" / c / f"{i}.png", 40 * i + 10 * "abc".index(c) + 5)
     loaded = data.load(
-        f"folder:{tmp_path}", split="val", global_batch_size=2, image_size=8, is_training=False
+        f"folder:{tmp_path}", split="val", global_batch_size=2, image_size=8, training=False
     )
     batches = list(loaded.dataset.as_numpy_iterator())
     images, labels = [np.concatenate(t) for t in zip(*batches, strict=True)]

@@ -74,7 +74,7 @@ def test_parse_example_offset_and_bbox():
 
 
 def test_eval_order_labels_shapes_and_pixels(shards):
-    dataset = tfrecord.build_dataset(shards, is_training=False, global_batch_size=6, image_size=8)
+    dataset = tfrecord.build_dataset(shards, training=False, global_batch_size=6, image_size=8)
     batches = list(dataset)
     assert [len(b[1]) for b in batches] == [6, 6, 6, 2]  # the last partial batch is kept
     assert sorted(labels_of(batches)) == list(range(20))  # label_offset=1 applied
@@ -90,14 +90,14 @@ def test_eval_order_labels_shapes_and_pixels(shards):
 
 def test_label_offset_zero(shards):
     dataset = tfrecord.build_dataset(
-        shards, is_training=False, global_batch_size=20, image_size=8, label_offset=0
+        shards, training=False, global_batch_size=20, image_size=8, label_offset=0
     )
     assert sorted(labels_of(dataset)) == list(range(1, 21))
 
 
 def test_pad_final_batch_weights(shards):
     dataset = tfrecord.build_dataset(
-        shards, is_training=False, global_batch_size=8, image_size=8, pad_final_batch=True
+        shards, training=False, global_batch_size=8, image_size=8, pad_final_batch=True
     )
     batches = list(dataset)
     assert all(b[0].shape[0] == 8 and b[2].shape == (8,) for b in batches)
@@ -118,7 +118,7 @@ def test_two_input_contexts_disjoint_and_complete(shards, tmp_path, num_files):
     for pid in range(2):
         context = tf.distribute.InputContext(2, pid, 2)
         dataset = tfrecord.build_dataset(
-            pattern, is_training=False, global_batch_size=8, image_size=8, input_context=context
+            pattern, training=False, global_batch_size=8, image_size=8, input_context=context
         )
         assert max(len(b[1]) for b in dataset) == 4  # per-replica batch
         seen.append(set(labels_of(dataset)))
@@ -128,11 +128,11 @@ def test_two_input_contexts_disjoint_and_complete(shards, tmp_path, num_files):
 
 def test_training_shards_files_shuffles_and_repeats(shards):
     contexts = [tf.distribute.InputContext(2, pid, 2) for pid in range(2)]
-    kwargs = dict(is_training=True, global_batch_size=4, image_size=8, repeat=False)
+    kwargs = dict(training=True, global_batch_size=4, image_size=8, repeat=False)
     seen = [labels_of(tfrecord.build_dataset(shards, input_context=c, **kwargs)) for c in contexts]
     assert all(len(s) == 10 for s in seen)  # 2 files of 5 each, batches of 2 per replica
     assert sorted(seen[0] + seen[1]) == list(range(20))
-    forever = tfrecord.build_dataset(shards, is_training=True, global_batch_size=4, image_size=8)
+    forever = tfrecord.build_dataset(shards, training=True, global_batch_size=4, image_size=8)
     first = [b[1].numpy().tolist() for b in forever.take(15)]
     assert all(len(b) == 4 for b in first)  # 60 > 20 examples: it repeats, full batches only
     assert sum(first, [])[:20] != list(range(20))
@@ -141,7 +141,7 @@ def test_training_shards_files_shuffles_and_repeats(shards):
 def test_cache_with_cifar_augmentation(shards):
     dataset = tfrecord.build_dataset(
         shards,
-        is_training=True,
+        training=True,
         global_batch_size=5,
         image_size=8,
         augmentation="cifar",
@@ -150,23 +150,21 @@ def test_cache_with_cifar_augmentation(shards):
     for images, _ in dataset.take(8):
         assert images.shape == (5, 8, 8, 3) and float(tf.reduce_max(images)) <= 255
     with pytest.raises(ValueError, match="Inception"):
-        tfrecord.build_dataset(
-            shards, is_training=True, global_batch_size=5, image_size=8, cache=True
-        )
+        tfrecord.build_dataset(shards, training=True, global_batch_size=5, image_size=8, cache=True)
 
 
 def test_pattern_matching_nothing(tmp_path):
     pattern = str(tmp_path / "nothing-*")
     with pytest.raises(FileNotFoundError, match="nothing-"):
-        tfrecord.build_dataset(pattern, is_training=False, global_batch_size=2, image_size=8)
+        tfrecord.build_dataset(pattern, training=False, global_batch_size=2, image_size=8)
 
 
 def test_empty_tfrecord_files(shards, tmp_path):
     empty = write(tmp_path / "empty", [])
     with pytest.raises(ValueError, match="empty"):
-        tfrecord.build_dataset(empty, is_training=True, global_batch_size=2, image_size=8)
+        tfrecord.build_dataset(empty, training=True, global_batch_size=2, image_size=8)
     dataset = tfrecord.build_dataset(
-        f"{empty},{shards}", is_training=False, global_batch_size=32, image_size=8
+        f"{empty},{shards}", training=False, global_batch_size=32, image_size=8
     )
     assert sorted(labels_of(dataset)) == list(range(20))
 
@@ -194,7 +192,7 @@ def test_bad_record_error_names_file_and_record(tmp_path, case):
     good = [example(image_bytes(i), i + 1) for i in range(2)]
     path = write(tmp_path / "bad.tfrecord", [good[0], record, good[1]])
     dataset = tfrecord.build_dataset(
-        path, is_training=False, global_batch_size=4, image_size=8, num_classes=1000
+        path, training=False, global_batch_size=4, image_size=8, num_classes=1000
     )
     with pytest.raises(
         tf.errors.InvalidArgumentError, match=rf"bad.tfrecord \(record 1\).*{reason}"
@@ -212,7 +210,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     skipped = tf.Variable(0, dtype=tf.int64)
     dataset = tfrecord.build_dataset(
         str(tmp_path / "bad-*"),
-        is_training=False,
+        training=False,
         global_batch_size=4,
         image_size=8,
         num_classes=1000,
@@ -229,16 +227,16 @@ def test_truncated_tfrecord_file(tmp_path):
         data = f.read()
     with open(path, "wb") as f:
         f.write(data[:-40])
-    for is_training in (False, True):
+    for training in (False, True):
         dataset = tfrecord.build_dataset(
-            path, is_training=is_training, global_batch_size=1, image_size=8, repeat=False
+            path, training=training, global_batch_size=1, image_size=8, repeat=False
         )
         with pytest.raises(tf.errors.InvalidArgumentError, match="cut.tfrecord is truncated"):
             list(dataset)
     skipped = tf.Variable(0, dtype=tf.int64)
     dataset = tfrecord.build_dataset(
         path,
-        is_training=False,
+        training=False,
         global_batch_size=4,
         image_size=8,
         skip_corrupt=True,
@@ -256,7 +254,7 @@ def test_bbox_guides_the_training_crop(tmp_path):
     record = example(buffer.getvalue(), 1, bbox=[0.0, 0.75, 1.0, 1.0])
     path = write(tmp_path / "box.tfrecord", [record] * 40)
     dataset = tfrecord.build_dataset(
-        path, is_training=True, global_batch_size=40, image_size=8, repeat=False
+        path, training=True, global_batch_size=40, image_size=8, repeat=False
     )
     means = next(iter(dataset))[0].numpy().mean(axis=(1, 2, 3))
     # Every crop covers >= 10% of a box lying in the bright half; the average crop is bright.

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from sat_tf import evaluation, masking
+from sat_tf.rows import Row
 
 NUM_CLASSES, SIZE = 5, 8
 
@@ -91,9 +92,7 @@ def test_evaluate_writes_json_markdown_and_plots(model, data, tmp_path, capsys):
     assert results.clean_accuracy == pytest.approx(clean)
     # The per-example worst case is at most every attack's accuracy at that epsilon.
     for eps in (8.0, 32.0):
-        at_eps = [
-            r["accuracy"] for r in results.rows if r["epsilon"] == eps and r["kind"] != "transfer"
-        ]
+        at_eps = [r.accuracy for r in results.rows if r.epsilon == eps and r.kind != "transfer"]
         assert results.worst_case[eps] <= min(at_eps)
     # PGD with 2 restarts keeps the worst case over restart 0 (same seed as pgd-10) and 1.
     assert results.accuracy("pgd-10x2", 32) <= results.accuracy("pgd-10", 32)
@@ -135,7 +134,7 @@ def test_logits_and_determinism_checks(model, data):
 
 
 def _row(attack, kind, epsilon, accuracy, steps=10, restarts=1):
-    return dict(
+    return Row(
         attack=attack,
         kind=kind,
         epsilon=epsilon,
@@ -186,7 +185,7 @@ def test_fixed_pgd_step_size_and_lookup_by_spec(model, data):
         large_epsilon=None,
         verbose=False,
     )
-    steps = {r["attack"]: r["step_size"] for r in results.rows}
+    steps = {r.attack: r.step_size for r in results.rows}
     assert steps["pgd-3"] == steps["pgd-3x2"] == 1.0 and steps["apgd-ce-5"] is None
     assert results.accuracy("apgd-ce-5", 48) == results.accuracy("APGD-CE-5", 48.0)
     # Three 1-pixel steps after a random start hardly beat noise; APGD's 2 * eps steps do.
@@ -218,4 +217,4 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
     assert not (robust & ~correct).any()
     assert sizes[0] == min(16, correct.sum())  # restart 1: the correct examples only
     assert sum(sizes) < 3 * correct.sum()  # later restarts: the survivors only
-    assert row["accuracy"] == robust.mean() and row["num_restarts"] == 3
+    assert row.accuracy == robust.mean() and row.num_restarts == 3

@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from sat_tf import activations, robustbench
-from sat_tf.data import robustbench as robustbench_data
+from sat_tf.data import robustbench_data
 
 ROOT = Path(__file__).resolve().parents[1]
 ROBUSTBENCH_FIELDS = (
@@ -79,7 +79,7 @@ def constant_images(values):
 def test_protocol_on_a_model_with_known_robust_accuracy(dataset, robust_percent):
     values = [100] * 4 + [131] * 4 + [134] * 4 + [140] * 4 + [100] * 4  # The last 4: not used.
     labels = np.zeros(len(values), np.int32)
-    result = robustbench.evaluate(
+    result = robustbench.benchmark(
         mean_threshold_model(),
         constant_images(values),
         labels,
@@ -126,7 +126,7 @@ def test_evaluate_refuses_what_would_misstate_the_protocol():
 
     def run(x=images, **kwargs):
         options = dict(dataset="cifar10", num_examples=4, version="fast") | kwargs
-        return robustbench.evaluate(model, x, labels, **options)
+        return robustbench.benchmark(model, x, labels, **options)
 
     with pytest.raises(ValueError, match="dataset must be one of"):
         run(dataset="mnist")

@@ -22,16 +22,22 @@ resumes where it stopped (delete the output to rebuild with other inputs).
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from sat_tf.atomic import atomic_path, atomic_write  # noqa: E402
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -124,12 +130,10 @@ def shard_path(config, index):
 
 
 def write_shard(path, examples):
-    """Writes serialized examples to `path` atomically (temporary name, then os.replace)."""
-    tmp, writer = _temporary_writer(path)
-    with writer:
+    """Writes serialized examples to `path` atomically (`sat_tf.atomic`)."""
+    with atomic_path(path) as partial, tf.io.TFRecordWriter(str(partial)) as writer:
         for example in examples:
             writer.write(example.SerializeToString())
-    os.replace(tmp, path)
 
 
 def build_from_folder(config):
@@ -178,28 +182,25 @@ def build_from_tfds(config):
     names = builder.info.features["label"].names
     dataset = builder.as_dataset(split=config.split, decoders={"image": tfds.decode.SkipDecoding()})
     paths = [shard_path(config, i) for i in range(config.num_shards)]
-    writers = {i: _temporary_writer(p) for i, p in enumerate(paths) if not os.path.exists(p)}
     num_examples = 0
-    for i, example in enumerate(dataset.as_numpy_iterator()):
-        num_examples += 1
-        writer = writers.get(i % config.num_shards)
-        if writer is not None:
-            label = int(example["label"])
-            filename = f"{config.from_tfds}_{config.split}_{i}"
-            record = make_example(example["image"], label + 1, names[label], filename)
-            writer[1].write(record.SerializeToString())
+    with contextlib.ExitStack() as stack:  # every shard renamed only once the split is read
+        writers = {
+            i: stack.enter_context(tf.io.TFRecordWriter(str(stack.enter_context(atomic_path(p)))))
+            for i, p in enumerate(paths)
+            if not os.path.exists(p)
+        }
+        for i, example in enumerate(dataset.as_numpy_iterator()):
+            num_examples += 1
+            writer = writers.get(i % config.num_shards)
+            if writer is not None:
+                label = int(example["label"])
+                filename = f"{config.from_tfds}_{config.split}_{i}"
+                record = make_example(example["image"], label + 1, names[label], filename)
+                writer.write(record.SerializeToString())
     progress = Progress(len(writers), num_examples)
-    for index, (tmp, writer) in writers.items():
-        writer.close()
-        os.replace(tmp, paths[index])
+    for index in writers:
         progress.update(len(range(index, num_examples, config.num_shards)))
     return num_examples, len(names)
-
-
-def _temporary_writer(path):
-    """A writer to a hidden temporary name: `<split>-*` patterns never match a half shard."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    return tmp, tf.io.TFRecordWriter(tmp)
 
 
 class Progress:
@@ -230,10 +231,8 @@ def build(config):
     builder = build_from_folder if config.input_dir else build_from_tfds
     num_examples, num_classes = builder(config)
     info = {"num_examples": num_examples, "num_classes": num_classes, "label_offset": 1}
-    tmp = os.path.join(config.output_dir, f".{config.split}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(config.output_dir, f"{config.split}.json"))
+    info_path = os.path.join(config.output_dir, f"{config.split}.json")
+    atomic_write(info_path, json.dumps(info, indent=1))
     return info
 
 

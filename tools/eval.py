@@ -21,6 +21,7 @@ the first N. Writes robustbench_<dataset>_Linf.json (a RobustBench model_info en
 --output_dir and appends the evaluation to the card.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -29,6 +30,8 @@ from pathlib import Path
 from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from sat_tf.config import TrainConfig, default_eval_split  # noqa: E402
 
 flags.DEFINE_string("model_dir", None, "A finished training run (model.keras + config.json).")
 flags.DEFINE_string("model_path", None, "Or: a .keras classifier file.")
@@ -67,103 +70,152 @@ flags.DEFINE_string(
     "",
     "robustbench, imagenet: RobustBench's imagenet_test_image_ids.txt (see docs/robustbench.md).",
 )
-FLAGS = flags.FLAGS
 # Flags that only one protocol reads: giving one to the other protocol is an error, not a no-op.
 SAT_ONLY = ("epsilons", "step_size", "num_steps", "restarts", "attacks", "surrogate")
 ROBUSTBENCH_ONLY = ("autoattack_version", "robustbench_dataset", "robustbench_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The flags of one evaluation, one field per flag (same name), plus those given explicitly."""
+
+    model_dir: str | None
+    model_path: str | None
+    dataset: str
+    eval_files: str
+    eval_split: str
+    data_dir: str
+    image_size: int
+    num_examples: int
+    epsilons: tuple
+    step_size: float | None
+    num_steps: tuple
+    restarts: int
+    attacks: tuple
+    protocol: str
+    surrogate: str
+    output_dir: str
+    batch_size: int
+    seed: int
+    autoattack_version: str
+    robustbench_dataset: str | None
+    robustbench_ids: str
+    given: frozenset = frozenset()  # the flags present on the command line
+
+    @classmethod
+    def from_flags(cls, flag_values):
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "given"]
+        values = {name: flag_values[name].value for name in names}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values, given=frozenset(n for n in names if flag_values[n].present))
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What is evaluated, resolved from the flags and the run's config.json (`TrainConfig`)."""
+
+    path: Path  # the .keras file
+    run: TrainConfig | None  # the run's settings; None for a bare .keras file
+    output: Path
+
+    def data_spec(self, config):
+        """--eval_files, else --dataset, else the run's evaluation data (its --eval_files too)."""
+        if config.eval_files:
+            return f"tfrecord:{config.eval_files}"
+        spec = config.dataset or (self.run.data_spec(training=False) if self.run else "")
+        if not spec:
+            _fail("--dataset (or --eval_files) is needed with a model that has no config.json.")
+        return spec
+
+    def split(self, config, default):
+        return config.eval_split or (self.run.eval_split if self.run else "") or default
+
+    def data_dir(self, config):
+        return config.data_dir or (self.run.data_dir if self.run else "") or None
+
+    def value(self, name, default=None):
+        """A field of the run's config, or `default` without one."""
+        return getattr(self.run, name) if self.run else default
 
 
 def _fail(message):
     sys.exit(f"error: {message}")
 
 
-def _resolve():
-    """Model path, run config (or {}), output directory, from the flags; checks them first."""
-    if bool(FLAGS.model_dir) == bool(FLAGS.model_path):
+def _resolve(config):
+    """The `Target` of the flags; checks them first."""
+    if bool(config.model_dir) == bool(config.model_path):
         _fail("give exactly one of --model_dir or --model_path.")
-    model_dir = Path(FLAGS.model_dir) if FLAGS.model_dir else None
-    path = model_dir / "model.keras" if model_dir else Path(FLAGS.model_path)
+    model_dir = Path(config.model_dir) if config.model_dir else None
+    path = model_dir / "model.keras" if model_dir else Path(config.model_path)
     if not path.is_file():
         _fail(f"{path} not found; train first (tools/train.py) or fix --model_dir/--model_path.")
     config_path = path.parent / "config.json"
-    run = json.loads(config_path.read_text()) if config_path.exists() else {}
-    output = Path(FLAGS.output_dir) if FLAGS.output_dir else path.parent / "eval"
-    if FLAGS.step_size is not None and FLAGS.step_size <= 0:
-        _fail(f"--step_size={FLAGS.step_size} must be > 0 (pixels).")
-    if FLAGS.restarts < 1:
-        _fail(f"--restarts={FLAGS.restarts} must be >= 1.")
-    other = SAT_ONLY if FLAGS.protocol == "robustbench" else ROBUSTBENCH_ONLY
-    given = [f"--{name}" for name in other if FLAGS[name].present]
+    run = TrainConfig.from_json(config_path) if config_path.exists() else None
+    output = Path(config.output_dir) if config.output_dir else path.parent / "eval"
+    if config.step_size is not None and config.step_size <= 0:
+        _fail(f"--step_size={config.step_size} must be > 0 (pixels).")
+    if config.restarts < 1:
+        _fail(f"--restarts={config.restarts} must be >= 1.")
+    other = SAT_ONLY if config.protocol == "robustbench" else ROBUSTBENCH_ONLY
+    given = [f"--{name}" for name in other if name in config.given]
     if given:
-        _fail(f"{', '.join(given)} cannot be used with --protocol={FLAGS.protocol}.")
-    return path, run, output
+        _fail(f"{', '.join(given)} cannot be used with --protocol={config.protocol}.")
+    return Target(path, run, output)
 
 
-def _epsilons(run):
+def _epsilons(config, target):
     try:
-        values = [float(e) for e in FLAGS.epsilons]
+        values = [float(e) for e in config.epsilons]
     except ValueError:
-        _fail(f"--epsilons={','.join(FLAGS.epsilons)} must be numbers (pixels).")
+        _fail(f"--epsilons={','.join(config.epsilons)} must be numbers (pixels).")
     if not values:
-        eps = run.get("eval_epsilon", -1)
-        values = [eps if eps is not None and eps >= 0 else run.get("epsilon", 4.0)]
+        values = [target.run.resolved_eval_epsilon if target.run else 4.0]
     if any(e < 0 for e in values):
         _fail("--epsilons must be >= 0.")
     return values
 
 
-def _data(run):
+def _data(config, target):
     from sat_tf import data
 
-    spec = f"tfrecord:{FLAGS.eval_files}" if FLAGS.eval_files else FLAGS.dataset
-    spec = spec or run.get("dataset")
-    if not spec:
-        _fail("--dataset (or --eval_files) is needed with a model that has no config.json.")
-    image_size = FLAGS.image_size or run.get("image_size")
+    spec = target.data_spec(config)
+    image_size = config.image_size or target.value("image_size")
     if not image_size:
         _fail("--image_size is needed with a model that has no config.json.")
-    split = (
-        FLAGS.eval_split
-        or run.get("eval_split")
-        or ("test" if spec == "demo" or spec.startswith("tfds:cifar") else "validation")
-    )
     try:
         return spec, data.load(
             spec,
-            split=split,
-            global_batch_size=FLAGS.batch_size,
+            split=target.split(config, default_eval_split(spec)),
+            global_batch_size=config.batch_size,
             image_size=image_size,
-            data_dir=FLAGS.data_dir or run.get("data_dir") or None,
-            num_classes=run.get("num_classes"),
+            data_dir=target.data_dir(config),
+            num_classes=target.value("num_classes"),
         ).dataset
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
 
 
-def _split(run, default):
-    return FLAGS.eval_split or run.get("eval_split") or default
-
-
-def _robustbench_imagenet(spec, n, image_size, run):
+def _robustbench_imagenet(config, target, spec, n, image_size):
     """RobustBench's ImageNet subset (the first n of --robustbench_ids) from tfrecord:/folder:."""
-    from sat_tf.data import robustbench as robustbench_data
+    from sat_tf.data import robustbench_data
 
-    if not FLAGS.robustbench_ids:
+    if not config.robustbench_ids:
         _fail(
             f"--robustbench_ids=<file> is needed for imagenet; download {robustbench_data.IDS_URL}"
         )
-    ids, sha256 = robustbench_data.read_image_ids(FLAGS.robustbench_ids)
-    split = _split(run, "validation")
+    ids, sha256 = robustbench_data.read_image_ids(config.robustbench_ids)
+    split = target.split(config, "validation")
     known = "" if sha256 == robustbench_data.IDS_SHA256 else ", not RobustBench's published list"
     source = f"{spec} split {split}: the first {min(n, len(ids))} of RobustBench's ids"
     source += f" (sha256 {sha256[:12]}{known})"
-    scheme, _, target = spec.partition(":")
+    scheme, _, location = spec.partition(":")
     if scheme == "folder":
         images, labels = robustbench_data.imagenet_from_folder(
-            target, ids[:n], split=split, image_size=image_size
+            location, ids[:n], split=split, image_size=image_size
         )
     elif scheme == "tfrecord":
-        pattern = target.replace("{split}", split)
+        pattern = location.replace("{split}", split)
         pattern = os.path.join(pattern, f"{split}-*") if os.path.isdir(pattern) else pattern
         images, labels = robustbench_data.imagenet_from_tfrecord(
             pattern, ids[:n], image_size=image_size
@@ -173,43 +225,41 @@ def _robustbench_imagenet(spec, n, image_size, run):
     return images, labels, source
 
 
-def _robustbench_data(protocol, run):
+def _robustbench_data(config, target, protocol):
     """`(images, labels, source)`: the protocol's first --num_examples examples, in its order."""
     from sat_tf import data, evaluation
-    from sat_tf.data import robustbench as robustbench_data
+    from sat_tf.data import robustbench_data
 
-    spec = f"tfrecord:{FLAGS.eval_files}" if FLAGS.eval_files else FLAGS.dataset
-    spec = spec or run.get("dataset")
-    if not spec:
-        _fail("--dataset (or --eval_files) is needed with a model that has no config.json.")
-    n = FLAGS.num_examples or protocol.num_examples
-    image_size = FLAGS.image_size or run.get("image_size") or protocol.image_size
+    spec = target.data_spec(config)
+    n = config.num_examples or protocol.num_examples
+    image_size = config.image_size or target.value("image_size") or protocol.image_size
     if protocol.dataset == "imagenet":
-        return _robustbench_imagenet(spec, n, image_size, run)
+        return _robustbench_imagenet(config, target, spec, n, image_size)
     if spec == "tfds:cifar10":
         images, labels = robustbench_data.cifar10_from_tfds(
-            num_examples=n, data_dir=FLAGS.data_dir or run.get("data_dir") or None
+            num_examples=n, data_dir=target.data_dir(config)
         )
         return images, labels, "tfds:cifar10 test, original order (TFDS id)"
-    split = _split(run, "test")
+    split = target.split(config, "test")
     loaded = data.load(
         spec,
         split=split,
-        global_batch_size=FLAGS.batch_size,
+        global_batch_size=config.batch_size,
         image_size=image_size,
-        data_dir=FLAGS.data_dir or run.get("data_dir") or None,
-        num_classes=run.get("num_classes"),
-        is_training=False,
+        data_dir=target.data_dir(config),
+        num_classes=target.value("num_classes"),
+        training=False,
     )
-    images, labels = evaluation.collect(loaded.dataset.take(-(-n // FLAGS.batch_size)), n)
+    images, labels = evaluation.collect(loaded.dataset.take(-(-n // config.batch_size)), n)
     return images, labels, f"{spec} split {split}: the first {len(labels)} in the pipeline's order"
 
 
-def _robustbench(model, path, run, output, command):
+def _robustbench(config, target, model, command):
     from sat_tf import card, robustbench
 
-    name = FLAGS.robustbench_dataset or {10: "cifar10", 1000: "imagenet"}.get(
-        run.get("num_classes") or model.output_shape[-1]
+    run = target.run
+    name = config.robustbench_dataset or {10: "cifar10", 1000: "imagenet"}.get(
+        (run.num_classes if run else None) or model.output_shape[-1]
     )
     if name is None:
         _fail(
@@ -217,29 +267,29 @@ def _robustbench(model, path, run, output, command):
             "1000 classes."
         )
     protocol = robustbench.PROTOCOLS[name]
-    if FLAGS.num_examples > protocol.num_examples:
-        _fail(f"--num_examples={FLAGS.num_examples}: {name} has {protocol.num_examples}.")
+    if config.num_examples > protocol.num_examples:
+        _fail(f"--num_examples={config.num_examples}: {name} has {protocol.num_examples}.")
     try:
-        images, labels, source = _robustbench_data(protocol, run)
-        architecture = f"{run['model']} ({run['activation']})" if run else model.name
-        result = robustbench.evaluate(
+        images, labels, source = _robustbench_data(config, target, protocol)
+        architecture = f"{run.model} ({run.activation})" if run else model.name
+        result = robustbench.benchmark(
             model,
             images,
             labels,
             dataset=name,
-            num_examples=min(FLAGS.num_examples or protocol.num_examples, len(labels)),
-            version=FLAGS.autoattack_version,
-            batch_size=FLAGS.batch_size,
-            seed=FLAGS.seed,
+            num_examples=min(config.num_examples or protocol.num_examples, len(labels)),
+            version=config.autoattack_version,
+            batch_size=config.batch_size,
+            seed=config.seed,
             model_info={"architecture": architecture},
             source=source,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         _fail(str(error))
-    output.mkdir(parents=True, exist_ok=True)
-    target = output / f"robustbench_{name}_Linf.json"
-    target.write_text(json.dumps(result.model_info_entry(), indent=2) + "\n")
-    card.add_evaluation(path.parent, result.card_entry(command))
+    target.output.mkdir(parents=True, exist_ok=True)
+    entry_path = target.output / f"robustbench_{name}_Linf.json"
+    entry_path.write_text(json.dumps(result.model_info_entry(), indent=2) + "\n")
+    card.add_evaluation(target.path.parent, result.card_entry(command))
     print(
         f"RobustBench {name} Linf {protocol.epsilon} ({protocol.epsilon_pixels:g} pixels), "
         f"AutoAttack {result.version}, {result.num_examples} examples: clean "
@@ -247,46 +297,31 @@ def _robustbench(model, path, run, output, command):
     )
     for deviation in result.deviations:
         print(f"  differs from RobustBench: {deviation}")
-    print(f"Entry: {target}; card: {path.parent / card.CARD_NAME}")
+    print(f"Entry: {entry_path}; card: {target.path.parent / card.CARD_NAME}")
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    path, run, output = _resolve()
-    from sat_tf import card, evaluation, saving
+def _sat(config, target, model, surrogate, command):
+    from sat_tf import card, evaluation
 
-    try:  # checks the archive first, always safe_mode=True
-        model = saving.load_model(path)
-        surrogate = saving.load_model(FLAGS.surrogate) if FLAGS.surrogate else None
-    except saving.ModelFileError as error:
-        _fail(str(error))
-    command = " ".join(sys.argv)
-    if FLAGS.protocol == "robustbench":
-        _robustbench(model, path, run, output, command)
-        return
-    epsilons = _epsilons(run)
-    step_size = FLAGS.step_size if FLAGS.step_size is not None else run.get("eval_step_size", 1.0)
-    spec, dataset = _data(run)
-    attacks = (
-        ["clean"]
-        + [
-            f"pgd-{k}x{FLAGS.restarts}" if FLAGS.restarts > 1 else f"pgd-{k}"
-            for k in FLAGS.num_steps
-        ]
-        + list(FLAGS.attacks)
-    )
+    epsilons = _epsilons(config, target)
+    step_size = config.step_size
+    if step_size is None:
+        step_size = target.value("eval_step_size", 1.0)
+    spec, dataset = _data(config, target)
+    restarts = f"x{config.restarts}" if config.restarts > 1 else ""
+    attacks = ["clean", *(f"pgd-{k}{restarts}" for k in config.num_steps), *config.attacks]
     results = evaluation.evaluate(
         model,
         dataset,
         attacks=attacks,
         epsilons=epsilons,
-        num_examples=FLAGS.num_examples or None,
-        batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed,
+        num_examples=config.num_examples or None,
+        batch_size=config.batch_size,
+        seed=config.seed,
         surrogate=surrogate,
         pgd_step_size=step_size,
     )
+    output = target.output
     output.mkdir(parents=True, exist_ok=True)
     results.save(output)
     primary = epsilons[0]
@@ -296,9 +331,28 @@ def main(argv):
     entry = card.evaluation_entry(
         results, protocol="sat", command=command, dataset=spec, step_size=step_size
     )
-    card.add_evaluation(path.parent, entry)
+    card.add_evaluation(target.path.parent, entry)
     print((output / "results.md").read_text())
-    print(f"Reports in {output}; card: {path.parent / card.CARD_NAME}")
+    print(f"Reports in {output}; card: {target.path.parent / card.CARD_NAME}")
+
+
+def main(argv):
+    del argv
+    config = EvalConfig.from_flags(flags.FLAGS)
+    logging.set_verbosity(logging.WARNING)
+    target = _resolve(config)
+    from sat_tf import saving
+
+    try:  # checks the archive first, always safe_mode=True
+        model = saving.load_model(target.path)
+        surrogate = saving.load_model(config.surrogate) if config.surrogate else None
+    except saving.ModelFileError as error:
+        _fail(str(error))
+    command = " ".join(sys.argv)
+    if config.protocol == "robustbench":
+        _robustbench(config, target, model, command)
+    else:
+        _sat(config, target, model, surrogate, command)
 
 
 if __name__ == "__main__":

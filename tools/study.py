@@ -155,21 +155,10 @@ def load_config(row, seed, *, cache=None, arm=CIFAR10):
     """The row's flagfile as a `TrainConfig`, parsed by absl exactly as tools/train.py does."""
     from absl import flags
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    import train  # tools/train.py: its HELP and config_from_flags
+    from sat_tf import config as config_lib
 
-    flag_values = flags.FlagValues()
-    for name in train.HELP:  # a fresh FlagValues: nothing leaks from an earlier row
-        field = {f.name: f for f in dataclasses.fields(train.TrainConfig)}[name]
-        default = None if field.default is dataclasses.MISSING else field.default
-        define = {
-            bool: flags.DEFINE_bool,
-            int: flags.DEFINE_integer,
-            float: flags.DEFINE_float,
-            tuple: flags.DEFINE_list,
-        }.get(type(default), flags.DEFINE_string)
-        default = list(default) if isinstance(default, tuple) else default
-        define(name, default, train.HELP[name], flag_values=flag_values)
+    flag_values = flags.FlagValues()  # a fresh one: nothing leaks from an earlier row
+    config_lib.define_flags(flag_values)
     model_dir = Path(cache or CACHE) / "runs" / arm.folder / f"{row}_s{seed}"
     arm_flags = [f"--flagfile={arm.flagfile}"] if arm.flagfile else []
     cwd = os.getcwd()
@@ -179,7 +168,7 @@ def load_config(row, seed, *, cache=None, arm=CIFAR10):
     finally:
         os.chdir(cwd)
     flag_values["model_dir"].value = str(model_dir)
-    return train.config_from_flags(flag_values).validate()
+    return config_lib.from_flags(flag_values).validate()
 
 
 def ensure_data(config):

@@ -51,7 +51,7 @@ class Data:
         num_classes: number of classes, None when unknown.
         image_size: side of the images in pixels.
         global_batch_size: batch size over all replicas.
-        is_training: whether this is the (repeating, augmented) training pipeline.
+        training: whether this is the (repeating, augmented) training pipeline.
         skipped: int64 variable counting skipped bad records (with skip_corrupt), else None.
     """
 
@@ -60,7 +60,7 @@ class Data:
     num_classes: int | None
     image_size: int
     global_batch_size: int
-    is_training: bool
+    training: bool
     skipped: tf.Variable | None = None
 
     @property
@@ -68,7 +68,7 @@ class Data:
         """Batches per pass over the split: full batches for training, all batches for eval."""
         if self.num_examples is None:
             return None
-        if self.is_training:
+        if self.training:
             return self.num_examples // self.global_batch_size
         return -(-self.num_examples // self.global_batch_size)
 
@@ -82,7 +82,7 @@ def load(
     input_context=None,
     data_dir=None,
     num_classes=None,
-    is_training=None,
+    training=None,
     augmentation="auto",
     skip_corrupt=False,
     **options,
@@ -97,7 +97,7 @@ def load(
         input_context: `tf.distribute.InputContext` from `distribute_datasets_from_function`.
         data_dir: TFDS data directory.
         num_classes: when given, labels outside [0, num_classes) are errors (tfrecord/folder).
-        is_training: None: `split` starts with "train".
+        training: None: `split` starts with "train".
         augmentation: "inception", "cifar", None, or "auto": None for demo, "cifar" up to 64
             pixels, "inception" above.
         skip_corrupt: skip and count bad records instead of raising an error naming them.
@@ -117,13 +117,13 @@ def load(
         image_size = {"demo": demo.IMAGE_SIZE}.get(
             scheme, 32 if target.startswith("cifar") else 224
         )
-    if is_training is None:
-        is_training = split.startswith("train")
+    if training is None:
+        training = split.startswith("train")
     if augmentation == "auto":
         augmentation = None if scheme == "demo" else "cifar" if image_size <= 64 else "inception"
     common = dict(
         split=split,
-        is_training=is_training,
+        training=training,
         global_batch_size=global_batch_size,
         image_size=image_size,
         input_context=input_context,
@@ -131,19 +131,21 @@ def load(
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False) if skip_corrupt else None
     checked = dict(augmentation=augmentation, skip_corrupt=skip_corrupt, skipped=skipped, **options)
     if scheme == "demo":
-        dataset, count, classes = demo.build_dataset(**common, **options)
+        dataset = demo.build_dataset(**common, **options)
+        count, classes = demo.info(split)
     elif scheme == "tfds":
         from sat_tf.data import tfds  # TFDS is slow to import; only pay for it when used.
 
-        dataset, count, classes = tfds.build_dataset(target, **common, data_dir=data_dir, **checked)
+        dataset = tfds.build_dataset(target, **common, data_dir=data_dir, **checked)
+        sources = {k: options[k] for k in ("manual_dir", "download") if k in options}
+        count, classes = tfds.info(target, split=split, data_dir=data_dir, **sources)
     elif scheme == "folder":
-        dataset, count, classes = folder.build_dataset(
-            target, **common, num_classes=num_classes, **checked
-        )
+        dataset = folder.build_dataset(target, **common, num_classes=num_classes, **checked)
+        count, classes = folder.info(target, split)
     else:
         dataset, count, classes = _load_tfrecord(target, common, num_classes, checked)
     return Data(
-        dataset, count, num_classes or classes, image_size, global_batch_size, is_training, skipped
+        dataset, count, num_classes or classes, image_size, global_batch_size, training, skipped
     )
 
 

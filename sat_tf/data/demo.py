@@ -14,15 +14,26 @@ from sklearn.datasets import load_digits
 from sat_tf.data import pipeline
 
 NUM_CLASSES = 10
+NUM_EXAMPLES = 1797
 NUM_TRAIN = 1437
 IMAGE_SIZE = 16  # 2x the native 8x8: cheap enough for PGD training on 2 CPU cores in minutes.
 SPLITS = ("train", "test", "validation")  # "validation" is the test split.
 
 
-def arrays(split, image_size=IMAGE_SIZE):
-    """Images `[N, image_size, image_size, 3]` float32 in [0, 255] and int32 labels of a split."""
+def _check_split(split):
     if split not in SPLITS:
         raise ValueError(f"The demo data has splits {SPLITS}. Received: split={split!r}")
+
+
+def info(split):
+    """`(num_examples, num_classes)` of a split."""
+    _check_split(split)
+    return (NUM_TRAIN if split == "train" else NUM_EXAMPLES - NUM_TRAIN), NUM_CLASSES
+
+
+def arrays(split, image_size=IMAGE_SIZE):
+    """Images `[N, image_size, image_size, 3]` float32 in [0, 255] and int32 labels of a split."""
+    _check_split(split)
     digits = load_digits()
     order = np.random.RandomState(0).permutation(len(digits.target))
     order = order[:NUM_TRAIN] if split == "train" else order[NUM_TRAIN:]
@@ -36,7 +47,7 @@ def arrays(split, image_size=IMAGE_SIZE):
 def build_dataset(
     *,
     split,
-    is_training,
+    training,
     global_batch_size,
     image_size=IMAGE_SIZE,
     input_context=None,
@@ -47,27 +58,27 @@ def build_dataset(
 
     Args:
         split: "train", or "test" (alias "validation").
-        is_training: shuffle each epoch, repeat, drop the last partial batch.
+        training: shuffle each epoch, repeat, drop the last partial batch.
         global_batch_size: batch size over all replicas.
         image_size: output side in pixels.
         input_context: `tf.distribute.InputContext`; examples are sharded between pipelines.
         pad_final_batch: as in `tfrecord.build_dataset`.
-        repeat: repeat forever; defaults to `is_training`.
+        repeat: repeat forever; defaults to `training`.
 
     Returns:
-        `(dataset, num_examples, num_classes)`.
+        The batched `tf.data.Dataset` (sizes: `info`).
     """
     images, labels = arrays(split, image_size)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     dataset = dataset.shard(*pipeline.shard_info(input_context))
-    if is_training:
+    if training:
         dataset = dataset.shuffle(len(labels), reshuffle_each_iteration=True)
-    if is_training if repeat is None else repeat:
+    if training if repeat is None else repeat:
         dataset = dataset.repeat()
     dataset = pipeline.batch(
         dataset,
-        is_training=is_training,
+        training=training,
         batch_size=pipeline.per_replica_batch_size(global_batch_size, input_context),
         pad_final_batch=pad_final_batch,
     )
-    return dataset, len(labels), NUM_CLASSES
+    return dataset

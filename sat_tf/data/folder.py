@@ -47,11 +47,17 @@ def list_images(directory, split):
     return paths, labels, names
 
 
+def info(directory, split):
+    """`(num_examples, num_classes)` of a split folder."""
+    paths, _, names = list_images(directory, split)
+    return len(paths), len(names)
+
+
 def build_dataset(
     directory,
     *,
     split,
-    is_training,
+    training,
     global_batch_size,
     image_size,
     input_context=None,
@@ -62,11 +68,11 @@ def build_dataset(
     """Train or eval pipeline over an image folder; see `tfrecord.build_dataset` for the arguments.
 
     Returns:
-        `(dataset, num_examples, num_classes)`.
+        The batched `tf.data.Dataset` (sizes: `info`).
     """
-    paths, labels, names = list_images(directory, split)
+    paths, labels, _ = list_images(directory, split)
     paths, labels = np.asarray(paths), np.asarray(labels, np.int64)
-    if is_training:  # Mix the classes inside each chunk (the listing is sorted by class).
+    if training:  # Mix the classes inside each chunk (the listing is sorted by class).
         order = np.random.RandomState(0).permutation(len(paths))
     else:  # Classes in turn (the i-th image of every class, then the (i+1)-th), so that the
         # first batches, e.g. --eval_examples, cover every class; each class keeps its file order.
@@ -88,14 +94,14 @@ def build_dataset(
         (starts, stops),
         make_source,
         shard=(pipeline_id, num_pipelines) if shard_records else (0, 1),
-        is_training=is_training,
+        training=training,
         global_batch_size=global_batch_size,
         image_size=image_size,
         input_context=input_context,
         augmentation=augmentation,
         **kwargs,
     )
-    return dataset, len(paths), len(names)
+    return dataset
 
 
 def _chunk_source(paths, labels):

@@ -30,7 +30,7 @@ def build_from_sources(
     make_source,
     *,
     shard,
-    is_training,
+    training,
     global_batch_size,
     image_size,
     input_context=None,
@@ -59,15 +59,15 @@ def build_from_sources(
         The batched `tf.data.Dataset`.
     """
     preprocessing._check_augmentation(augmentation)
-    if cache and is_training and augmentation == "inception":
+    if cache and training and augmentation == "inception":
         raise ValueError("cache=True would freeze the random Inception crops; use cache=False.")
     num_sources = len(sources[0])
-    repeat = is_training if repeat is None else repeat
+    repeat = training if repeat is None else repeat
     dataset = tf.data.Dataset.from_tensor_slices(tuple(tf.constant(c) for c in sources))
-    if is_training and not cache:
+    if training and not cache:
         dataset = dataset.shuffle(num_sources, reshuffle_each_iteration=True)
         dataset = dataset.repeat() if repeat else dataset
-    decode, augment = _stages(is_training, image_size, augmentation, cache)
+    decode, augment = _stages(training, image_size, augmentation, cache)
     start, stride = shard
 
     def read(*entry):
@@ -79,7 +79,7 @@ def build_from_sources(
             decode,
             describe=describe,
             image_size=image_size,
-            dtype=tf.uint8 if is_training else tf.float32,
+            dtype=tf.uint8 if training else tf.float32,
             skip_corrupt=skip_corrupt,
             skipped=skipped,
             start=start,
@@ -92,16 +92,16 @@ def build_from_sources(
         read,
         cycle_length=min(cycle_length, num_sources),
         num_parallel_calls=AUTOTUNE,
-        deterministic=not is_training,
+        deterministic=not training,
     )
     if cache:
         dataset = dataset.cache()
-        dataset = dataset.repeat() if repeat and is_training else dataset
+        dataset = dataset.repeat() if repeat and training else dataset
     if augment is not None:
         dataset = dataset.map(lambda x, y: (augment(x), y), num_parallel_calls=AUTOTUNE)
     dataset = batch(
         dataset,
-        is_training=is_training,
+        training=training,
         batch_size=per_replica_batch_size(global_batch_size, input_context),
         pad_final_batch=pad_final_batch,
         shuffle_buffer_size=shuffle_buffer_size,
@@ -109,7 +109,7 @@ def build_from_sources(
     return dataset.with_options(_options(num_private_threads))
 
 
-def batch(dataset, *, is_training, batch_size, pad_final_batch=False, shuffle_buffer_size=0):
+def batch(dataset, *, training, batch_size, pad_final_batch=False, shuffle_buffer_size=0):
     """Shuffles (training), batches and prefetches `(image, label)` elements.
 
     Training drops the last partial batch (it repeats anyway) and casts images to float32 after
@@ -117,7 +117,7 @@ def batch(dataset, *, is_training, batch_size, pad_final_batch=False, shuffle_bu
     `pad_final_batch` it is padded to `batch_size` with zero images whose weight (a third element,
     float32) is 0, so a fixed batch shape loses and double-counts nothing.
     """
-    if is_training:
+    if training:
         if shuffle_buffer_size:
             dataset = dataset.shuffle(shuffle_buffer_size)
         dataset = dataset.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
@@ -141,7 +141,7 @@ def _pad_batch(images, labels, batch_size):
     return images, labels, weights
 
 
-def _stages(is_training, image_size, augmentation, cache):
+def _stages(training, image_size, augmentation, cache):
     """`(decode(encoded, bbox), augment or None)`; training images are kept as uint8.
 
     With a cache, training decodes and resizes once and the random "cifar" augmentation runs
@@ -160,7 +160,7 @@ def _stages(is_training, image_size, augmentation, cache):
     def plain(encoded, bbox):
         return _to_uint8(preprocessing.resize(preprocessing.decode_image(encoded), image_size))
 
-    if not is_training:
+    if not training:
         return evaluation, None
     if augmentation == "inception" or not cache:
         return train, None

@@ -49,7 +49,7 @@ def build_dataset(
     name,
     *,
     split,
-    is_training,
+    training,
     global_batch_size,
     image_size,
     input_context=None,
@@ -68,13 +68,13 @@ def build_dataset(
         Other arguments: as `tfrecord.build_dataset`.
 
     Returns:
-        `(dataset, num_examples, num_classes)`.
+        The batched `tf.data.Dataset` (sizes: `info`).
     """
     builder = prepared_builder(name, data_dir=data_dir, manual_dir=manual_dir, download=download)
     read_config = tfds.ReadConfig(input_context=input_context, try_autocache=False)
     examples = builder.as_dataset(
         split=split,
-        shuffle_files=is_training,
+        shuffle_files=training,
         decoders={"image": tfds.decode.SkipDecoding()},
         read_config=read_config,
     )
@@ -91,14 +91,19 @@ def build_dataset(
         ([0],),
         make_source,
         shard=(0, 1),
-        is_training=is_training,
+        training=training,
         global_batch_size=global_batch_size,
         image_size=image_size,
         input_context=input_context,
         **kwargs,
     )
-    num_examples = builder.info.splits[split].num_examples
-    return dataset, num_examples, builder.info.features["label"].num_classes
+    return dataset
+
+
+def info(name, *, split, data_dir=None, manual_dir=None, download=True):
+    """`(num_examples, num_classes)` of a TFDS split."""
+    builder = prepared_builder(name, data_dir=data_dir, manual_dir=manual_dir, download=download)
+    return builder.info.splits[split].num_examples, builder.info.features["label"].num_classes
 
 
 def _record(example):

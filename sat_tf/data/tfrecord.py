@@ -94,7 +94,7 @@ def _file_source(filename, size, label_offset):
 def build_dataset(
     file_pattern,
     *,
-    is_training,
+    training,
     global_batch_size,
     image_size,
     label_offset=1,
@@ -105,7 +105,7 @@ def build_dataset(
 
     Args:
         file_pattern: glob (or comma-separated globs) of TFRecord files.
-        is_training: training pipeline (sharded + shuffled files, augmentation, repeat, full
+        training: training pipeline (sharded + shuffled files, augmentation, repeat, full
             batches) or evaluation (deterministic, every example exactly once).
         global_batch_size: batch size over all replicas.
         image_size: output side in pixels.
@@ -122,7 +122,7 @@ def build_dataset(
             skipped: optional int64 `tf.Variable` counting the skipped records.
             cache: keep decoded images in memory (evaluation, or training with "cifar"/None,
                 where the random augmentation runs after the cache).
-            repeat: repeat forever; defaults to `is_training`.
+            repeat: repeat forever; defaults to `training`.
             shuffle_buffer_size: training shuffle buffer in images (stored as uint8).
             cycle_length: files read in parallel.
             max_pixels: refuse images whose header declares more pixels (decompression bombs).
@@ -148,7 +148,7 @@ def build_dataset(
         (files, sizes),
         make_source,
         shard=(pipeline_id, num_pipelines) if shard_records else (0, 1),
-        is_training=is_training,
+        training=training,
         global_batch_size=global_batch_size,
         image_size=image_size,
         input_context=input_context,

@@ -11,6 +11,7 @@ import functools
 
 import keras
 
+from sat_tf import _keras_compat as compat
 from sat_tf import activations
 from sat_tf.models import cifar, efficientnet, resnet, small
 
@@ -68,7 +69,5 @@ def weight_decay_variables(model):
     """
     # Keras 3 names the depthwise kernel `kernel` too.
     return [
-        layer.kernel
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, _DECAYED_LAYERS)
+        layer.kernel for layer in compat.flatten_layers(model) if isinstance(layer, _DECAYED_LAYERS)
     ]
