@@ -7,15 +7,23 @@
    (timed, interleaved with ReLU), and the TensorFlow ops its graph runs.
 
 Run alone: python benchmarks/bench_overhead.py [--repeats 5]. `run_all.py` calls these.
+
+With `--fit`, the same costs through whole training epochs instead of one compiled step, plus the
+custom loop of `sat_tf.distribute` against `fit` (`fit_and_loop`, "Train step overhead" in
+benchmarks/README.md):
+
+    python benchmarks/bench_overhead.py --fit --fit-batch-size 32 --fit-steps 4 --fit-rounds 8
 """
 
 import argparse
 import collections
 
 import common
+import keras
+import numpy as np
 import tensorflow as tf
 
-from sat_tf import activations
+from sat_tf import activations, distribute
 
 SMOOTH = ("silu", "gelu", "softplus", "smooth_relu", "mish")
 
@@ -208,6 +216,106 @@ def activation_profile(args):
     return info
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Wall-clock and process CPU seconds of each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.wall, self.cpu = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = common.clock()
+
+    def on_epoch_end(self, epoch, logs=None):
+        wall, cpu = common.elapsed(self._start)
+        self.wall.append(wall)
+        self.cpu.append(cpu)
+
+
+def _epoch_step_time(model, runner, dataset_fn, steps):
+    """(wall, CPU) seconds per step: the second epoch of a 2-epoch run (the first traces)."""
+    timer = EpochTimer()
+    if runner == "fit":
+        dataset = dataset_fn(tf.distribute.InputContext())
+        model.fit(dataset, epochs=2, steps_per_epoch=steps, callbacks=[timer], verbose=0)
+    else:
+        distribute.train(
+            model,
+            dataset_fn,
+            strategy=tf.distribute.get_strategy(),
+            epochs=2,
+            steps_per_epoch=steps,
+            callbacks=[timer],
+        )
+    return timer.wall[-1] / steps, timer.cpu[-1] / steps
+
+
+def fit_and_loop(args):
+    """Per-step times of whole epochs: clean and PGD-1 `fit`, SiLU PGD-1 `fit`, PGD-1 through
+    `distribute.train` (default strategy); same model and in-memory batches, one process.
+
+    Configurations run in turn, round by round, after a warm-up round.
+
+    Returns:
+        {name: array (rounds, 2)} of (wall, CPU) seconds per step.
+    """
+    size, batch = args.fit_image_size, args.fit_batch_size
+    images, labels = common.synthetic_data(4 * batch, size)
+    dataset_fn = common.repeating_dataset_fn(images, labels, batch)
+
+    def build(activation, num_steps):  # the paper's training attack (common.build_model)
+        return common.build_model(
+            args.fit_model, image_size=size, activation=activation, num_steps=num_steps
+        )
+
+    configs = {
+        "clean": (build("relu", 0), "fit"),
+        "pgd1": (build("relu", 1), "fit"),
+        "pgd1_silu": (build("silu", 1), "fit"),
+        "pgd1_loop": (build("relu", 1), "loop"),
+    }
+    times = {name: [] for name in configs}
+    for round_index in range(args.fit_rounds + 1):  # Round 0 warms every configuration up.
+        for name, (model, runner) in configs.items():
+            seconds = _epoch_step_time(model, runner, dataset_fn, args.fit_steps)
+            if round_index:
+                times[name].append(seconds)
+    return {name: np.array(values) for name, values in times.items()}
+
+
+def fit_and_loop_text(args, times):
+    """Markdown tables: per-step times, and the ratios by three estimators.
+
+    On a shared machine other jobs only ever add time, so the minimum wall time and the
+    process CPU time are steadier than the median wall time; all three are shown.
+    """
+    lines = [
+        f"{args.fit_model}, batch {args.fit_batch_size}, {args.fit_image_size}x"
+        f"{args.fit_image_size}, {args.fit_steps} steps x {args.fit_rounds} rounds; "
+        f"{common.machine_line()}\n"
+    ]
+    estimators = {
+        "median wall": lambda t: np.median(t[:, 0]),
+        "min wall": lambda t: np.min(t[:, 0]),
+        "median CPU": lambda t: np.median(t[:, 1]),
+    }
+    lines.append("| step | " + " | ".join(f"{e} ms" for e in estimators) + " |")
+    lines.append("|---|" + "---|" * len(estimators))
+    for name, t in times.items():
+        cells = " | ".join(f"{1e3 * f(t):.1f}" for f in estimators.values())
+        lines.append(f"| {name} | {cells} |")
+    lines.append("\n| ratio | " + " | ".join(estimators) + " | goal |")
+    lines.append("|---|" + "---|" * (len(estimators) + 1))
+    for label, top, bottom, goal in (
+        ("PGD-1 adversarial / clean", "pgd1", "clean", 1.7),
+        ("SiLU / ReLU (PGD-1)", "pgd1_silu", "pgd1", 1.10),
+        ("custom loop / fit (PGD-1)", "pgd1_loop", "pgd1", 1.05),
+    ):
+        cells = " | ".join(f"{f(times[top]) / f(times[bottom]):.3f}" for f in estimators.values())
+        lines.append(f"| {label} | {cells} | <= {goal} |")
+    return "\n".join(lines)
+
+
 def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (after 1 warm-up)")
     parser.add_argument("--large-repeats", type=int, default=4, help="rounds for ResNet-50")
@@ -224,7 +332,16 @@ def add_arguments(parser):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
+    parser.add_argument("--fit", action="store_true", help="whole epochs: fit and custom loop")
+    parser.add_argument("--fit-model", default="resnet20")
+    parser.add_argument("--fit-batch-size", type=int, default=64)
+    parser.add_argument("--fit-image-size", type=int, default=32)
+    parser.add_argument("--fit-steps", type=int, default=8, help="timed steps per measurement")
+    parser.add_argument("--fit-rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.fit:
+        print(fit_and_loop_text(args, fit_and_loop(args)))
+        return
     cache = common.StepCache()
     print(common.machine_line() + "\n")
     print(overhead(args, cache)[1] + "\n")

@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from sat_tf import distribute
+
 
 def pipeline_candidate(args):
     """A callable pulling `pipeline_batches` training batches of 64; returns [wall, CPU] s.
@@ -131,26 +133,18 @@ def image_scaling(args, cache):
 
 
 def mirrored_step(devices, args):
-    """A PGD-1 step of resnet20 under MirroredStrategy over `devices`, global batch fixed."""
+    """A PGD-1 step of resnet20 under MirroredStrategy over `devices`, global batch fixed: the
+    step of `sat_tf.distribute.train`."""
     strategy = tf.distribute.MirroredStrategy(devices)
     size, batch = args.small_image_size, args.small_batch_size
     images, labels = common.random_batch(batch, size)
     with strategy.scope():
         model = common.build_model("resnet20", image_size=size, num_steps=1)
-
     dataset_fn = common.repeating_dataset_fn(images, labels, batch)
-
-    dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    with strategy.scope():
-        model._symbolic_build(data_batch=dataset_fn(tf.distribute.InputContext()).element_spec)
-    iterator = iter(dataset)
-
-    @tf.function
-    def step():
-        strategy.run(model.train_step, args=(next(iterator),))
-        return model.train_metrics_result()["loss"]
-
-    return lambda: step().numpy()
+    distribute.build_variables(model, strategy, dataset_fn)
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    step = distribute.make_step(model, strategy)
+    return lambda: step(iterator)["loss"].numpy()
 
 
 def replica_scaling(args):

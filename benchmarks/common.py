@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from sat_tf import _keras_compat as compat
 from sat_tf import models
 from sat_tf.adversarial import AdversarialModel
 
@@ -91,11 +92,28 @@ def linear_fit(x, y):
     return float(slope), float(intercept), float(r2)
 
 
-def random_batch(batch_size, image_size, seed=0):
-    """A fixed batch of [0, 255] images and int labels, as tensors."""
+def synthetic_data(n, image_size, seed=0, *, separable=False):
+    """`n` float32 [0, 255] images and int32 labels (NumPy), the benchmarks' one data source.
+
+    Uniform noise with random labels for timing; with `separable`, 10 classes that can be learnt
+    (a fixed random prototype image per class plus Gaussian noise), where accuracy matters.
+    """
+    shape = (n, image_size, image_size, 3)
+    if separable:
+        protos = np.random.default_rng(123).uniform(40, 215, (NUM_CLASSES, *shape[1:]))
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, NUM_CLASSES, n)
+        images = np.clip(protos[labels] + rng.normal(0, 40, shape), 0, 255)
+        return images.astype(np.float32), labels.astype(np.int32)
     rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")
-    labels = rng.integers(0, NUM_CLASSES, batch_size).astype("int32")
+    images = rng.uniform(0, 255, shape).astype("float32")
+    labels = rng.integers(0, NUM_CLASSES, n).astype("int32")
+    return images, labels
+
+
+def random_batch(batch_size, image_size, seed=0):
+    """A fixed batch of `synthetic_data` as tensors."""
+    images, labels = synthetic_data(batch_size, image_size, seed)
     return tf.constant(images), tf.constant(labels)
 
 
@@ -137,11 +155,11 @@ def build_model(name, *, image_size, activation="relu", num_steps=0, **attack):
 def compiled_step(model, images, labels):
     """A zero-argument callable running `model.train_step` once, compiled as `fit` does.
 
-    The model's optimizer and metric variables are built first from the batch's spec
-    (Keras's own `_symbolic_build`, as `fit` does), so the `tf.function` creates none.
+    The model's optimizer and metric variables are built first from the batch's spec (as `fit`
+    does), so the `tf.function` creates none.
     """
     spec = (tf.TensorSpec.from_tensor(images), tf.TensorSpec.from_tensor(labels))
-    model._symbolic_build(data_batch=spec)
+    compat.symbolic_build(model, spec)
     step = tf.function(lambda x, y: model.train_step((x, y))["loss"])
     return lambda: step(images, labels).numpy()
 

@@ -29,11 +29,7 @@ NUM_CLASSES = 10
 
 
 def make_data(n, size, seed):
-    protos = np.random.default_rng(123).uniform(40, 215, (NUM_CLASSES, size, size, 3))
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, NUM_CLASSES, n)
-    images = np.clip(protos[labels] + rng.normal(0, 40, (n, size, size, 3)), 0, 255)
-    return images.astype(np.float32), labels.astype(np.int32)
+    return common.synthetic_data(n, size, seed, separable=True)
 
 
 def small_cnn(size):

@@ -79,7 +79,7 @@ def _logs(model):
     return read()
 
 
-def _build(model, strategy, dataset_fn):
+def build_variables(model, strategy, dataset_fn):
     """Creates the model's metric and optimizer variables before any replica context,
     as Keras's fit does, from the dataset's element spec."""
     element_spec = dataset_fn(tf.distribute.InputContext()).element_spec
@@ -87,7 +87,9 @@ def _build(model, strategy, dataset_fn):
         compat.symbolic_build(model, element_spec)
 
 
-def _make_step(model, strategy, validation=False):
+def make_step(model, strategy, validation=False):
+    """`run(iterator) -> logs`: one `strategy.run` of the model's train (or test) step, compiled;
+    the logs are read in cross-replica context."""
     step = model.test_step if validation else model.train_step
 
     @tf.function
@@ -144,7 +146,7 @@ def train(
     """
     if validation_fn is not None and not validation_steps:
         raise ValueError("`validation_steps` is required with `validation_fn`.")
-    _build(model, strategy, dataset_fn)
+    build_variables(model, strategy, dataset_fn)
     history = keras.callbacks.History()
     callbacks = keras.callbacks.CallbackList(
         [*(callbacks or []), history],
@@ -156,10 +158,10 @@ def train(
         model=model,
     )
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    run = _make_step(model, strategy)
+    run = make_step(model, strategy)
     if validation_fn is not None:
         validation = strategy.distribute_datasets_from_function(validation_fn)
-        run_validation = _make_step(model, strategy, validation=True)
+        run_validation = make_step(model, strategy, validation=True)
     model.stop_training = False
     callbacks.on_train_begin()
     logs = {}
