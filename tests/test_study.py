@@ -1,5 +1,5 @@
-"""tools/study.py and tools/study_report.py: the queue (seed-major, skip finished, stop), the
-row configs and the report."""
+"""sat_tf.study (run by tools/study.py): the queue (seed-major, skip finished, stop), the row
+configs and the report."""
 
 import json
 import os
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import study  # noqa: E402
-import study_report  # noqa: E402
+from sat_tf import study
+from sat_tf.study import arrays as study_arrays
+from sat_tf.study import paths as study_paths
+from sat_tf.study import protocol as study_protocol
+from sat_tf.study import report as study_report
 
 
 def _write_result(folder, row, seed, clean, pgd20, activation="relu", version=None):
@@ -62,7 +62,7 @@ def test_results_of_an_older_protocol_are_pending_and_left_out_of_the_report(tmp
 
 def test_stop_at_is_the_next_time_the_clock_reads_it():
     for hhmm in ("00:00", "11:59", "23:59"):
-        when = study._utc_today(hhmm)
+        when = study.next_utc_time(hhmm)
         assert 0 < when - time.time() <= 86400
         assert time.strftime("%H:%M", time.gmtime(when)) == hhmm
 
@@ -168,7 +168,7 @@ def test_run_one_reuses_a_finished_model_and_writes_the_record(tmp_path, monkeyp
     import keras
     import numpy as np
 
-    monkeypatch.setattr(study, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(study_paths, "CACHE", tmp_path / "cache")
     model_dir = tmp_path / "cache" / "runs" / "silu_s1"
     model_dir.mkdir(parents=True)
     inputs = keras.Input((4, 4, 3))
@@ -179,10 +179,12 @@ def test_run_one_reuses_a_finished_model_and_writes_the_record(tmp_path, monkeyp
         json.dumps({"results": {"loss": 1.5}, "wall_time_s": 9})
     )
     seen = {}
-    monkeypatch.setattr(study, "ensure_data", lambda config: None)
-    monkeypatch.setattr(study, "eval_arrays", lambda config, arm: (np.zeros((2, 4, 4, 3)), [0, 1]))
+    monkeypatch.setattr(study_arrays, "ensure_data", lambda config: None)
     monkeypatch.setattr(
-        study, "evaluate_model",
+        study_arrays, "eval_arrays", lambda config, arm: (np.zeros((2, 4, 4, 3)), [0, 1])
+    )
+    monkeypatch.setattr(
+        study_protocol, "evaluate_model",
         lambda model, x, y, protocol: seen.setdefault("m", dict(clean=0.5, pgd20=0.2, pgd50x2=0.1,
                                                                 autoattack=0.1, n=len(y))),
     )  # fmt: skip
@@ -251,13 +253,13 @@ def test_eval_arrays_order_depends_on_the_images_not_the_file_names(tmp_path, mo
                 path.parent.mkdir(parents=True, exist_ok=True)
                 image = np.full((8, 8, 3), value + (label == "dog"), np.uint8)
                 Image.fromarray(image).save(path)
-        monkeypatch.setattr(study, "CACHE", tmp_path / f"cache_{name}")
-        study.CACHE.mkdir()
+        monkeypatch.setattr(study_paths, "CACHE", tmp_path / f"cache_{name}")
+        study_paths.CACHE.mkdir()
         config = dataclasses.replace(
             study.load_config("relu", 0, cache=tmp_path),
             dataset=f"folder:{tmp_path / name}", image_size=8, num_classes=2,
         )  # fmt: skip
-        orders.append(study.eval_arrays(config, arm))
+        orders.append(study_arrays.eval_arrays(config, arm))
     (xa, ya), (xb, yb) = orders
     assert sorted(ya.tolist()) == [0] * 5 + [1] * 5 and ya.tolist() != sorted(ya.tolist())
     np.testing.assert_array_equal(xa, xb)
@@ -289,7 +291,7 @@ def test_standard_autoattack_runs_on_the_subset_with_the_true_gradient(tmp_path,
 
     from sat_tf import activations, autoattack
 
-    monkeypatch.setattr(study, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(study_paths, "CACHE", tmp_path / "cache")
     results = tmp_path / "results"
     _write_result(results, "smoothgrad_both", 1, 0.5, 0.3)
     model_dir = tmp_path / "cache" / "runs" / "smoothgrad_both_s1"
@@ -300,9 +302,9 @@ def test_standard_autoattack_runs_on_the_subset_with_the_true_gradient(tmp_path,
     )
     n = study.EVAL["subset_examples"]
     labels = np.arange(n + 5) % 10
-    monkeypatch.setattr(study, "ensure_data", lambda config: None)
+    monkeypatch.setattr(study_arrays, "ensure_data", lambda config: None)
     monkeypatch.setattr(
-        study, "eval_arrays", lambda config, arm: (np.zeros((n + 5, 4, 4, 3)), labels)
+        study_arrays, "eval_arrays", lambda config, arm: (np.zeros((n + 5, 4, 4, 3)), labels)
     )
     seen = {}
 
@@ -323,7 +325,7 @@ def test_standard_autoattack_runs_on_the_subset_with_the_true_gradient(tmp_path,
 
 
 def test_standard_autoattack_without_the_saved_model_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(study_paths, "CACHE", tmp_path / "cache")
     with pytest.raises(SystemExit, match="no saved model.*--rows=relu --seeds=2"):
         study.run_standard_autoattack("relu", 2, tmp_path)
 

@@ -1,4 +1,4 @@
-"""The CPU-scale study's report: docs/study.md's generated section and its two plots.
+"""The study's report: docs/study.md's generated section of an arm and its two plots.
 
 `python tools/study.py --report` calls `write_report(load_results(...), "docs", ...)`; the prose
 of docs/study.md outside the generated markers is kept.
@@ -46,7 +46,7 @@ def load_results(results, *, version):
 def standard_aa_markdown(standard, rows, base="relu"):
     """Standard AutoAttack next to the run's AutoAttack-fast (same model, same images).
 
-    `standard`: `load_results` of the standard-AutoAttack folder (`tools/study.py
+    `standard`: `load_results` of the standard-AutoAttack folder (`tools/study.py --run
     --autoattack_standard`).
     """
     if not standard:
@@ -159,8 +159,9 @@ def plot_curves(table, path, rows, title):
         errors = [0 if s != s else s for _, s in stats]
         style = "--" if row.startswith(("clean", "smoothgrad")) else "-"
         color = plt.cm.tab20(i % 20)  # 11 rows: more colours than the default cycle's 10
-        ax.errorbar(epsilons, means, yerr=errors, label=row, marker="o", ls=style, capsize=2,
-                    color=color)  # fmt: skip
+        ax.errorbar(
+            epsilons, means, yerr=errors, label=row, marker="o", ls=style, capsize=2, color=color
+        )
     ax.set(xlabel="epsilon (pixels of 255)", ylabel="accuracy under PGD-20 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -182,8 +183,14 @@ def plot_scatter(table, path, rows, *, title, epsilon):
         runs = table[row]
         cx, sx = mean_std([r["metrics"]["clean"] for r in runs])
         cy, sy = mean_std([r["metrics"]["pgd20"] for r in runs])
-        ax.errorbar(cx, cy, xerr=0 if sx != sx else sx, yerr=0 if sy != sy else sy,
-                    marker="s" if row.startswith("smoothgrad") else "o", capsize=2)  # fmt: skip
+        ax.errorbar(
+            cx,
+            cy,
+            xerr=0 if sx != sx else sx,
+            yerr=0 if sy != sy else sy,
+            marker="s" if row.startswith("smoothgrad") else "o",
+            capsize=2,
+        )
         ax.annotate(row, (cx, cy), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for get, put in ((ax.get_xlim, ax.set_xlim), (ax.get_ylim, ax.set_ylim)):
         low, high = get()  # at least 4 points wide: no zooming 0.2-point gaps into a trend
@@ -209,12 +216,28 @@ def write_report(
     begin, end = markers(arm)
     stem = "study" if arm == "cifar10" else f"study_{arm}"
     full, subset = protocol["full_examples"], protocol["subset_examples"]
-    plot_curves(table, docs / f"{stem}_epsilon.png", rows,
-                f"{data}, small_cnn, {subset:,} test images (eps 0 = clean)")  # fmt: skip
-    plot_scatter(table, docs / f"{stem}_scatter.png", rows, epsilon=protocol["epsilon"],
-                 title=f"{data}, adversarial rows, {full:,} test images")  # fmt: skip
-    checks = sorted({c["name"] for runs in table.values() for r in runs
-                     for c in r["metrics"]["checks"] if c["status"] == "warn"})  # fmt: skip
+    plot_curves(
+        table,
+        docs / f"{stem}_epsilon.png",
+        rows,
+        f"{data}, small_cnn, {subset:,} test images (eps 0 = clean)",
+    )
+    plot_scatter(
+        table,
+        docs / f"{stem}_scatter.png",
+        rows,
+        epsilon=protocol["epsilon"],
+        title=f"{data}, adversarial rows, {full:,} test images",
+    )
+    checks = sorted(
+        {
+            c["name"]
+            for runs in table.values()
+            for r in runs
+            for c in r["metrics"]["checks"]
+            if c["status"] == "warn"
+        }
+    )
     folder = "results/study/" + ("" if arm == "cifar10" else f"{arm}/")
     parts = [
         begin,
