@@ -32,7 +32,7 @@ def _clone_metric(metric):
 
 
 def _replicas():
-    # Keras divides each replica's loss by this, so that summed gradients give the mean.
+    # Keras (3.15) divides each replica's loss by this, so summed gradients give the mean.
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
@@ -133,7 +133,7 @@ class AdversarialModel(keras.Model):
         self._adv_metrics = compat.metrics_twin(self, _clone_metric, prefix="adv_")
 
     def compile_from_config(self, config):
-        # Keras skips compiling on load when `compile` is overridden; ours only adds the
+        # Keras (3.15) skips compiling on load when `compile` is overridden; ours only adds the
         # adversarial metrics, so compile as Keras 3.15's Trainer.compile_from_config does.
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
@@ -148,7 +148,7 @@ class AdversarialModel(keras.Model):
 
     def _build_metrics(self, y, y_pred):
         # Both metric sets must exist before the logs are read: training updates only the
-        # adversarial set, and Keras reads all of `self.metrics` at the end of an epoch.
+        # adversarial set, and Keras (3.15) reads all of `self.metrics` at an epoch's end.
         for metrics in (compat.compiled_metrics(self), self._adv_metrics):
             if metrics is not None and not metrics.built:
                 metrics.build(y, y_pred)
@@ -179,7 +179,7 @@ class AdversarialModel(keras.Model):
                 loss = compat.compute_loss(
                     self, x=x_adv, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
                 )
-                # Keras scales each replica's loss by 1 / replicas; report the true mean.
+                # Keras (3.15) scales each replica's loss by 1 / replicas; log the true mean.
                 compat.loss_tracker(self).update_state(
                     loss * _replicas(), sample_weight=tf.shape(x)[0]
                 )

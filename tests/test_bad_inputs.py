@@ -1,5 +1,6 @@
-"""The bad-input matrix (issue 11): each bad flag, data file, model file or serving request gives
-one clear error naming the thing and the fix, before any training, and damages nothing written.
+"""The bad-input matrix (docs/reliability.md): each bad flag, data file, model file or serving
+request gives one clear error naming the thing and the fix, before any training, and damages
+nothing written.
 
 Most cases call `sat_tf.training.run` in-process against ONE finished run with `overwrite=True`,
 the most dangerous setting (it clears a finished run): a bad input must be refused before that

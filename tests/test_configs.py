@@ -29,7 +29,7 @@ IMAGENET_ROWS = [p for p in ROWS if p.startswith("configs/imagenet/")]
 CIFAR_ROWS = [p for p in ROWS if p.startswith("configs/cifar10/")]
 FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 
-# ResNet-50 activation comparison and gradient-quality ablation (issue 7, paper Table 1).
+# ResNet-50 activation comparison and gradient-quality ablation (paper Table 1).
 ACTIVATION_ROWS = {
     act: f"configs/imagenet/resnet50_{act}.cfg"
     for act in ("relu", "softplus", "parametric_softplus", "silu", "gelu", "elu", "smooth_relu")

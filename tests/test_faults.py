@@ -1,4 +1,5 @@
-"""Interruptions and numeric faults (issue 11): SIGKILL at chosen points, SIGTERM / Ctrl-C, NaN.
+"""Interruptions and numeric faults (docs/reliability.md): SIGKILL at chosen points, SIGTERM /
+Ctrl-C, NaN.
 
 The kill points are made deterministic by a small harness (`HARNESS`) that runs tools/train.py or
 tools/export.py with one function wrapped: when the run reaches the chosen point, the wrapper
