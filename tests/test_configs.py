@@ -12,6 +12,7 @@ EfficientNet/efficientnet_builder.py), not read back from the configs.
 """
 
 import dataclasses
+import json
 import pathlib
 import shlex
 import typing
@@ -385,3 +386,20 @@ def test_parser_lets_later_flags_win_and_reads_negated_bools(tmp_path, monkeypat
         "random_start": False,
         "smooth_gradients": (),
     }
+
+
+def test_a_runs_saved_settings_resolve_as_training_resolved_them(tmp_path):
+    """tools/eval.py reads config.json back: the eval files, split and epsilon of the run."""
+    path = tmp_path / "config.json"
+    saved = dict(model_dir="r", dataset="tfrecord:/d/train-*", eval_files="/d/val-*", epsilon=8.0)
+    path.write_text(json.dumps({**saved, "decay_epochs": [30, 60], "unknown_key": 1}))
+    run = TrainConfig.from_json(path)
+    assert run.data_spec(training=False) == "tfrecord:/d/val-*"
+    assert run.data_spec(training=True) == "tfrecord:/d/train-*"
+    assert run.decay_epochs == (30, 60) and run.resolved_eval_split == "validation"
+    assert run.eval_epsilon is None and run.resolved_eval_epsilon == 8.0
+    older = TrainConfig.from_dict({**saved, "eval_epsilon": -1.0})  # the sentinel before None
+    assert older.eval_epsilon is None and older.resolved_eval_epsilon == 8.0
+    assert TrainConfig.from_dict({**saved, "eval_epsilon": 4.0}).resolved_eval_epsilon == 4.0
+    with pytest.raises(ValueError, match="--eval_epsilon=-2"):
+        dataclasses.replace(run, eval_epsilon=-2.0).validate()

@@ -31,7 +31,9 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from sat_tf.autoattack import VERSIONS  # noqa: E402
 from sat_tf.config import TrainConfig, default_eval_split  # noqa: E402
+from sat_tf.robustbench import PROTOCOLS  # noqa: E402
 
 flags.DEFINE_string("model_dir", None, "A finished training run (model.keras + config.json).")
 flags.DEFINE_string("model_path", None, "Or: a .keras classifier file.")
@@ -56,13 +58,13 @@ flags.DEFINE_integer("seed", 0, "Seed of every attack.")
 flags.DEFINE_enum(
     "autoattack_version",
     "standard",
-    ["standard", "fast"],
+    list(VERSIONS),
     "robustbench: AutoAttack budget (fast: smoke runs, not a reportable number).",
 )
 flags.DEFINE_enum(
     "robustbench_dataset",
     None,
-    ["cifar10", "imagenet"],
+    list(PROTOCOLS),
     "robustbench: the leaderboard; default: from the run's classes (10: cifar10, 1000: imagenet).",
 )
 flags.DEFINE_string(
@@ -258,9 +260,9 @@ def _robustbench(config, target, model, command):
     from sat_tf import card, robustbench
 
     run = target.run
-    name = config.robustbench_dataset or {10: "cifar10", 1000: "imagenet"}.get(
-        (run.num_classes if run else None) or model.output_shape[-1]
-    )
+    by_classes = {p.num_classes: name for name, p in robustbench.PROTOCOLS.items()}
+    num_classes = (run.num_classes if run else None) or model.output_shape[-1]
+    name = config.robustbench_dataset or by_classes.get(num_classes)
     if name is None:
         _fail(
             "--robustbench_dataset=cifar10|imagenet is needed: the model has neither 10 nor "
