@@ -118,9 +118,11 @@ def _read(prefix, reader, plan):
     for variable, name, transform in plan:
         try:
             value = reader.get_tensor(name)
-        except (tf.errors.OpError, ValueError) as error:
+        except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as error:
             reason = str(error).splitlines()[0][:160]
-            _fail(prefix, f"reading {name} failed ({reason}); the .data file is truncated or corrupt")
+            _fail(
+                prefix, f"reading {name} failed ({reason}); the .data file is truncated or corrupt"
+            )
         value = np.asarray(value, dtype="float32")
         if transform == "bgr_to_rgb":
             value = value[:, :, ::-1, :]

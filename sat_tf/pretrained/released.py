@@ -12,7 +12,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-# The official ResNet evaluation (README): --attack-epsilon=4.0 --attack-step-size=1.0, PGD-10/20/50.
+# The official ResNet evaluation (README): --attack-epsilon=4.0 --attack-step-size=1.0, K=10/20/50.
 OFFICIAL_EPSILON = 4.0
 OFFICIAL_STEP_SIZE = 1.0
 OFFICIAL_NUM_STEPS = (10, 20, 50)

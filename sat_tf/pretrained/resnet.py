@@ -2,12 +2,12 @@
 
 Variable names follow cihangxie/SmoothAdversarialTraining ResNet/resnet_model.py: `conv0` (stem,
 line 187), `group{g}/block{i}/conv{1,2,3}` and `convshortcut` (lines 106, 153-162, 173-176), each
-with Tensorpack's `W` kernel and `bn/{gamma,beta,mean/EMA,variance/EMA}`, the classifier `linear/{W,b}`
-(line 194), and for SmoothReLU a raw `smoothrelu_beta` of shape [1] in the scope of every
-activation (line 49: inside each conv's scope for the conv + BN + activation, and in the block's
-scope for the block output, line 168). The official architecture equals the zoo's (stride on the
-3x3, `fixed_padding` before strided convs, SAME max pool, BN epsilon 1e-5), so no builder option is
-needed. Kernels are [kh, kw, in, out] in both data formats, so NCHW changes no weight.
+with Tensorpack's `W` kernel and `bn/{gamma,beta,mean/EMA,variance/EMA}`, the classifier
+`linear/{W,b}` (line 194), and for SmoothReLU a raw `smoothrelu_beta` of shape [1] in the scope of
+every activation (line 49: inside each conv's scope for the conv + BN + activation, and in the
+block's scope for the block output, line 168). The official architecture equals the zoo's (stride
+on the 3x3, `fixed_padding` before strided convs, SAME max pool, BN epsilon 1e-5), so no builder
+option is needed. Kernels are [kh, kw, in, out] in both data formats, so NCHW changes no weight.
 
 The official evaluation reads images with OpenCV (BGR) and feeds them to the first conv in that
 order (adv_model.py `image_preprocess`, where the RGB flip is commented out); the import reverses
@@ -38,7 +38,12 @@ _BLOCK = re.compile(r"^group(\d)/block(\d+)/conv1/W$")
 # step counter and learning rate (imagenet_utils.py line 197), and Tensorpack's moving averages of
 # the training summaries (add_moving_summary, under EMA/).
 NOT_MODEL = re.compile(r"(/Momentum$|^global_step$|^learning_rate$|^EMA/)")
-_BN = {"gamma": "gamma", "beta": "beta", "moving_mean": "mean/EMA", "moving_variance": "variance/EMA"}
+_BN = {
+    "gamma": "gamma",
+    "beta": "beta",
+    "moving_mean": "mean/EMA",
+    "moving_variance": "variance/EMA",
+}
 
 
 def not_model(name, used):
@@ -83,7 +88,9 @@ def infer(shapes):
     else:
         arch = f"resnext{depth}_{groups}x{width_per_group}d"
     if arch not in zoo.CONFIGS:
-        raise ValueError(f"{arch} (depth {depth}, {groups} groups of {width_per_group}) is not in the zoo")
+        raise ValueError(
+            f"{arch} (depth {depth}, {groups} groups of {width_per_group}) is not in the zoo"
+        )
     activation = "smooth_relu" if any(n.endswith("/" + BETA) for n in shapes) else None
     return arch, activation, shapes["linear/W"][1]
 
@@ -91,7 +98,7 @@ def infer(shapes):
 def _scope(layer_name):
     """The official variable scope of a zoo layer, and the role of the layer in it."""
     if layer_name.startswith("stem_"):
-        return "conv0", layer_name[len("stem_"):]
+        return "conv0", layer_name[len("stem_") :]
     if layer_name == "logits":
         return "linear", "dense"
     found = re.match(r"^stage(\d)_block(\d+)_(.+)$", layer_name)
@@ -100,7 +107,7 @@ def _scope(layer_name):
     stage, block, role = found.groups()
     scope = f"group{int(stage) - 1}/block{int(block) - 1}"
     if role.startswith("proj_"):
-        return f"{scope}/convshortcut", role[len("proj_"):]
+        return f"{scope}/convshortcut", role[len("proj_") :]
     if role == "out":
         return scope, "act"
     found = re.match(r"^(conv|bn|act)(\d)$", role)

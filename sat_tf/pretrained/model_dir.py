@@ -1,0 +1,124 @@
+"""A `model_dir` for an imported checkpoint, shaped like a finished training run.
+
+`model.keras`, `config.json` and `robustness_card.json`, so `tools/eval.py --model_dir`,
+`tools/export.py` and `tools/train.py --init_from` read it unchanged. The config carries the
+official evaluation protocol (epsilon 4, step 1, PGD-10/20/50); the card carries the official
+README's numbers, marked as reported by the official repository, not measured here.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from sat_tf import card, config, training
+from sat_tf.pretrained import released
+
+# Conventions of the official evaluation that no layer of the imported model can hold.
+NOT_FOLDED = (
+    "image loading: the official ResNet evaluation reads JPEGs with OpenCV, resizes the shorter "
+    "side to size + 32 with bicubic interpolation and crops the centre; sat_tf's evaluation "
+    "pipeline resizes with TensorFlow (bilinear), so pixels, and accuracies, differ slightly",
+)
+FOLDED = {
+    "resnet": (
+        "BGR input of the official code (OpenCV) -> RGB: the stem kernel's input channels reversed",
+        "x * 2 / 255 - 1 scaling: the zoo ResNet's first layer",
+        "NCHW -> NHWC: kernels are [kh, kw, in, out] in both, no weight changes",
+        "fixed_padding before strided convs, stride on the 3x3, BN epsilon 1e-5: the zoo's own",
+        "SmoothReLU raw beta (beta = raw^2): copied to each layer's b (beta = b^2)",
+    ),
+}
+
+
+def official_config(imported, model_dir):
+    """The run config: the imported architecture and the official evaluation protocol."""
+    run = config.TrainConfig(
+        model_dir=str(model_dir),
+        model=imported.arch,
+        activation=imported.activation,
+        num_classes=imported.num_classes,
+        image_size=imported.image_size,
+        dataset="",  # give --dataset to tools/eval.py (e.g. tfrecord:/data/imagenet/validation-*)
+        augmentation="inception",  # evaluation and serving crop the centre, as the official loader
+        epsilon=released.OFFICIAL_EPSILON,
+        step_size=released.OFFICIAL_STEP_SIZE,
+        eval_epsilon=released.OFFICIAL_EPSILON,
+        eval_step_size=released.OFFICIAL_STEP_SIZE,
+        eval_num_steps=released.OFFICIAL_NUM_STEPS[0],
+    )
+    return {**dataclasses.asdict(run), "official": _official(imported)}
+
+
+def _official(imported):
+    entry = imported.released
+    return {
+        "checkpoint": imported.prefix,
+        "released_name": entry.name if entry else None,
+        "family": imported.family,
+        "moving_average_weights": imported.moving_average,
+        "evaluation_protocol": {
+            "norm": "Linf",
+            "epsilon_pixels": released.OFFICIAL_EPSILON,
+            "step_size_pixels": released.OFFICIAL_STEP_SIZE,
+            "pgd_steps": list(released.OFFICIAL_NUM_STEPS),
+            "targeted": False,
+        },
+        "official_flags": entry.official_flags if entry else None,
+        "unused_training_variables": len(imported.skipped),
+    }
+
+
+def official_card(imported, *, command=""):
+    """The robustness card of an imported model."""
+    entry = imported.released
+    reported = None
+    if entry:
+        reported = {
+            "source": released.SOURCE,
+            "note": "reported by the official repository with its own image loader and the full "
+            "ImageNet validation set; not measured by sat_tf",
+            "accuracy_percent": entry.reported_accuracy,
+            "official_flags": entry.official_flags,
+        }
+    return {
+        "format": "sat_tf.robustness_card/1",
+        "model": {
+            "architecture": imported.arch,
+            "activation": imported.activation,
+            "num_classes": imported.num_classes,
+            "image_size": imported.image_size,
+            "init_from": None,
+            "imported_from": _official(imported),
+        },
+        "input_convention": card.INPUT_CONVENTION,
+        "threat_model": {
+            "norm": "Linf",
+            "epsilon": {
+                "pixels": released.OFFICIAL_EPSILON,
+                "fraction_of_255": f"{released.OFFICIAL_EPSILON:g}/255",
+            },
+        },
+        "training": {"by": "the SAT paper's authors (official code); not trained here"},
+        "reported_by_official_repository": reported,
+        "conventions_converted": list(FOLDED.get(imported.family, ())),
+        "conventions_not_folded": list(NOT_FOLDED),
+        "command": command,
+        "evaluations": [],
+    }
+
+
+def write(imported, model_dir, *, command="", overwrite=False):
+    """Writes model.keras (last, atomically), config.json and the card into `model_dir`."""
+    model_dir = Path(model_dir)
+    target = model_dir / "model.keras"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    payload = official_config(imported, model_dir)
+    partial = model_dir / ".partial-config.json"
+    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(partial, model_dir / "config.json")
+    card.write(model_dir, official_card(imported, command=command))
+    training.save_model_atomically(imported.model, target)
+    return target
