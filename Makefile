@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export KERAS_BACKEND := tensorflow
 PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: help demo test lint format bench clean
+.PHONY: help demo test lint format bench clean test-official
 
 help:  ## List the targets.
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,6 +28,22 @@ $(VENV)/.bench-installed: $(STAMP) requirements-bench.txt
 
 bench: $(VENV)/.bench-installed  ## Set up with ART/CleverHans, run all benchmarks (~20 min), rewrite benchmarks/README.md.
 	$(PY) benchmarks/run_all.py --from-make
+
+# The official SAT ResNet code under TF 2.21 (tf.compat.v1 + tf-keras + Tensorpack), never in `make test`.
+OFFICIAL_VENV := .venv-official
+SAT_OFFICIAL_DIR ?= ../SmoothAdversarialTraining
+IMAGENETTE_VAL ?= /tmp/imagenette-224/val
+
+$(OFFICIAL_VENV)/.installed:
+	test -x $(OFFICIAL_VENV)/bin/python || $(PYTHON) -m venv $(OFFICIAL_VENV)
+	$(OFFICIAL_VENV)/bin/python -m pip install -q tensorflow-cpu==2.21.0 tf-keras==2.21.0 \
+		tensorpack==0.11 opencv-python-headless
+	touch $@
+
+test-official: $(OFFICIAL_VENV)/.installed  ## Rewrite tests/official/ from the official code (SAT_OFFICIAL_DIR, IMAGENETTE_VAL).
+	$(OFFICIAL_VENV)/bin/python tests/official/make_reference.py \
+		--official_dir=$(SAT_OFFICIAL_DIR) --images=$(IMAGENETTE_VAL)
+	git diff --stat -- tests/official
 
 test: $(STAMP)  ## Set up, then run the linter and the test suite.
 	$(VENV)/bin/ruff check .
