@@ -156,10 +156,28 @@ def test_missing_and_truncated_files_fail_in_one_line(checkpoints, tmp_path):
     _one_line_error("truncated or corrupt", str(tmp_path / "cut"), activation="silu")
 
 
+def test_efficientnet_b0_raw_and_moving_average_match_the_official_forward(tmp_path, images):
+    # The official code builds B0 with the README's evaluation flags; its moving-average logits
+    # come from restoring through its own ExponentialMovingAverage.variables_to_restore map.
+    rows = weights.read_names(OFFICIAL / "efficientnet_b0_variables.txt")
+    source = weights.write_checkpoint(tmp_path / "e" / "ckpt", rows)
+    shadow = weights.value(
+        "efficientnet-b0/head/dense/kernel/ExponentialMovingAverage", (1280, 1000)
+    )
+    assert not np.allclose(shadow, weights.value("efficientnet-b0/head/dense/kernel", (1280, 1000)))
+    # Released as efficientnet-b0, evaluated with --moving_average_decay=0: the raw weights.
+    imported = pretrained.import_official(
+        _link(source, "efficientnet-b0", tmp_path), image_size=SIZE
+    )
+    assert (imported.arch, imported.moving_average) == ("efficientnet_b0", False)
+    _assert_matches(imported.model, images, "efficientnet_b0_raw_logits.npy")
+    imported = pretrained.import_official(source, image_size=SIZE, moving_average=True)
+    assert imported.moving_average and "global_step" in imported.skipped
+    _assert_matches(imported.model, images, "efficientnet_b0_ema_logits.npy")
+    _one_line_error("does not fit a efficientnet", source, arch="resnet50")
+
+
 def test_other_families_fail_in_one_line(checkpoints, tmp_path):
-    rows = [("efficientnet-b0/stem/conv2d/kernel", (3, 3, 3, 32))]
-    effnet = weights.write_checkpoint(tmp_path / "e" / "ckpt", rows)
-    _one_line_error("EfficientNet checkpoint: its import is not implemented", effnet)
     plain = weights.write_checkpoint(tmp_path / "k" / "ckpt", [("dense/kernel", (4, 2))])
     _one_line_error("not an official SAT checkpoint.*dense/kernel", plain)
     _one_line_error(

@@ -42,7 +42,8 @@ def build(name, *, num_classes, activation="silu", input_shape=None, **overrides
             dict, or factory).
         input_shape: (H, W, C); defaults to the model's native resolution (224 for ResNets,
             224-600 for EfficientNet-B0..B7, 600 for L1, 32 for the CIFAR nets and `small_cnn`).
-        **overrides: Family-specific options: `zero_init_residual` (ResNet), `dropout_rate` and
+        **overrides: Family-specific options: `zero_init_residual` (ResNet), `dropout_rate`,
+            `normalization`, `bn_epsilon` and
             `drop_connect_rate` (EfficientNet), `dropout_rate` (pre-activation CIFAR nets),
             `width` (`small_cnn`).
 

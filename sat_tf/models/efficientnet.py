@@ -79,8 +79,8 @@ def _conv(x, filters, name, use_bias=False):
     )(x)
 
 
-def _bn(x, name):
-    return common.batch_norm(x, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+def _bn(x, name, epsilon=BN_EPSILON):
+    return common.batch_norm(x, momentum=BN_MOMENTUM, epsilon=epsilon, name=name)
 
 
 def _squeeze_excite(x, in_filters, act, name):
@@ -93,13 +93,13 @@ def _squeeze_excite(x, in_filters, act, name):
     return keras.layers.Multiply(name=f"{name}_se_excite")([x, se])
 
 
-def _mbconv(x, out_filters, kernel_size, expand_ratio, strides, act, drop_rate, name):
+def _mbconv(x, out_filters, kernel_size, expand_ratio, strides, act, drop_rate, name, eps):
     """Mobile inverted bottleneck: expand 1x1, depthwise kxk, SE, project 1x1, skip."""
     in_filters = x.shape[-1]
     y = x
     if expand_ratio != 1:
         y = _conv(y, in_filters * expand_ratio, f"{name}_expand_conv")
-        y = act(name=f"{name}_expand_act")(_bn(y, f"{name}_expand_bn"))
+        y = act(name=f"{name}_expand_act")(_bn(y, f"{name}_expand_bn", eps))
     y = keras.layers.DepthwiseConv2D(
         kernel_size,
         strides=strides,
@@ -108,9 +108,9 @@ def _mbconv(x, out_filters, kernel_size, expand_ratio, strides, act, drop_rate, 
         depthwise_initializer=_conv_init(),
         name=f"{name}_dwconv",
     )(y)
-    y = act(name=f"{name}_dw_act")(_bn(y, f"{name}_dw_bn"))
+    y = act(name=f"{name}_dw_act")(_bn(y, f"{name}_dw_bn", eps))
     y = _squeeze_excite(y, in_filters, act, name)
-    y = _bn(_conv(y, out_filters, f"{name}_project_conv"), f"{name}_project_bn")
+    y = _bn(_conv(y, out_filters, f"{name}_project_conv"), f"{name}_project_bn", eps)
     if strides == 1 and in_filters == out_filters:
         if drop_rate > 0:
             # Drop connect: drops the whole residual branch per example.
@@ -128,7 +128,22 @@ def _block_specs(width, depth):
             yield round_filters(out_filters, width), kernel, expand, stride if i == 0 else 1
 
 
-def build(name, *, num_classes, act, input_shape=None, dropout_rate=None, drop_connect_rate=0.2):
+# Input normalisations: the ImageNet mean / std of the official code, or x * 2 / 255 - 1 (its
+# `--sat_preprocessing`, main.py `normalize_features`, used by the released SAT EfficientNets).
+NORMALIZATIONS = {"mean_std": (MEAN_RGB, STDDEV_RGB), "symmetric": ((127.5,) * 3, (127.5,) * 3)}
+
+
+def build(
+    name,
+    *,
+    num_classes,
+    act,
+    input_shape=None,
+    dropout_rate=None,
+    drop_connect_rate=0.2,
+    normalization="mean_std",
+    bn_epsilon=BN_EPSILON,
+):
     """Builds an EfficientNet from `CONFIGS`.
 
     Args:
@@ -138,13 +153,21 @@ def build(name, *, num_classes, act, input_shape=None, dropout_rate=None, drop_c
         input_shape: (H, W, C) of the pixel input; defaults to the native resolution.
         dropout_rate: Dropout before the classifier; defaults to the model's own.
         drop_connect_rate: Drop rate of the last block's branch (1 - official survival_prob).
+        normalization: "mean_std" (ImageNet mean / std) or "symmetric" (x * 2 / 255 - 1, the
+            official `--sat_preprocessing` of the released SAT EfficientNets).
+        bn_epsilon: BatchNorm epsilon (the released SAT EfficientNets are evaluated with 1e-5).
 
     Returns:
         A `keras.Model` mapping [0, 255] pixels to float32 logits.
     """
     width, depth, resolution, default_dropout = CONFIGS[name]
     inputs = common.pixel_input(input_shape or (resolution, resolution, 3))
-    x = common.normalize(inputs, MEAN_RGB, STDDEV_RGB)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"`normalization` must be one of {', '.join(NORMALIZATIONS)}. "
+            f"Received: normalization={normalization!r}"
+        )
+    x = common.normalize(inputs, *NORMALIZATIONS[normalization])
     x = keras.layers.Conv2D(
         round_filters(32, width),
         3,
@@ -154,13 +177,15 @@ def build(name, *, num_classes, act, input_shape=None, dropout_rate=None, drop_c
         kernel_initializer=_conv_init(),
         name="stem_conv",
     )(x)
-    x = act(name="stem_act")(_bn(x, "stem_bn"))
+    x = act(name="stem_act")(_bn(x, "stem_bn", bn_epsilon))
     specs = list(_block_specs(width, depth))
     for index, (filters, kernel, expand, stride) in enumerate(specs):
         drop_rate = drop_connect_rate * index / len(specs)
-        x = _mbconv(x, filters, kernel, expand, stride, act, drop_rate, f"block{index + 1}")
+        x = _mbconv(
+            x, filters, kernel, expand, stride, act, drop_rate, f"block{index + 1}", bn_epsilon
+        )
     x = _conv(x, round_filters(1280, width), "head_conv")
-    x = act(name="head_act")(_bn(x, "head_bn"))
+    x = act(name="head_act")(_bn(x, "head_bn", bn_epsilon))
     dense_init = keras.initializers.VarianceScaling(1 / 3, mode="fan_out", distribution="uniform")
     dropout = default_dropout if dropout_rate is None else dropout_rate
     logits = common.classifier(x, num_classes, initializer=dense_init, dropout_rate=dropout)

@@ -93,7 +93,8 @@ def _check(prefix, plan, shapes, family, ignore):
         used.add(name)
         expected = tuple(variable.shape)
         got = tuple(shapes[name])
-        if (got != expected) and not (transform == "scalar" and got in ((1,), ())):
+        squeezed = tuple(d for d in got if d != 1) == tuple(d for d in expected if d != 1)
+        if got != expected and not (transform in ("scalar", "squeeze") and squeezed):
             mismatched.append(f"{name} {list(got)} vs {variable.path} {list(expected)}")
     unused, skipped = [], []
     for name in sorted(set(shapes) - used):
@@ -126,8 +127,8 @@ def _read(prefix, reader, plan):
         value = np.asarray(value, dtype="float32")
         if transform == "bgr_to_rgb":
             value = value[:, :, ::-1, :]
-        elif transform == "scalar":
-            value = value.reshape(())
+        elif transform in ("scalar", "squeeze"):
+            value = value.reshape(tuple(variable.shape))
         values.append((variable, value))
     return values
 

@@ -15,11 +15,19 @@ from sat_tf import card, config, training
 from sat_tf.pretrained import released
 
 # Conventions of the official evaluation that no layer of the imported model can hold.
-NOT_FOLDED = (
-    "image loading: the official ResNet evaluation reads JPEGs with OpenCV, resizes the shorter "
-    "side to size + 32 with bicubic interpolation and crops the centre; sat_tf's evaluation "
-    "pipeline resizes with TensorFlow (bilinear), so pixels, and accuracies, differ slightly",
-)
+NOT_FOLDED = {
+    "resnet": (
+        "image loading: the official ResNet evaluation reads JPEGs with OpenCV, resizes the "
+        "shorter side to size + 32 with bicubic interpolation and crops the centre; sat_tf's "
+        "evaluation pipeline resizes with TensorFlow (bilinear), so pixels, and accuracies, "
+        "differ slightly",
+    ),
+    "efficientnet": (
+        "image loading: the official EfficientNet evaluation crops the centre (size / (size + "
+        "32)) and resizes with bicubic interpolation; sat_tf's evaluation pipeline crops the same "
+        "fraction and resizes bilinearly, so pixels, and accuracies, differ slightly",
+    ),
+}
 FOLDED = {
     "resnet": (
         "BGR input of the official code (OpenCV) -> RGB: the stem kernel's input channels reversed",
@@ -27,6 +35,13 @@ FOLDED = {
         "NCHW -> NHWC: kernels are [kh, kw, in, out] in both, no weight changes",
         "fixed_padding before strided convs, stride on the 3x3, BN epsilon 1e-5: the zoo's own",
         "SmoothReLU raw beta (beta = raw^2): copied to each layer's b (beta = b^2)",
+    ),
+    "efficientnet": (
+        "--sat_preprocessing (x * 2 / 255 - 1): the zoo EfficientNet, normalization='symmetric'",
+        "--batch_norm_epsilon=1e-5 of the official evaluation: the zoo EfficientNet's bn_epsilon",
+        "ExponentialMovingAverage shadows or raw weights, as the README's --moving_average_decay "
+        "for this checkpoint (recorded in config.json's official.moving_average_weights)",
+        "tf-keras [1, 1, 1, 1, C] or TF1 [C] BatchNorm vectors: reshaped to [C]",
     ),
 }
 
@@ -102,7 +117,7 @@ def official_card(imported, *, command=""):
         "training": {"by": "the SAT paper's authors (official code); not trained here"},
         "reported_by_official_repository": reported,
         "conventions_converted": list(FOLDED.get(imported.family, ())),
-        "conventions_not_folded": list(NOT_FOLDED),
+        "conventions_not_folded": list(NOT_FOLDED.get(imported.family, ())),
         "command": command,
         "evaluations": [],
     }

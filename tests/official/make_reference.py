@@ -92,9 +92,7 @@ def reference_logits(resnet_model, bgr, depth, group, bottleneck, activation, na
             x, NUM_BLOCKS[depth], resnet_model.resnet_group, block_func, activation_name=activation
         )
     rows = [(v.op.name, tuple(v.shape.as_list())) for v in tf.global_variables()]
-    if names_path.exists() and weights.read_names(names_path) != rows:
-        sys.exit(f"error: {names_path} differs from the official graph's variables")
-    weights.write_names(names_path, rows)
+    _check_names(names_path, rows)
     weights.write_checkpoint(ckpt, rows)
     # TF 2.21's CPU remapper fuses FusedBatchNorm + Mish but has no kernel for it: turn it off.
     config = tf.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
@@ -104,6 +102,62 @@ def reference_logits(resnet_model, bgr, depth, group, bottleneck, activation, na
         return session.run(logits, {image: bgr.astype("float32")})
 
 
+def efficientnet_logits(official_dir, work, rgb, model_name, names_path, ckpt):
+    """Raw and moving-average logits of the official EfficientNet (efficientnet_builder.py)."""
+    import tensorflow.compat.v1 as tf
+
+    folder = Path(work) / "efficientnet"
+    (folder / "condconv").mkdir(parents=True)
+    for name in ("efficientnet_builder.py", "efficientnet_model.py", "utils.py"):
+        shutil.copy(Path(official_dir) / "EfficientNet" / name, folder / name)
+    # efficientnet_model.py imports condconv_layers, which the repository does not ship; CondConv
+    # is off for every released model, so an empty module is enough.
+    (folder / "condconv" / "__init__.py").write_text("")
+    (folder / "condconv" / "condconv_layers.py").write_text(
+        "CondConv2D = DepthwiseCondConv2D = None\n"
+    )
+    sys.path.insert(0, str(folder))
+    import efficientnet_builder
+    import utils
+
+    tf.reset_default_graph()
+    tf.keras.backend.set_learning_phase(False)
+    image = tf.placeholder(tf.float32, [None, *rgb.shape[1:]], "input")
+    features = image * (2.0 / 255) - 1.0  # main.py normalize_features, --sat_preprocessing
+    # The README's evaluation flags; channels_last because TF's CPU kernels need it (the same math).
+    params = {
+        "batch_norm_momentum": 0.9,
+        "batch_norm_epsilon": 1e-5,
+        "data_format": "channels_last",
+    }
+    logits, _ = efficientnet_builder.build_model(features, model_name, False, params)
+    variables = tf.global_variables()
+    # tf-keras 2.21 gives BN vectors a [1, 1, 1, 1, C] shape; TF1 wrote [C], as the released files.
+    rows = [(v.op.name, tuple(d for d in v.shape.as_list() if d != 1) or (1,)) for v in variables]
+    rows = [(n, s if "normalization" in n else tuple(v.shape.as_list()))
+            for (n, s), v in zip(rows, variables, strict=True)]  # fmt: skip
+    shadows = tf.train.ExponentialMovingAverage(0.9999).variables_to_restore(utils.get_ema_vars())
+    rows += [(n, dict(rows)[v.op.name]) for n, v in shadows.items() if n != v.op.name]
+    rows += [("global_step", ())]
+    _check_names(names_path, rows)
+    weights.write_checkpoint(ckpt, rows)
+    config = tf.ConfigProto(intra_op_parallelism_threads=2, inter_op_parallelism_threads=1)
+    results = {}
+    with tf.Session(config=config) as session:
+        for kind, mapping in (("raw", {v.op.name: v for v in variables}), ("ema", shadows)):
+            for name, variable in mapping.items():  # the official restore map, reshaped
+                value = weights.value(name, dict(rows)[name]).reshape(variable.shape.as_list())
+                variable.load(value, session)
+            results[kind] = session.run(logits, {image: rgb.astype("float32")})
+    return results
+
+
+def _check_names(names_path, rows):
+    if names_path.exists() and weights.read_names(names_path) != rows:
+        sys.exit(f"error: {names_path} differs from the official graph's variables")
+    weights.write_names(names_path, rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official_dir", required=True)
@@ -111,6 +165,8 @@ def main():
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--count", type=int, default=4)
     parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--resnet", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--efficientnet", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     import tensorflow.compat.v1 as tf
 
@@ -122,7 +178,7 @@ def main():
         bgr, files = load_images(args.images, args.count, args.size)
         np.save(out / "images_rgb.npy", bgr[..., ::-1])
         (out / "images.txt").write_text("\n".join(files) + "\n")
-        for stem, depth, group, bottleneck, activations in MODELS:
+        for stem, depth, group, bottleneck, activations in MODELS if args.resnet else ():
             for activation in activations:
                 logits = reference_logits(
                     resnet_model, bgr, depth, group, bottleneck, activation,
@@ -131,6 +187,14 @@ def main():
                 name = stem.split("_")[0] if stem.endswith("smoothrelu") else stem
                 np.save(out / f"{name}_{activation}_logits.npy", logits.astype("float32"))
                 print(f"{name} {activation}: top-1 {logits.argmax(1).tolist()}")
+        if args.efficientnet:
+            results = efficientnet_logits(
+                args.official_dir, work, bgr[..., ::-1], "efficientnet-b0",
+                out / "efficientnet_b0_variables.txt", os.path.join(work, "ckpt", "effnet"),
+            )  # fmt: skip
+            for kind, logits in results.items():
+                np.save(out / f"efficientnet_b0_{kind}_logits.npy", logits.astype("float32"))
+                print(f"efficientnet-b0 {kind}: top-1 {logits.argmax(1).tolist()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
