@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sat_tf import pretrained
-from sat_tf.pretrained import resnet
+from sat_tf.pretrained import efficientnet, resnet
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT / "tests" / "official"
@@ -136,6 +136,18 @@ def _deeper(counts, width=64, groups=1):
 def test_depth_and_width_are_inferred(counts, width, groups, arch):
     # ch_factor = res2_bottleneck * group / 64 (resnet_model.py line 151): 32x8d -> 4 x 64.
     assert resnet.infer(_deeper(counts, width, groups))[0] == arch
+
+
+@pytest.mark.parametrize(
+    "prefix, arch",
+    [("efficientnet-b3", "efficientnet_b3"), ("efficientnet-bL1", "efficientnet_l1")],
+)
+def test_efficientnet_variant_from_the_name_prefix(prefix, arch):
+    shapes = {
+        f"{prefix}/stem/conv2d/kernel": (3, 3, 3, 40),
+        f"{prefix}/head/dense/kernel": (8, 1000),
+    }
+    assert efficientnet.infer(shapes) == (arch, "silu", 1000)
 
 
 def _one_line_error(match, *args, **kwargs):
