@@ -8,10 +8,10 @@ README's numbers, marked as reported by the official repository, not measured he
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from sat_tf import card, config, training
+from sat_tf.atomic import atomic_write
 from sat_tf.pretrained import released
 
 # Conventions of the official evaluation that no layer of the imported model can hold.
@@ -131,9 +131,7 @@ def write(imported, model_dir, *, command="", overwrite=False):
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     model_dir.mkdir(parents=True, exist_ok=True)
     payload = official_config(imported, model_dir)
-    partial = model_dir / ".partial-config.json"
-    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(partial, model_dir / "config.json")
+    atomic_write(model_dir / "config.json", json.dumps(payload, indent=2, default=str) + "\n")
     card.write(model_dir, official_card(imported, command=command))
     training.save_model_atomically(imported.model, target)
     return target

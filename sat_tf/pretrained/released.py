@@ -12,6 +12,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from sat_tf.atomic import atomic_path
+
 # The official ResNet evaluation (README): --attack-epsilon=4.0 --attack-step-size=1.0, K=10/20/50.
 OFFICIAL_EPSILON = 4.0
 OFFICIAL_STEP_SIZE = 1.0
@@ -211,9 +213,8 @@ def download(name, directory=None, *, downloader=None):
         target = folder / f"{name}{suffix}"
         if target.exists():
             continue
-        partial = target.with_name(f".partial-{target.name}")
-        result = downloader(_DRIVE + file_id, partial)
-        if result is None or not partial.exists():
-            raise RuntimeError(f"Download of {name}{suffix} ({_DRIVE}{file_id}) failed.")
-        os.replace(partial, target)
+        with atomic_path(target) as partial:  # a failed or killed fetch leaves no file named target
+            result = downloader(_DRIVE + file_id, partial)
+            if result is None or not partial.exists():
+                raise RuntimeError(f"Download of {name}{suffix} ({_DRIVE}{file_id}) failed.")
     return str(folder / name)
