@@ -4,7 +4,13 @@
 - `serving_bytes`: encoded JPEG/PNG strings [N], decoded, centre-cropped and resized exactly as the
   evaluation pipeline does (`sat_tf.data.preprocess_for_eval`).
 
-Both return `logits`, `probabilities`, `top_k_classes` and `top_k_probabilities`. The export is
+Both return `logits`, `probabilities`, `top_k_classes` and `top_k_probabilities`; an empty batch
+returns empty outputs. Requests are untrusted, so both signatures check them in the graph and name
+the bad images by index: `serving_default` refuses NaN/Inf pixels and pixels outside
+[0, 255] by more than `PIXEL_TOLERANCE` (a client that sends [0, 65535] or mean-subtracted values
+gets an error, not a confident wrong class) and clips the small overshoot of bicubic resizing into
+[0, 255], the domain the model was trained on; `serving_bytes` names each image it cannot decode.
+The export is
 written under a temporary name and renamed to `<export_dir>/<version>` when complete: TF Serving
 (which watches numeric sub-directories) never loads a half-written model.
 """
@@ -18,9 +24,19 @@ import tensorflow as tf
 from sat_tf import data
 from sat_tf.atomic import atomic_path
 
+# Pixels within this distance outside [0, 255] are clipped (resampling overshoot); further out
+# the request is refused: the values are not [0, 255] pixels.
+PIXEL_TOLERANCE = 1.0
+
 
 def _outputs(model, images, top_k):
-    logits = tf.cast(model(images, training=False), tf.float32)
+    # An empty batch trips some layers (BatchNorm broadcasting); answer it without the model.
+    num_classes = int(model.output_shape[-1])
+    logits = tf.cond(
+        tf.shape(images)[0] > 0,
+        lambda: tf.cast(model(images, training=False), tf.float32),
+        lambda: tf.zeros([0, num_classes], tf.float32),
+    )
     probabilities = tf.nn.softmax(logits)
     top = tf.math.top_k(probabilities, k=top_k)
     return {
@@ -69,24 +85,16 @@ def export_saved_model(
             ),
         ]
         with tf.control_dependencies(checks):
-            return _outputs(model, tf.identity(images), top_k)
+            images = tf.identity(images)
+        with tf.control_dependencies(_pixel_checks(images)):
+            images = tf.clip_by_value(images, 0.0, 255.0)
+        return _outputs(model, images, top_k)
 
     def decode(encoded):
-        # Untrusted requests: refuse empty, non-JPEG/PNG and decompression-bomb images (header
-        # above data.preprocessing.MAX_PIXELS) before decoding allocates anything.
-        problem = data.checks.validate(encoded, tf.constant(0, tf.int64))
-        check = tf.debugging.Assert(tf.equal(problem, ""), ["`image_bytes`: the image", problem])
-        with tf.control_dependencies([check]):
-            encoded = tf.identity(encoded)
         return data.preprocess_for_eval(encoded, image_size=image_size, augmentation=augmentation)
 
     def from_bytes(image_bytes):
-        images = tf.map_fn(
-            decode,
-            image_bytes,
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-        )
-        return _outputs(model, images, top_k)
+        return _outputs(model, _decode_all(image_bytes, decode, image_size), top_k)
 
     archive.add_endpoint("serving_default", from_pixels, input_signature=[pixels_spec])
     archive.add_endpoint("serving_bytes", from_bytes, input_signature=[bytes_spec])
@@ -99,3 +107,83 @@ def export_saved_model(
                 json.dumps(card, indent=2)
             )
     return final
+
+
+def _listed(bad, what=None):
+    """One string naming the batch positions where `bad` holds: "image 1, image 3" or, with a
+    string vector `what`, "image 1 <what[1]>; image 3 <what[3]>"."""
+    names = tf.strings.join(["image ", tf.strings.as_string(tf.where(bad)[:, 0])])
+    if what is None:
+        return tf.strings.reduce_join(names, separator=", ")
+    return tf.strings.reduce_join(
+        tf.strings.join([names, tf.boolean_mask(what, bad)], separator=" "), separator="; "
+    )
+
+
+def _pixel_checks(images):
+    """Asserts naming the images with non-finite pixels or pixels far outside [0, 255]."""
+    axes = [1, 2, 3]
+    finite = tf.reduce_all(tf.math.is_finite(images), axis=axes)
+    low, high = -PIXEL_TOLERANCE, 255.0 + PIXEL_TOLERANCE
+    inside = tf.reduce_all(tf.logical_and(images >= low, images <= high), axis=axes)
+    inside = tf.logical_or(inside, tf.logical_not(finite))  # reported as non-finite
+    span = tf.strings.format("(min {}, max {})", (tf.reduce_min(images), tf.reduce_max(images)))
+    return [
+        tf.debugging.Assert(
+            tf.reduce_all(finite),
+            [tf.strings.join(["`images`: NaN or Inf pixels in ", _listed(~finite)])],
+        ),
+        tf.debugging.Assert(
+            tf.reduce_all(inside),
+            [
+                tf.strings.join(
+                    [
+                        "`images`: pixels must be in [0, 255]; outside it in ",
+                        _listed(~inside),
+                        " ",
+                        span,
+                        ". Send RGB pixels in [0, 255], not scaled or normalised values.",
+                    ]
+                )
+            ],
+        ),
+    ]
+
+
+def _decode_all(image_bytes, decode, image_size):
+    """Decodes a batch of encoded images, naming by index every one that cannot be decoded.
+
+    Header problems (empty, not JPEG/PNG, a decompression bomb above
+    `data.preprocessing.MAX_PIXELS`) are found before that image is decoded, as in training's
+    `data.checks`. A decoder error cannot carry the index in TensorFlow, so each image is
+    checked and decoded under tf.data's `ignore_errors`: the indices missing from its output
+    are the images that failed.
+    """
+    count = tf.shape(image_bytes, out_type=tf.int64)[0]
+    placeholder = tf.zeros([image_size, image_size, 3], tf.float32)
+
+    def check_and_decode(index, encoded):
+        problem = data.checks.validate(encoded, tf.constant(0, tf.int64))
+        image = tf.cond(tf.equal(problem, ""), lambda: decode(encoded), lambda: placeholder)
+        return index, problem, image
+
+    decoded = (
+        tf.data.Dataset.from_tensor_slices((tf.range(count), image_bytes))
+        .map(check_and_decode)
+        .ignore_errors()
+        .batch(tf.maximum(count, 1))
+    )
+    empty = (tf.zeros([0], tf.int64), tf.zeros([0], tf.string), placeholder[None][:0])
+    done, problems, images = decoded.reduce(empty, lambda _, batch: batch)
+    # Every image gets a problem: "" when fine, "could not be decoded" when it is missing.
+    where = tf.reduce_any(tf.equal(tf.range(count)[:, None], done[None, :]), axis=1)
+    problems = tf.tensor_scatter_nd_update(
+        tf.fill([count], "could not be decoded"), tf.where(where), problems
+    )
+    bad = tf.not_equal(problems, "")
+    check = tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(bad)),
+        [tf.strings.join(["`image_bytes`: ", _listed(bad, problems)])],
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(images)

@@ -1,0 +1,103 @@
+"""Serving signatures under careless or hostile requests: bad images named by index, empty
+batches answered, non-finite pixels refused, pixels outside [0, 255] clipped or refused."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from sat_tf import export, models
+
+SIZE = 16
+
+
+def jpeg(seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    # small_cnn has BatchNorm, the layer an empty batch used to trip.
+    model = models.build(
+        "small_cnn", num_classes=10, activation="silu", input_shape=(SIZE, SIZE, 3)
+    )
+    assert any(isinstance(layer, tf.keras.layers.BatchNormalization) for layer in model.layers)
+    return model
+
+
+@pytest.fixture(scope="module")
+def served(classifier, tmp_path_factory):
+    path = export.export_saved_model(
+        classifier, tmp_path_factory.mktemp("export"), image_size=SIZE, central_crop=False, top_k=3
+    )
+    return tf.saved_model.load(str(path)).signatures
+
+
+def test_undecodable_images_are_named_by_index(served):
+    good = jpeg(0)
+    cut = good[: len(good) // 2]  # a valid header: only the decoder notices
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"image 1 is not a JPEG or PNG image; image 3 has no image bytes",
+    ):
+        served["serving_bytes"](image_bytes=tf.constant([good, b"GIF89a..", good, b""]))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"`image_bytes`: image 2 could not be decoded"
+    ):
+        served["serving_bytes"](image_bytes=tf.constant([good, jpeg(1), cut]))
+
+
+def test_good_bytes_match_the_model_on_decoded_pixels(served, classifier):
+    payload = [jpeg(0), jpeg(1)]
+    decoded = np.stack(
+        [
+            tf.image.resize(np.asarray(Image.open(io.BytesIO(p))).astype("float32"), [SIZE, SIZE])
+            for p in payload
+        ]
+    )
+    out = served["serving_bytes"](image_bytes=tf.constant(payload))
+    np.testing.assert_allclose(out["logits"], classifier(decoded), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("signature", "request_"),
+    [
+        ("serving_default", {"images": tf.zeros([0, SIZE, SIZE, 3])}),
+        ("serving_bytes", {"image_bytes": tf.zeros([0], tf.string)}),
+    ],
+)
+def test_empty_batch_gives_empty_outputs(served, signature, request_):
+    out = served[signature](**request_)
+    assert out["logits"].shape == (0, 10) and out["probabilities"].shape == (0, 10)
+    assert out["top_k_classes"].shape == (0, 3) and out["top_k_probabilities"].shape == (0, 3)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_refused_with_the_index(served, value):
+    images = np.full((3, SIZE, SIZE, 3), 100.0, np.float32)
+    images[2, 5, 5, 1] = value
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"NaN or Inf pixels in image 2\]"):
+        served["serving_default"](images=tf.constant(images))
+
+
+@pytest.mark.parametrize("value", [1e38, 300.0, -2.0, 65535.0])
+def test_pixels_far_outside_0_255_are_refused(served, value):
+    images = np.full((2, SIZE, SIZE, 3), 100.0, np.float32)
+    images[1, 0, 0, 0] = value
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"must be in \[0, 255\]; outside it in image 1 "
+    ):
+        served["serving_default"](images=tf.constant(images))
+
+
+def test_resampling_overshoot_is_clipped_to_0_255(served, classifier):
+    images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    images[0, :4] = 255.0 + export.PIXEL_TOLERANCE  # the edge of what is accepted
+    images[1, :4] = -export.PIXEL_TOLERANCE
+    out = served["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(out["logits"], classifier(np.clip(images, 0, 255)), atol=1e-4)
