@@ -75,6 +75,21 @@ def _write_json(path, payload):
     atomic_write(path, json.dumps(payload))
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint that could not be written (disk full, read-only folder).
+
+    Attributes:
+        step: The step whose checkpoint failed.
+        directory: The checkpoint folder.
+        kept: The latest complete checkpoint still on disk (what a re-run resumes from).
+        cause: The `OSError` or TensorFlow error.
+    """
+
+    def __init__(self, step, directory, kept, cause):
+        super().__init__(f"checkpoint of step {step} in {directory} failed: {cause}")
+        self.step, self.directory, self.kept, self.cause = step, directory, kept, cause
+
+
 class Checkpointer(keras.callbacks.Callback):
     """Saves model + optimizer every `every_steps` steps and at each epoch end; restores on demand.
 
@@ -136,11 +151,16 @@ class Checkpointer(keras.callbacks.Callback):
         step = global_step(self.model)
         manager = self._get_manager()
         if step != self._last_saved:
-            if not self._signed:  # first save of a fresh run; replaces a stale signature
-                os.makedirs(self.directory, exist_ok=True)
-                _write_json(os.path.join(self.directory, SIGNATURE), model_signature(self.model))
-                self._signed = True
-            manager.save(checkpoint_number=step)
+            try:
+                if not self._signed:  # first save of a fresh run; replaces a stale signature
+                    os.makedirs(self.directory, exist_ok=True)
+                    signature = model_signature(self.model)
+                    _write_json(os.path.join(self.directory, SIGNATURE), signature)
+                    self._signed = True
+                manager.save(checkpoint_number=step)
+            except (OSError, tf.errors.OpError) as error:
+                kept = manager.latest_checkpoint or "no checkpoint yet"
+                raise CheckpointWriteError(step, self.directory, kept, error) from None
             self._last_saved = step
         return manager.latest_checkpoint
 

@@ -16,13 +16,14 @@ written under a temporary name and renamed to `<export_dir>/<version>` when comp
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
-from sat_tf import data
-from sat_tf.atomic import atomic_path
+from sat_tf import data, rundir
+from sat_tf.atomic import atomic_path, partial_path
 
 # Pixels within this distance outside [0, 255] are clipped (resampling overshoot); further out
 # the request is refused: the values are not [0, 255] pixels.
@@ -61,6 +62,11 @@ def export_saved_model(
         version: Positive integer version (TF Serving serves the highest).
         top_k: Number of classes in the top-k outputs.
         card: Optional dict written to `assets.extra/robustness_card.json`.
+
+    Raises:
+        FileExistsError: that version exists.
+        sat_tf.rundir.RunWriteError: the export could not be written (one line; the partial
+            export is removed).
     """
     if int(version) < 1:
         raise ValueError(f"`version` must be a positive integer. Received: version={version}")
@@ -99,13 +105,23 @@ def export_saved_model(
     archive.add_endpoint("serving_default", from_pixels, input_signature=[pixels_spec])
     archive.add_endpoint("serving_bytes", from_bytes, input_signature=[bytes_spec])
 
-    with atomic_path(final) as partial:
-        archive.write_out(str(partial), verbose=False)
-        if card is not None:
-            (partial / "assets.extra").mkdir(exist_ok=True)
-            (partial / "assets.extra" / "robustness_card.json").write_text(
-                json.dumps(card, indent=2)
-            )
+    try:
+        with atomic_path(final) as partial:
+            archive.write_out(str(partial), verbose=False)
+            if card is not None:
+                (partial / "assets.extra").mkdir(exist_ok=True)
+                extra = partial / "assets.extra" / "robustness_card.json"
+                extra.write_text(json.dumps(card, indent=2))
+    except (OSError, tf.errors.OpError) as error:  # disk full, read-only folder
+        shutil.rmtree(partial_path(final), ignore_errors=True)
+        raise rundir.write_failure(
+            f"the SavedModel version {int(version)}",
+            final.parent,
+            f"the model file; nothing was published ({final} does not exist, other versions "
+            "are untouched)",
+            "re-run the export",
+            error,
+        ) from None
     return final
 
 

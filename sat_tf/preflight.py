@@ -2,7 +2,8 @@
 
 Each check raises `RunError` with one line that names the flag or file and the fix, and none of
 them changes `model_dir` (a finished run is cleared by `clear_finished_run` only after every
-input has been checked), so a bad command never damages what an earlier run wrote.
+input has been checked), so a bad command never damages what an earlier run wrote. A folder that
+is not a run of ours (`sat_tf.rundir`) is never written into.
 """
 
 import dataclasses
@@ -11,9 +12,10 @@ import re
 import shutil
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
-from sat_tf import activations, card, models, saving
+from sat_tf import activations, card, models, rundir, saving
 from sat_tf.models import cifar, efficientnet, resnet
 
 FINAL_MODEL = "model.keras"
@@ -28,6 +30,10 @@ def check_model_dir(config):
     """Checks `model_dir` up front, changing nothing in it: writable, enough free space, not a
     finished run (unless `overwrite`), and the same config as an unfinished run there."""
     model_dir = Path(config.model_dir)
+    try:
+        rundir.check_ours(model_dir)
+    except rundir.RunDirError as error:
+        raise RunError(str(error)) from None
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
         probe = model_dir / ".write_probe"
@@ -56,12 +62,14 @@ def check_model_dir(config):
 
 
 def clear_finished_run(model_dir):
-    """`--overwrite`: removes a finished run's outputs (called once every input is checked)."""
+    """`--overwrite`: removes a finished run's outputs (called once every input is checked).
+
+    Only what the run's manifest lists is removed (inside `checkpoints/`, only checkpoint files).
+    """
     if not (model_dir / FINAL_MODEL).exists():
         return
-    for stale in ("checkpoints", FINAL_MODEL, "results.json", "config.json", card.CARD_NAME):
-        path = model_dir / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    stale = ("checkpoints", FINAL_MODEL, "results.json", "config.json", card.CARD_NAME)
+    rundir.remove_listed(model_dir, stale)
 
 
 def prepare_model_dir(config):
@@ -73,9 +81,12 @@ def prepare_model_dir(config):
 
 
 def _check_same_config(path, config):
-    if not path.exists():
+    try:
+        saved = rundir.read_config(path.parent)
+    except rundir.RunDirError as error:
+        raise RunError(f"--model_dir={config.model_dir}: {error}") from None
+    if not saved:
         return
-    saved = json.loads(path.read_text())
     current = json.loads(json.dumps(dataclasses.asdict(config)))
     changed = sorted(k for k in current if k != "overwrite" and saved.get(k) != current[k])
     if changed:
@@ -99,9 +110,10 @@ def check_names(config):
         raise RunError(f"--activation={config.activation}: {error}") from None
     if config.init_from:  # loaded once here too: a bad file must fail before --overwrite acts
         try:
-            saving.load_model(config.init_from)
+            base = saving.load_model(config.init_from)
         except saving.ModelFileError as error:
             raise RunError(f"--init_from={config.init_from}: {error}") from None
+        check_init_from(config, base)
     smallest = min_image_size(config.model)
     if not config.init_from and config.image_size < smallest:
         raise RunError(
@@ -110,6 +122,42 @@ def check_names(config):
             f"--image_size={smallest} or more, or a CIFAR-size model "
             f"({', '.join(sorted(cifar.CONFIGS))}, small_cnn)."
         )
+
+
+def check_init_from(config, base):
+    """`--init_from` must be an image classifier this run can fine-tune: [N, H, W, 3] inputs at
+    --image_size, --num_classes outputs, and convolutions (the layers SAT's activations follow)."""
+    prefix = f"--init_from={config.init_from}"
+    shape = tuple(base.input_shape) if not isinstance(base.input_shape, list) else (None,)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise RunError(
+            f"{prefix} takes inputs of shape {shape[1:]}, not RGB images [H, W, 3]; give an "
+            "image classifier."
+        )
+    if tuple(shape[1:3]) not in ((None, None), (config.image_size,) * 2):
+        raise RunError(
+            f"{prefix} takes {shape[1]}x{shape[2]} images, not --image_size={config.image_size}; "
+            "set --image_size to match."
+        )
+    outputs = tuple(base.output_shape) if not isinstance(base.output_shape, list) else ()
+    if len(outputs) != 2 or outputs[-1] != config.num_classes:
+        raise RunError(
+            f"{prefix} outputs shape {outputs[1:]}, not --num_classes={config.num_classes} "
+            f"logits; set --num_classes={outputs[-1] if len(outputs) == 2 else '...'} to match "
+            "(or give a classifier with that many classes)."
+        )
+    convolutions = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    if not any(isinstance(layer, convolutions) for layer in _all_layers(base)):
+        raise RunError(
+            f"{prefix} has no convolution layers; SAT fine-tunes a convolutional image "
+            "classifier (e.g. one of --model's zoo saved as .keras)."
+        )
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", ()):
+        yield layer
+        yield from _all_layers(layer)
 
 
 def min_image_size(model):

@@ -9,6 +9,9 @@ What a run leaves in `model_dir`:
     robustness_card.json  threat model, recipe, data, seed, results (tools/eval.py appends)
     model.keras      the trained classifier (written last, atomically: its presence = finished)
     results.json     final clean and adversarial evaluation, wall time, command
+
+plus `.sat_tf_run.json`, the manifest that marks the folder as a run and lists these names, and,
+while a process works on the run, its lock `.sat_tf_run.lock` (`sat_tf.rundir`).
 """
 
 import dataclasses
@@ -22,10 +25,10 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from sat_tf import attacks, card, data, distribute, models, saving, schedules
+from sat_tf import attacks, card, data, distribute, models, rundir, saving, schedules
 from sat_tf import callbacks as callbacks_lib
 from sat_tf.adversarial import AdversarialModel
-from sat_tf.atomic import atomic_path, atomic_write
+from sat_tf.atomic import atomic_path, atomic_write, partial_path
 from sat_tf.config import TrainConfig
 from sat_tf.preflight import (  # noqa: F401  (RunError, FINAL_MODEL, min_image_size: public here too)
     FINAL_MODEL,
@@ -37,6 +40,8 @@ from sat_tf.preflight import (  # noqa: F401  (RunError, FINAL_MODEL, min_image_
     data_error,
     min_image_size,
 )
+
+RUN_FILES = ("config.json", "checkpoints", "logs", card.CARD_NAME, FINAL_MODEL, "results.json")
 
 
 def run(config: TrainConfig, *, command=""):
@@ -56,6 +61,18 @@ def run(config: TrainConfig, *, command=""):
     """
     started = time.time()
     strategy, model_dir, train, evaluation, steps_per_epoch = check_inputs(config)
+    try:
+        with rundir.locked(model_dir, "training"):
+            check_model_dir(config)  # again under the lock: another run may have finished
+            rundir.record(model_dir, *RUN_FILES)
+            return _run_locked(
+                config, command, started, strategy, model_dir, train, evaluation, steps_per_epoch
+            )
+    except (rundir.RunDirError, rundir.RunWriteError) as error:
+        raise RunError(str(error)) from None
+
+
+def _run_locked(config, command, started, strategy, model_dir, train, evaluation, steps_per_epoch):
     if config.overwrite:
         clear_finished_run(model_dir)
     keras.utils.set_random_seed(config.seed)
@@ -71,7 +88,13 @@ def run(config: TrainConfig, *, command=""):
             start_step = checkpointer.restore(model)
     except ValueError as error:
         raise RunError(f"--model_dir={model_dir}: {error}") from None
-    _write_json(model_dir / "config.json", dataclasses.asdict(config))  # inputs are good
+    resume = f"re-run the same command to resume ({command})" if command else "re-run to resume"
+    try:
+        _write_json(model_dir / "config.json", dataclasses.asdict(config))  # inputs are good
+    except OSError as error:
+        raise rundir.write_failure(
+            "config.json", model_dir, "nothing changed in the run", resume, error
+        ) from None
     if start_step:
         print(f"Resuming {model_dir} from step {start_step}.", flush=True)
     callbacks = _callbacks(config, model_dir, checkpointer, evaluation, command)
@@ -87,6 +110,10 @@ def run(config: TrainConfig, *, command=""):
         )
     except tf.errors.InvalidArgumentError as error:
         raise data_error(config, error, resumable=True) from None
+    except callbacks_lib.CheckpointWriteError as error:
+        raise rundir.write_failure(
+            f"checkpoint {error.step}", error.directory, error.kept, resume, error.cause
+        ) from None
     finally:
         stop.on_train_end()  # the previous signal handlers again, also after an error
     if model.stop_training:  # SIGTERM / Ctrl-C: checkpoint saved, no final model yet
@@ -94,8 +121,6 @@ def run(config: TrainConfig, *, command=""):
     results = model.evaluate(evaluation.dataset, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
     config_dict = dataclasses.asdict(config)
-    card.write(model_dir, card.training_card(config_dict, results=results, command=command))
-    save_model_atomically(model.classifier, model_dir / FINAL_MODEL)  # last: marks "finished"
     summary = {
         "results": results,
         "steps": callbacks_lib.global_step(model),
@@ -103,7 +128,15 @@ def run(config: TrainConfig, *, command=""):
         "command": command,
         "config": config_dict,
     }
-    _write_json(model_dir / "results.json", summary)
+    try:
+        card.write(model_dir, card.training_card(config_dict, results=results, command=command))
+        _write_json(model_dir / "results.json", summary)
+        save_model_atomically(model.classifier, model_dir / FINAL_MODEL)  # last: "finished"
+    except OSError as error:
+        kept = f"the checkpoints in {checkpointer.directory} (step {summary['steps']})"
+        raise rundir.write_failure(
+            f"the final {FINAL_MODEL}/results", model_dir, kept, resume, error
+        ) from None
     print(f"Finished: {json.dumps(results)}\nModel: {model_dir / FINAL_MODEL}", flush=True)
     return summary
 
@@ -320,8 +353,12 @@ def fit_resumable(fit, model, *, callbacks, start_step, steps_per_epoch, epochs)
 
 def save_model_atomically(model, path):
     """Saves to a temporary name in the same directory, then renames: never a half file."""
-    with atomic_path(path) as partial:
-        model.save(partial)
+    try:
+        with atomic_path(path) as partial:
+            model.save(partial)
+    except OSError:
+        partial_path(path).unlink(missing_ok=True)  # never leave half a model behind
+        raise
 
 
 def _write_json(path, payload):

@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from sat_tf import callbacks, export, saving, training
+from sat_tf import callbacks, export, rundir, saving, training
 from sat_tf.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_disk_full_is_refused_at_start(finished, monkeypatch):
 
 def test_config_change_in_an_unfinished_run_is_refused(tmp_path):
     model_dir = tmp_path / "run"
-    model_dir.mkdir()
+    rundir.record(model_dir, *training.RUN_FILES)  # an unfinished run of ours
     (model_dir / "config.json").write_text(json.dumps(dataclasses.asdict(smoke(model_dir))))
     before = snapshot(model_dir)
     with pytest.raises(training.RunError, match=r"other settings \(--epsilon\)"):
@@ -336,6 +336,7 @@ def test_keras_file_with_code_is_refused(tmp_path):
 def test_checkpoint_of_another_architecture(finished, tmp_path):
     model_dir = tmp_path / "other"
     shutil.copytree(finished / "checkpoints", model_dir / "checkpoints")
+    shutil.copy(finished / rundir.MANIFEST, model_dir)
     before = snapshot(model_dir)
     with pytest.raises(training.RunError) as info:
         training.run(smoke(model_dir, model="resnet20"))
@@ -349,6 +350,7 @@ def test_checkpoint_without_signature_still_refused(finished, tmp_path):
     # Checkpoints from before model_signature.json existed: TensorFlow's own check, reworded.
     model_dir = tmp_path / "legacy"
     shutil.copytree(finished / "checkpoints", model_dir / "checkpoints")
+    shutil.copy(finished / rundir.MANIFEST, model_dir)
     (model_dir / "checkpoints" / callbacks.SIGNATURE).unlink()
     with pytest.raises(training.RunError, match="does not fit this model.*Use a new --model_dir"):
         training.run(smoke(model_dir, num_classes=7))

@@ -1,14 +1,17 @@
 """Serving signatures under careless or hostile requests: bad images named by index, empty
 batches answered, non-finite pixels refused, pixels outside [0, 255] clipped or refused."""
 
+import errno
 import io
+import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from sat_tf import export, models
+from sat_tf import export, models, rundir
 
 SIZE = 16
 
@@ -101,3 +104,26 @@ def test_resampling_overshoot_is_clipped_to_0_255(served, classifier):
     images[1, :4] = -export.PIXEL_TOLERANCE
     out = served["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(out["logits"], classifier(np.clip(images, 0, 255)), atol=1e-4)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_failed_export_write_is_one_line_and_publishes_nothing(
+    classifier, tmp_path, monkeypatch, code
+):
+    (tmp_path / "1").mkdir()  # an earlier version stays untouched
+
+    def fail(*args, **kwargs):  # the disk fills up (or is read-only) while the model is written
+        raise OSError(code, os.strerror(code))
+
+    # keras.export.ExportArchive() builds the backend's archive class: patch that one.
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", fail)
+    with pytest.raises(rundir.RunWriteError) as info:
+        export.export_saved_model(classifier, tmp_path, image_size=SIZE, version=2)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    assert (
+        f"Could not write the SavedModel version 2 in {tmp_path} ({os.strerror(code)})" in message
+    )
+    assert f"nothing was published ({tmp_path / '2'} does not exist" in message
+    assert ("Free some space" if code == errno.ENOSPC else "Make it writable") in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # no partial left behind

@@ -7,6 +7,7 @@ Writes `<model_dir>/export/<version>/` with the `serving_default` (float pixels)
 (if `tools/eval.py` wrote one) goes into the export's `assets.extra/`.
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -37,8 +38,13 @@ def main(argv):
     if not model_path.is_file():
         sys.exit(f"error: {model_path} not found; train first (tools/train.py) or fix the path.")
     image_size, central_crop = FLAGS.image_size, FLAGS.central_crop
-    if model_dir and (model_dir / "config.json").exists():
-        run = json.loads((model_dir / "config.json").read_text())
+    from sat_tf import rundir
+
+    try:
+        run = rundir.read_config(model_dir) if model_dir else {}
+    except rundir.RunDirError as error:
+        sys.exit(f"error: {error}")
+    if run:
         image_size = image_size or run["image_size"]
         if central_crop is None:  # as the run's evaluation pipeline (sat_tf.data.load, "auto")
             central_crop = run["augmentation"] == "inception" or (
@@ -58,17 +64,21 @@ def main(argv):
         model = saving.load_model(model_path)  # safe_mode=True, with checks of the file
     except saving.ModelFileError as error:
         sys.exit(f"error: {error}")
-    try:
-        path = export.export_saved_model(
-            model,
-            export_dir,
-            image_size=image_size,
-            central_crop=bool(central_crop),
-            version=FLAGS.version,
-            top_k=FLAGS.top_k,
-            card=card,
-        )
-    except (ValueError, FileExistsError) as error:
+    inside = model_dir is not None and export_dir.resolve().parent == model_dir.resolve()
+    try:  # writing into a run: hold its lock, and list export/ as the run's
+        with rundir.locked(model_dir, "export") if inside else contextlib.nullcontext():
+            if inside and rundir.listed(model_dir):
+                rundir.record(model_dir, export_dir.name)
+            path = export.export_saved_model(
+                model,
+                export_dir,
+                image_size=image_size,
+                central_crop=bool(central_crop),
+                version=FLAGS.version,
+                top_k=FLAGS.top_k,
+                card=card,
+            )
+    except (ValueError, FileExistsError, rundir.RunDirError, rundir.RunWriteError) as error:
         sys.exit(f"error: {error}")
     print(f"Exported {model_path} to {path}")
 

@@ -1,0 +1,240 @@
+"""Run folders under careless use: a folder that is not our run is never written into,
+`--overwrite` removes only what the manifest lists, one process at a time holds a run, a bad
+`--init_from` or `config.json` is refused before anything is written, and a failed write (disk
+full, read-only) is one line saying what is kept and how to resume."""
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import keras
+import pytest
+import tensorflow as tf
+from test_bad_inputs import smoke, snapshot
+
+from sat_tf import callbacks, card, preflight, rundir, training
+
+RUNDIR_SOURCE = os.path.join(os.path.dirname(rundir.__file__), "rundir.py")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("finished") / "run"
+    training.run(smoke(model_dir))
+    return model_dir
+
+
+def one_line(info):
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+# --- what is ours -----------------------------------------------------------------------------
+
+
+def test_a_finished_run_lists_what_it_wrote(finished):
+    assert set(rundir.listed(finished)) == set(training.RUN_FILES)
+    assert not (finished / rundir.LOCK).exists()  # released and removed at the end
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_foreign_folder_is_never_written_into(tmp_path, overwrite):
+    # The reported case: a user's folder with results, a card, a stray model.keras and a
+    # checkpoints/ tree of other files.
+    folder = tmp_path / "mine"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "notes.txt").write_text("mine")
+    for name in ("results.json", card.CARD_NAME, "config.json", "model.keras"):
+        (folder / name).write_text("{}")
+    before = snapshot(folder)
+    with pytest.raises(training.RunError) as info:
+        training.run(smoke(folder, overwrite=overwrite))
+    message = one_line(info)
+    assert f"--model_dir={folder} is not empty and is not a sat_tf run" in message
+    assert "Use a new or empty --model_dir" in message
+    assert snapshot(folder) == before
+
+
+def test_overwrite_removes_only_listed_files(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "checkpoints" / "notes.txt").write_text("a user's file in a listed folder")
+    (run / "mine.txt").write_text("a user's file beside the run")
+    manifest = json.loads((run / rundir.MANIFEST).read_text())
+    manifest["files"].remove("results.json")  # e.g. written by hand: not the run's
+    (run / rundir.MANIFEST).write_text(json.dumps(manifest))
+    preflight.clear_finished_run(run)
+    assert (run / "checkpoints" / "notes.txt").exists() and (run / "mine.txt").exists()
+    assert (run / "results.json").exists()
+    assert not (run / "model.keras").exists() and not (run / "config.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["notes.txt"]
+
+
+# --- one process per run ----------------------------------------------------------------------
+
+HOLDER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("rundir", sys.argv[1])
+rundir = importlib.util.module_from_spec(spec); spec.loader.exec_module(rundir)
+with rundir.locked(sys.argv[2], "training"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_second_process_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, RUNDIR_SOURCE, str(run)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(training.RunError) as info:
+            training.run(smoke(run))
+        message = one_line(info)
+        host = socket.gethostname()
+        assert f"is in use: pid {holder.pid} on host {host} (training, since" in message, message
+        assert not (run / "config.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
+        holder.wait()
+    assert f"pid {holder.pid}" in (run / rundir.LOCK).read_text()
+    with rundir.locked(run, "evaluation"):  # the kernel released it: taken over, not waited for
+        assert f"pid {os.getpid()}" in (run / rundir.LOCK).read_text()
+    assert not (run / rundir.LOCK).exists()
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path):
+    busy = pytest.raises(rundir.RunDirError, match=r"in use: pid \d+ on host .* \(export")
+    with rundir.locked(tmp_path, "export"), busy, rundir.locked(tmp_path, "training"):
+        pass
+
+
+# --- refused before anything is written ------------------------------------------------------
+
+
+def save_classifier(path, inputs, *layers):
+    x = inputs = keras.Input(inputs)
+    for layer in layers:
+        x = layer(x)
+    keras.Model(inputs, x).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "layers", "match"),
+    [
+        (
+            (16, 16, 3),
+            [
+                keras.layers.Conv2D(4, 3),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(7),
+            ],
+            "outputs shape (7,), not --num_classes=10 logits; set --num_classes=7",
+        ),
+        (
+            (16, 16, 1),
+            [
+                keras.layers.Conv2D(4, 3),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(10),
+            ],
+            "takes inputs of shape (16, 16, 1), not RGB images",
+        ),
+        (
+            (16, 16, 3),
+            [keras.layers.Flatten(), keras.layers.Dense(10)],
+            "has no convolution layers",
+        ),
+    ],
+    ids=["classes", "channels", "no-conv"],
+)
+def test_incompatible_init_from_is_refused_before_anything_is_written(
+    tmp_path, shape, layers, match
+):
+    base = save_classifier(tmp_path / "base.keras", shape, *layers)
+    with pytest.raises(training.RunError) as info:
+        training.run(smoke(tmp_path / "run", init_from=str(base)))
+    message = one_line(info)
+    assert message.startswith(f"--init_from={base} ") and match in message, message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"), [("{not json", "is not valid JSON"), ("[1, 2]", "is not an object")]
+)
+def test_config_json_that_is_not_a_json_object(tmp_path, payload, match):
+    run = tmp_path / "run"
+    rundir.record(run, *training.RUN_FILES)  # an unfinished run of ours
+    (run / "config.json").write_text(payload)
+    before = snapshot(run)
+    with pytest.raises(training.RunError) as info:
+        training.run(smoke(run))
+    message = one_line(info)
+    assert f"{run / 'config.json'} {match}" in message and "Restore it" in message, message
+    assert snapshot(run) == before
+    with pytest.raises(rundir.RunDirError, match=match):
+        rundir.read_config(run)  # what tools/eval.py and tools/export.py read too
+
+
+# --- failed writes -------------------------------------------------------------------------------
+
+
+def test_disk_full_during_training_and_at_the_final_save(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_save = tf.train.CheckpointManager.save
+
+    def full_after_first(self, *args, **kwargs):
+        if self.latest_checkpoint:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full_after_first)
+    with pytest.raises(training.RunError) as info:
+        training.run(smoke(run), command="python tools/train.py ...")
+    message = one_line(info)
+    assert f"Could not write checkpoint 2 in {run / 'checkpoints'} (No space left" in message
+    assert f"Kept: {run / 'checkpoints' / 'ckpt-1'}. Free some space, then re-run" in message
+    assert "resume (python tools/train.py ...)" in message
+    monkeypatch.undo()
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(keras.Model, "save", full)
+    with pytest.raises(training.RunError) as info:
+        training.run(smoke(run))
+    message = one_line(info)
+    assert f"Could not write the final model.keras/results in {run} (No space left" in message
+    assert f"Kept: the checkpoints in {run / 'checkpoints'} (step 2)" in message, message
+    assert not (run / "model.keras").exists() and not (run / ".partial-model.keras").exists()
+    monkeypatch.undo()
+    summary = training.run(smoke(run))  # space freed: the same command finishes the run
+    assert summary["steps"] == 2 and (run / "model.keras").exists()
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one_as_latest(tmp_path, monkeypatch):
+    model = training.build_model(smoke(tmp_path), 2)
+    saver = callbacks.Checkpointer(tmp_path / "ckpt")
+    saver.set_model(model)
+    first = saver.save()
+    model.optimizer.iterations.assign(5)
+    monkeypatch.setattr(
+        tf.train.CheckpointManager,
+        "save",
+        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")),
+    )
+    with pytest.raises(callbacks.CheckpointWriteError) as info:
+        saver.save()
+    assert info.value.step == 5 and info.value.kept == first
+    error = rundir.write_failure("checkpoint 5", "d", info.value.kept, "re-run", info.value.cause)
+    assert str(error) == (
+        f"Could not write checkpoint 5 in d (Read-only file system). Kept: {first}. Make it "
+        "writable, then re-run."
+    )
