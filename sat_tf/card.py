@@ -98,8 +98,31 @@ def write(directory, card):
     return atomic_write(Path(directory) / CARD_NAME, json.dumps(card, indent=2, default=str) + "\n")
 
 
-def add_evaluation(directory, entry):
-    """Appends an evaluation to the card in `directory` (creating a minimal card if none)."""
+class CardWriteError(Exception):
+    """The card could not be updated; the message says what was saved instead."""
+
+
+def add_evaluation(directory, entry, *, saved=None):
+    """Appends an evaluation to the card in `directory` (creating a minimal card if none).
+
+    Args:
+        directory: The folder of the model (and its card).
+        entry: From `evaluation_entry`.
+        saved: The folder where the evaluation's reports were already written, named in the
+            error so that a failed card write never hides them.
+
+    Raises:
+        CardWriteError: one line naming the card, the cause and what is saved.
+    """
     card = read(directory) or {"format": "sat_tf.robustness_card/1", "evaluations": []}
     card.setdefault("evaluations", []).append(entry)
-    return write(directory, card)
+    try:
+        return write(directory, card)
+    except OSError as error:
+        Path(directory, f".partial-{CARD_NAME}").unlink(missing_ok=True)
+        kept = f"its reports are saved in {saved}" if saved else "nothing else was written"
+        raise CardWriteError(
+            f"The evaluation finished and {kept}, but the card {Path(directory) / CARD_NAME} "
+            f"could not be updated ({error.strerror or error}). Make {directory} writable and "
+            "re-run the evaluation to record it there."
+        ) from None

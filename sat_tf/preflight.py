@@ -184,17 +184,23 @@ def check_first_batches(config, train, evaluation):
             ) from None
 
 
+def data_problem(error):
+    """The record-naming message `sat_tf.data` put in a tf.data assertion, or None."""
+    found = re.search(r"assertion failed: \[(.*?)\]", error.message, re.S)
+    return found.group(1) if found else None
+
+
 def data_error(config, error, *, resumable):
     """A `RunError` from the message `sat_tf.data` puts in its tf.data assertion, else `error`.
 
     The pipeline names the file and record ("x.tfrecord (record 7) is not a JPEG or PNG
     image"); TensorFlow wraps it in an op trace that does not help the user.
     """
-    found = re.search(r"assertion failed: \[(.*?)\]", error.message, re.S)
+    found = data_problem(error)
     if not found:
         return error
     then = " The last checkpoint is kept; re-run the same command to resume." if resumable else ""
     return RunError(
-        f"--dataset={config.dataset}: {found.group(1)}. Fix or remove that file (tools/"
+        f"--dataset={config.dataset}: {found}. Fix or remove that file (tools/"
         f"build_tfrecords.py writes checked ones).{then}"
     )

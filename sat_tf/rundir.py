@@ -182,6 +182,21 @@ def locked(model_dir, purpose):
         handle.close()
 
 
+def check_writable(directory, what):
+    """Raises `RunWriteError` unless a file can be created in `directory` (made if missing):
+    called before long work whose results go there."""
+    directory = Path(directory)
+    probe = directory / f".write_probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise write_failure(
+            what, directory, "everything, unchanged: nothing was run", "re-run", error
+        ) from None
+
+
 def write_json(path, payload):
     """Writes `payload` as JSON to `path` atomically (`sat_tf.atomic`)."""
     atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")

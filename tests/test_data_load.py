@@ -164,3 +164,29 @@ def test_folder_eval_order_takes_the_classes_in_turn(tmp_path):
     images, labels = [np.concatenate(t) for t in zip(*batches, strict=True)]
     assert labels.tolist() == [0, 1, 2, 0, 2, 0]
     np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), [5, 15, 25, 45, 65, 85], atol=1)
+
+
+def test_folder_skips_hidden_files_and_folders(tmp_path):
+    # Jupyter leaves .ipynb_checkpoints/ in a split, macOS leaves ._x.png beside each image.
+    for split in ("train", "validation"):
+        for c in ("a", "b"):
+            _image(tmp_path / split / c / "0.png", 100 * "ab".index(c) + 10)
+    _image(tmp_path / "validation" / ".ipynb_checkpoints" / "0.png", 250)
+    (tmp_path / "validation" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    loaded = data.load(
+        f"folder:{tmp_path}", split="validation", global_batch_size=4, image_size=8, num_classes=2
+    )
+    images, labels = next(iter(loaded.dataset))
+    assert (loaded.num_examples, loaded.num_classes) == (2, 2)
+    np.testing.assert_allclose(images.numpy().mean(axis=(1, 2, 3)), 100 * labels + 10, atol=1)
+
+
+def test_folder_class_folders_that_differ_between_splits_are_named(tmp_path):
+    for split, classes in [("train", ["a", "b"]), ("validation", ["a", "b", "cats2"])]:
+        for c in classes:
+            _image(tmp_path / split / c / "0.png", 10)
+    with pytest.raises(ValueError) as info:
+        data.load(f"folder:{tmp_path}", split="validation", global_batch_size=2, num_classes=2)
+    message = str(info.value)
+    assert "3 class folders over its splits, more than num_classes=2" in message, message
+    assert "only in validation/: cats2" in message and "only in train/" not in message

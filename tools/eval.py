@@ -21,6 +21,7 @@ the first N. Writes robustbench_<dataset>_Linf.json (a RobustBench model_info en
 --output_dir and appends the evaluation to the card.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -152,8 +153,13 @@ def _resolve(config):
     path = model_dir / "model.keras" if model_dir else Path(config.model_path)
     if not path.is_file():
         _fail(f"{path} not found; train first (tools/train.py) or fix --model_dir/--model_path.")
-    config_path = path.parent / "config.json"
-    run = TrainConfig.from_json(config_path) if config_path.exists() else None
+    from sat_tf import rundir
+
+    try:
+        saved = rundir.read_config(path.parent)  # one clear line when not a JSON object
+    except rundir.RunDirError as error:
+        _fail(str(error))
+    run = TrainConfig.from_dict(saved) if saved else None
     output = Path(config.output_dir) if config.output_dir else path.parent / "eval"
     if config.step_size is not None and config.step_size <= 0:
         _fail(f"--step_size={config.step_size} must be > 0 (pixels).")
@@ -163,6 +169,11 @@ def _resolve(config):
     given = [f"--{name}" for name in other if name in config.given]
     if given:
         _fail(f"{', '.join(given)} cannot be used with --protocol={config.protocol}.")
+    try:  # before any attack runs: an evaluation must be able to save what it finds
+        rundir.check_writable(output, "the reports (--output_dir)")
+        rundir.check_writable(path.parent, f"the robustness card ({path.parent.name or '.'})")
+    except rundir.RunWriteError as error:
+        _fail(str(error))
     return Target(path, run, output)
 
 
@@ -178,7 +189,7 @@ def _epsilons(config, target):
     return values
 
 
-def _data(config, target):
+def _data(config, target, num_classes):
     from sat_tf import data
 
     spec = target.data_spec(config)
@@ -192,7 +203,7 @@ def _data(config, target):
             global_batch_size=config.batch_size,
             image_size=image_size,
             data_dir=target.data_dir(config),
-            num_classes=target.value("num_classes"),
+            num_classes=num_classes,  # labels outside the model's outputs are errors
         ).dataset
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
@@ -227,7 +238,7 @@ def _robustbench_imagenet(config, target, spec, n, image_size):
     return images, labels, source
 
 
-def _robustbench_data(config, target, protocol):
+def _robustbench_data(config, target, protocol, num_classes):
     """`(images, labels, source)`: the protocol's first --num_examples examples, in its order."""
     from sat_tf import data, evaluation
     from sat_tf.data import robustbench_data
@@ -249,7 +260,7 @@ def _robustbench_data(config, target, protocol):
         global_batch_size=config.batch_size,
         image_size=image_size,
         data_dir=target.data_dir(config),
-        num_classes=target.value("num_classes"),
+        num_classes=num_classes,
         training=False,
     )
     images, labels = evaluation.collect(loaded.dataset.take(-(-n // config.batch_size)), n)
@@ -272,7 +283,9 @@ def _robustbench(config, target, model, command):
     if config.num_examples > protocol.num_examples:
         _fail(f"--num_examples={config.num_examples}: {name} has {protocol.num_examples}.")
     try:
-        images, labels, source = _robustbench_data(config, target, protocol)
+        images, labels, source = _robustbench_data(
+            config, target, protocol, int(model.output_shape[-1])
+        )
         architecture = f"{run.model} ({run.activation})" if run else model.name
         result = robustbench.benchmark(
             model,
@@ -291,7 +304,10 @@ def _robustbench(config, target, model, command):
     target.output.mkdir(parents=True, exist_ok=True)
     entry_path = target.output / f"robustbench_{name}_Linf.json"
     entry_path.write_text(json.dumps(result.model_info_entry(), indent=2) + "\n")
-    card.add_evaluation(target.path.parent, result.card_entry(command))
+    try:
+        card.add_evaluation(target.path.parent, result.card_entry(command), saved=entry_path)
+    except card.CardWriteError as error:
+        _fail(str(error))
     print(
         f"RobustBench {name} Linf {protocol.epsilon} ({protocol.epsilon_pixels:g} pixels), "
         f"AutoAttack {result.version}, {result.num_examples} examples: clean "
@@ -303,26 +319,34 @@ def _robustbench(config, target, model, command):
 
 
 def _sat(config, target, model, surrogate, command):
-    from sat_tf import card, evaluation
+    import tensorflow as tf
+
+    from sat_tf import card, evaluation, preflight
 
     epsilons = _epsilons(config, target)
     step_size = config.step_size
     if step_size is None:
         step_size = target.value("eval_step_size", 1.0)
-    spec, dataset = _data(config, target)
+    spec, dataset = _data(config, target, int(model.output_shape[-1]))
     restarts = f"x{config.restarts}" if config.restarts > 1 else ""
     attacks = ["clean", *(f"pgd-{k}{restarts}" for k in config.num_steps), *config.attacks]
-    results = evaluation.evaluate(
-        model,
-        dataset,
-        attacks=attacks,
-        epsilons=epsilons,
-        num_examples=config.num_examples or None,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        surrogate=surrogate,
-        pgd_step_size=step_size,
-    )
+    try:
+        results = evaluation.evaluate(
+            model,
+            dataset,
+            attacks=attacks,
+            epsilons=epsilons,
+            num_examples=config.num_examples or None,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            surrogate=surrogate,
+            pgd_step_size=step_size,
+        )
+    except tf.errors.InvalidArgumentError as error:  # a bad record, named by sat_tf.data
+        problem = preflight.data_problem(error)
+        if problem is None:
+            raise
+        _fail(f"{spec}: {problem}. Fix or remove that file (tools/build_tfrecords.py).")
     output = target.output
     output.mkdir(parents=True, exist_ok=True)
     results.save(output)
@@ -333,8 +357,11 @@ def _sat(config, target, model, surrogate, command):
     entry = card.evaluation_entry(
         results, protocol="sat", command=command, dataset=spec, step_size=step_size
     )
-    card.add_evaluation(target.path.parent, entry)
     print((output / "results.md").read_text())
+    try:
+        card.add_evaluation(target.path.parent, entry, saved=output)
+    except card.CardWriteError as error:
+        _fail(str(error))
     print(f"Reports in {output}; card: {target.path.parent / card.CARD_NAME}")
 
 
@@ -343,6 +370,19 @@ def main(argv):
     config = EvalConfig.from_flags(flags.FLAGS)
     logging.set_verbosity(logging.WARNING)
     target = _resolve(config)
+    from sat_tf import rundir
+
+    run_dir = target.path.parent
+    try:  # evaluating a run writes into it: one process at a time (sat_tf.rundir)
+        with rundir.locked(run_dir, "evaluation") if config.model_dir else contextlib.nullcontext():
+            if config.model_dir and rundir.listed(run_dir) and target.output.parent == run_dir:
+                rundir.record(run_dir, target.output.name)
+            _evaluate(config, target)
+    except (rundir.RunDirError, rundir.RunWriteError) as error:
+        _fail(str(error))
+
+
+def _evaluate(config, target):
     from sat_tf import saving
 
     try:  # checks the archive first, always safe_mode=True

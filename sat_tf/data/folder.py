@@ -16,11 +16,47 @@ from sat_tf.data import checks, pipeline
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
+def _visible(folder):
+    """Sorted entries of `folder`, hidden ones (`.ipynb_checkpoints`, `._x.jpg`) skipped."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
+def split_classes(directory):
+    """`{split: set of class folder names}` for each split folder of `directory`."""
+    splits = [s for s in _visible(directory) if os.path.isdir(os.path.join(directory, s))]
+    return {
+        split: {c for c in _visible(os.path.join(directory, split)) if _is_dir(directory, split, c)}
+        for split in splits
+    }
+
+
+def _is_dir(*parts):
+    return os.path.isdir(os.path.join(*parts))
+
+
 def class_names(directory):
-    """Sorted class folder names over all split folders of `directory`."""
-    splits = [os.path.join(directory, s) for s in sorted(os.listdir(directory))]
-    names = {c for s in splits if os.path.isdir(s) for c in os.listdir(s)}
-    return sorted(n for n in names if any(os.path.isdir(os.path.join(s, n)) for s in splits))
+    """Sorted class folder names over all split folders of `directory` (hidden ones skipped)."""
+    return sorted(set().union(*split_classes(directory).values()))
+
+
+def check_classes(directory, num_classes):
+    """Raises ValueError when the class folders outnumber `num_classes`, naming the folders that
+    differ between splits (a label would otherwise fall outside the model's classes)."""
+    classes = split_classes(directory)
+    names = set().union(*classes.values())
+    if num_classes is None or len(names) <= num_classes:
+        return
+    differ = [
+        f"only in {split}/: {', '.join(sorted(found - set.intersection(*classes.values())))}"
+        for split, found in sorted(classes.items())
+        if found - set.intersection(*classes.values())
+    ]
+    detail = "; ".join(differ) if differ else "every split has them all"
+    raise ValueError(
+        f"{directory} has {len(names)} class folders over its splits, more than "
+        f"num_classes={num_classes} ({detail}). Rename or remove the extra folders so that every "
+        "split has the same class folders, or set num_classes."
+    )
 
 
 def list_images(directory, split):
@@ -38,7 +74,7 @@ def list_images(directory, split):
     paths, labels = [], []
     for label, name in enumerate(names):
         folder = os.path.join(root, name)
-        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        files = _visible(folder) if os.path.isdir(folder) else []
         found = [os.path.join(folder, f) for f in files if f.lower().endswith(EXTENSIONS)]
         paths += found
         labels += [label] * len(found)
@@ -70,6 +106,7 @@ def build_dataset(
     Returns:
         The batched `tf.data.Dataset` (sizes: `info`).
     """
+    check_classes(directory, kwargs.get("num_classes"))
     paths, labels, _ = list_images(directory, split)
     paths, labels = np.asarray(paths), np.asarray(labels, np.int64)
     if training:  # Mix the classes inside each chunk (the listing is sorted by class).

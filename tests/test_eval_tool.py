@@ -1,0 +1,126 @@
+"""tools/eval.py on a run: it reads the run's data as training did, checks labels against the
+model, refuses to start when it could not save, and a failed card write keeps the reports."""
+
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_bad_inputs import example, jpeg, write_records
+
+from sat_tf import card, models, rundir, training
+from sat_tf.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def evaluate(*args):
+    return subprocess.run(
+        [sys.executable, "tools/eval.py", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def classifier(path, num_classes):
+    model = models.build(
+        "small_cnn", num_classes=num_classes, activation="silu", input_shape=(16, 16, 3)
+    )
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    # Only val-* files: a tool that re-derives "<dataset>/validation-*" finds nothing.
+    folder = tmp_path_factory.mktemp("records")
+    write_records(folder / "val-0.tfrecord", [example(jpeg(20 * i), i + 1) for i in range(10)])
+    return folder
+
+
+@pytest.mark.slow
+def test_eval_reads_the_runs_eval_files(records, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(
+        model_dir=str(run),
+        dataset=f"tfrecord:{records}",
+        eval_files=f"{records}/val-*",
+        augmentation="none",
+        image_size=16,
+    )
+    rundir.record(run, *training.RUN_FILES)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    classifier(run / "model.keras", 10)
+    result = evaluate(f"--model_dir={run}", "--num_steps=1", "--batch_size=5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert set(summary) == {"clean", "epsilon", "pgd-1"}
+    (entry,) = card.read(run)["evaluations"]
+    assert entry["dataset"] == f"tfrecord:{records}/val-*" and entry["num_examples"] == 10
+    assert "eval" in rundir.listed(run) and not (run / rundir.LOCK).exists()
+
+
+@pytest.mark.slow
+def test_eval_refuses_labels_outside_the_models_classes(records, tmp_path):
+    path = classifier(tmp_path / "seven.keras", 7)  # the records hold classes 0..9
+    result = evaluate(
+        f"--model_path={path}", f"--dataset=tfrecord:{records}/val-*", "--image_size=16"
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr and "Clean" not in result.stdout
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "val-0.tfrecord (record 7) has label 7 (after label_offset), outside [0, " in line
+    assert "num_classes=7)" in line, line
+    assert card.read(tmp_path) is None  # nothing appended to a card
+
+
+@pytest.mark.slow
+def test_eval_that_could_not_save_refuses_before_attacking(records, tmp_path):
+    path = classifier(tmp_path / "m.keras", 10)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = evaluate(
+        f"--model_path={path}",
+        f"--dataset=tfrecord:{records}/val-*",
+        "--image_size=16",
+        f"--output_dir={blocker / 'eval'}",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: Could not write the reports (--output_dir) in {blocker / 'eval'}" in (
+        result.stderr
+    )
+    assert "nothing was run" in result.stderr and "Clean" not in result.stdout
+
+
+def test_failed_card_write_names_the_saved_reports(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(card.CardWriteError) as info:
+        card.add_evaluation(tmp_path, {"protocol": "sat"}, saved=tmp_path / "eval")
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert f"its reports are saved in {tmp_path / 'eval'}" in message
+    assert f"the card {tmp_path / card.CARD_NAME} could not be updated (Read-only" in message
+
+
+def test_check_writable_refuses_a_read_only_folder(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(rundir.RunWriteError) as info:
+        rundir.check_writable(tmp_path, "the reports")
+    assert str(info.value) == (
+        f"Could not write the reports in {tmp_path} (Read-only file system). Kept: everything, "
+        "unchanged: nothing was run. Make it writable, then re-run."
+    )
