@@ -46,7 +46,7 @@ def _hidden_ours(name):
 def check_ours(model_dir, flag="--model_dir"):
     """Raises `RunDirError` when `model_dir` holds files but no manifest (not a run of ours)."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir() or (model_dir / MANIFEST).exists():
+    if not model_dir.is_dir() or (model_dir / MANIFEST).exists() or _older_run(model_dir):
         return
     foreign = sorted(p.name for p in model_dir.iterdir() if not _hidden_ours(p.name))
     if foreign:
@@ -55,6 +55,19 @@ def check_ours(model_dir, flag="--model_dir"):
             f"{flag}={model_dir} is not empty and is not a sat_tf run (no {MANIFEST}; it holds "
             f"{shown}): nothing was written there. Use a new or empty {flag}."
         )
+
+
+# Keys every sat_tf config.json has had: a folder with such a config is a run written before the
+# manifest existed (it gets one when it is next trained), not a user's folder.
+OLDER_RUN_KEYS = {"model_dir", "model", "activation", "epsilon", "step_size", "num_steps"}
+
+
+def _older_run(model_dir):
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and set(config) >= OLDER_RUN_KEYS
 
 
 def listed(model_dir):

@@ -60,6 +60,16 @@ def test_a_foreign_folder_is_never_written_into(tmp_path, overwrite):
     assert snapshot(folder) == before
 
 
+def test_a_run_written_before_the_manifest_is_still_ours(finished, tmp_path):
+    run = tmp_path / "older"
+    shutil.copytree(finished, run)
+    (run / rundir.MANIFEST).unlink()
+    rundir.check_ours(run)  # its config.json has the keys every sat_tf run has written
+    (run / "config.json").write_text('{"model": "mine"}')
+    with pytest.raises(rundir.RunDirError, match="is not a sat_tf run"):
+        rundir.check_ours(run)
+
+
 def test_overwrite_removes_only_listed_files(finished, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
