@@ -10,7 +10,7 @@ SavedModel's `assets.extra/`.
 import json
 from pathlib import Path
 
-from sat_tf.atomic import atomic_write
+from sat_tf.atomic import atomic_write, partial_path
 
 CARD_NAME = "robustness_card.json"
 INPUT_CONVENTION = (
@@ -119,7 +119,7 @@ def add_evaluation(directory, entry, *, saved=None):
     try:
         return write(directory, card)
     except OSError as error:
-        Path(directory, f".partial-{CARD_NAME}").unlink(missing_ok=True)
+        partial_path(Path(directory) / CARD_NAME).unlink(missing_ok=True)
         kept = f"its reports are saved in {saved}" if saved else "nothing else was written"
         raise CardWriteError(
             f"The evaluation finished and {kept}, but the card {Path(directory) / CARD_NAME} "

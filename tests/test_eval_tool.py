@@ -105,6 +105,7 @@ def test_failed_card_write_names_the_saved_reports(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "write_bytes", read_only)
     with pytest.raises(card.CardWriteError) as info:
         card.add_evaluation(tmp_path, {"protocol": "sat"}, saved=tmp_path / "eval")
     message = str(info.value)
