@@ -91,6 +91,7 @@ class AdversarialModel(keras.Model):
             raise ValueError(
                 f"`weight_decay` must be >= 0. Received: weight_decay={weight_decay!r}"
             )
+        attacks.require_logits(classifier, where="AdversarialModel")
         self.classifier = classifier
         self.attack_config = {
             "epsilon": float(epsilon),

@@ -13,10 +13,11 @@ misclassified leave the batch at every checkpoint and between restarts/target cl
 are not recomputed.
 """
 
-import math
+import warnings
 
 import tensorflow as tf
 
+from sat_tf import attacks
 from sat_tf.attacks import compiled, project
 
 
@@ -52,6 +53,24 @@ def margin(logits, labels):
     return tf.gather(logits, labels, axis=1, batch_dims=1) - _best_other(logits, labels)
 
 
+def check_num_classes(num_classes, *, loss, targeted):
+    """Raises ValueError where the DLR losses cannot run: they rank the top 3 (4 targeted) logits.
+
+    The reference code only warns here and then fails inside the loss; the message says what to
+    run instead.
+    """
+    if loss != "dlr":
+        return
+    needed = 4 if targeted else 3
+    if num_classes < needed:
+        name = "APGD-T (targeted DLR loss)" if targeted else "APGD-DLR"
+        raise ValueError(
+            f"{name} needs at least {needed} classes; the model has {num_classes}. Use an "
+            "attack without the DLR loss, e.g. auto_attack(..., attacks=['apgd-ce', 'fab-t', "
+            "'square']) or apgd(..., loss='ce')."
+        )
+
+
 def _best_other(logits, labels):
     mask = tf.one_hot(labels, tf.shape(logits)[1], on_value=-float("inf"), off_value=0.0)
     return tf.reduce_max(logits + mask, axis=1)
@@ -66,33 +85,64 @@ def _loss(name, targeted, logits, labels, targets):
 
 
 def checkpoints(num_steps):
-    """The iterations w_j = ceil(p_j * N) where APGD may halve its step (Croce & Hein, Sec. 3.2).
+    """The iterations after which APGD may halve its step (Croce & Hein, Sec. 3.2).
 
-    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
+    As fra31/auto-attack's `autopgd_base.py` computes them for any step count: the first window
+    is max(int(0.22 N), 1) iterations long, each next one max(int(0.03 N), 1) shorter, but at
+    least max(int(0.06 N), 1) (the paper's p_j + max(p_j - p_{j-1} - 0.03, 0.06), rounded down
+    per window). Checkpoints at or after the last iteration change nothing and are left out.
     """
-    p = [0.0, 0.22]
-    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    found = {math.ceil(q * num_steps - 1e-9) for q in p[1:]}  # 1e-9: 0.22 * 100 is 22.000000004.
-    return sorted(w for w in found if 0 < w < num_steps)
+    window = max(int(0.22 * num_steps), 1)
+    shrink, shortest = max(int(0.03 * num_steps), 1), max(int(0.06 * num_steps), 1)
+    found, at = [], window
+    while at < num_steps:
+        found.append(at)
+        window = max(window - shrink, shortest)
+        at += window
+    return found
 
 
 def _per_example(v, x):
     return tf.reshape(v, [-1] + [1] * (len(x.shape) - 1))
 
 
-def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max):
+def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max, eot_iter, float16):
     """(init, segment) of one APGD run; `model` is a `weakref.ref` (`attacks.compiled`)."""
     bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
 
-    def loss_grad(x, s):
+    def one_pass(x, s):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            logits = model()(x, training=False)
-            value = _loss(loss, targeted, logits, s["y"], s["target"])
-            total = tf.reduce_sum(value)
-        grad = tape.gradient(total, x)
+            logits = tf.cast(model()(x, training=False), tf.float32)
+            if float16:
+                # Under float16 the input gradient of a confident model underflows; scale each
+                # example's loss by a power of two (exact to undo), as `attacks.input_gradient`.
+                with tf.GradientTape() as inner:
+                    inner.watch(logits)
+                    value = _loss(loss, targeted, logits, s["y"], s["target"])
+                scale = attacks.gradient_scale(inner.gradient(value, logits))
+            else:
+                value = _loss(loss, targeted, logits, s["y"], s["target"])
+                scale = tf.ones_like(value)
+            total = tf.reduce_sum(value * scale)
+        grad = tape.gradient(total, x) / _per_example(scale, x)
         return value, grad, tf.argmax(logits, axis=1, output_type=tf.int32) != s["y"]
+
+    def loss_grad(x, s):
+        if eot_iter == 1:
+            return one_pass(x, s)
+
+        # Expectation over transformation: the mean gradient of `eot_iter` passes of a
+        # randomized model; loss and prediction of the last pass (autopgd_base.py).
+        def body(i, grad, value, fooled):
+            value, g, fooled = one_pass(x, s)
+            return i + 1, grad + g / float(eot_iter), value, fooled
+
+        value, grad, fooled = one_pass(x, s)
+        _, grad, value, fooled = tf.while_loop(
+            lambda i, *_: i < eot_iter, body, (1, grad / float(eot_iter), value, fooled)
+        )
+        return value, grad, fooled
 
     def init(s):
         value, grad, fooled = loss_grad(s["x_cur"], s)
@@ -101,7 +151,9 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max):
             s,
             x_prev=s["x_cur"],
             grad=grad,
-            loss_cur=value,
+            # The first window compares its first loss with 0, not with the start's loss: the
+            # reference's check_oscillation reads loss_steps[-1], a row still all zeros then.
+            loss_cur=zeros,
             x_best=s["x_cur"],
             loss_best=value,
             grad_best=grad,
@@ -138,10 +190,11 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max):
 
     def segment(s, start, stop):
         _, s = tf.while_loop(lambda k, _: k < stop, iterate, (start, s))
-        # Halve the step where (1) under rho of the window's steps raised the loss, or (2) the step
-        # was not halved last time and the best loss has not improved since; restart from x_best.
+        # Halve the step where (1) at most rho of the window's steps raised the loss, or (2) the
+        # step was not halved last time and the best loss has not improved since; restart from
+        # x_best (autopgd_base.py: `t <= k * k3` and `loss_best_last_check >= loss_best`).
         window = tf.cast(stop - tf.maximum(start, 0), tf.float32)
-        halve = (s["n_increase"] < rho * window) | (
+        halve = (s["n_increase"] <= rho * window) | (
             ~s["reduced_at_check"] & (s["loss_best"] <= s["best_at_check"])
         )
         back = _per_example(halve, s["x_cur"])
@@ -205,6 +258,7 @@ def apgd(
     num_restarts=1,
     target_classes=9,
     rho=0.75,
+    eot_iter=1,
     seed=0,
     clip_min=0.0,
     clip_max=255.0,
@@ -215,7 +269,8 @@ def apgd(
     halved and the iterate restarts from the best point where fewer than `rho` of the window's
     steps raised the loss, or where the step was not halved at the last checkpoint and the best
     loss is unchanged.
-    Random start uniform in the epsilon ball (the official code rescales it to touch the border).
+    Random start: uniform noise rescaled so that its largest entry is +-epsilon, as the official
+    code starts.
 
     Args:
         model: Keras model mapping images to logits; called with `training=False`.
@@ -229,8 +284,11 @@ def apgd(
             target with loss="ce") on the examples still classified correctly.
         num_restarts: Random restarts per target (per run when untargeted); only examples still
             correct are restarted.
-        target_classes: Number of target classes for the targeted attack (at most K - 1).
+        target_classes: Number of target classes for the targeted attack; with K classes at
+            most K - 1 are used (with a warning, as the reference code warns).
         rho: Threshold of the step-halving condition 1.
+        eot_iter: Gradients averaged per step (expectation over transformation), for
+            randomized models; 1 for deterministic ones.
         seed: Seed of the random starts; same seed, same result.
         clip_min: Lowest valid pixel value.
         clip_max: Highest valid pixel value.
@@ -242,6 +300,8 @@ def apgd(
     """
     if loss not in ("ce", "dlr"):
         raise ValueError(f"loss must be 'ce' or 'dlr'. Received: loss={loss!r}")
+    if not (isinstance(eot_iter, int) and eot_iter >= 1):
+        raise ValueError(f"`eot_iter` must be an int >= 1. Received: eot_iter={eot_iter!r}")
     x = tf.convert_to_tensor(images, tf.float32)
     y = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     config = dict(
@@ -251,11 +311,22 @@ def apgd(
         rho=float(rho),
         clip_min=float(clip_min),
         clip_max=float(clip_max),
+        eot_iter=eot_iter,
+        float16=attacks.uses_float16(model),
     )
     logits = tf.cast(model(x, training=False), tf.float32)
+    check_num_classes(logits.shape[1], loss=loss, targeted=targeted)
     fooled = tf.argmax(logits, axis=1, output_type=tf.int32) != y
     ranking = tf.argsort(logits, axis=1, direction="DESCENDING", stable=True)
-    ranks = range(1, min(target_classes, logits.shape[1] - 1) + 1) if targeted else [None]
+    ranks = [None]
+    if targeted:
+        ranks = range(1, min(target_classes, logits.shape[1] - 1) + 1)
+        if target_classes > logits.shape[1] - 1:
+            warnings.warn(
+                f"APGD-T: {target_classes} target classes asked, but a {logits.shape[1]}-class "
+                f"model has only {logits.shape[1] - 1}; using {logits.shape[1] - 1}.",
+                stacklevel=2,
+            )
     adv, run = x, 0
     for rank in ranks:
         target = y if rank is None else ranking[:, rank]
@@ -264,9 +335,9 @@ def apgd(
             if active.shape[0] == 0:
                 return tf.stop_gradient(adv)
             xa = tf.gather(x, active)
-            noise = tf.random.stateless_uniform(
-                tf.shape(xa), seed=[seed, run], minval=-epsilon, maxval=epsilon
-            )
+            noise = tf.random.stateless_uniform(tf.shape(xa), seed=[seed, run], minval=-1, maxval=1)
+            largest = tf.reduce_max(tf.abs(tf.reshape(noise, [tf.shape(xa)[0], -1])), axis=1)
+            noise = epsilon * noise / (_per_example(largest, noise) + 1e-12)
             start = project(xa + noise, xa, epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
             hit, adv_run = _apgd_single_run(
                 model,

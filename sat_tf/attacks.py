@@ -20,6 +20,7 @@ Conventions:
 
 import weakref
 
+import keras
 import tensorflow as tf
 
 from sat_tf import _keras_compat as compat
@@ -131,11 +132,61 @@ def _loss_scale(model, logits, labels, loss_scale):
     probs = tf.exp(tf.nn.log_softmax(logits))
     off_target = tf.reduce_max(tf.where(target > 0, tf.zeros_like(probs), probs), axis=-1)
     anywhere = tf.reduce_max(tf.abs(probs - target), axis=-1)
-    largest = tf.where(off_target > 0, off_target, anywhere)
+    return _power_of_two_scale(tf.where(off_target > 0, off_target, anywhere))
+
+
+def gradient_scale(logit_gradient):
+    """Per-example loss scale for float16 models, from the loss's float32 gradient w.r.t. logits.
+
+    The power of two (>= 1) that brings each example's largest |d loss / d logit| into [1, 2),
+    as `input_gradient` picks for the cross-entropy; for any per-example loss (e.g. DLR).
+    """
+    largest = tf.reduce_max(tf.abs(tf.cast(logit_gradient, tf.float32)), axis=-1)
+    return _power_of_two_scale(largest)
+
+
+def _power_of_two_scale(largest):
     log2 = -tf.math.floor(
         tf.math.log(tf.maximum(largest, 2.0**-_MAX_LOG2_SCALE)) / tf.math.log(2.0)
     )
     return tf.stop_gradient(tf.pow(2.0, tf.clip_by_value(log2, 0.0, _MAX_LOG2_SCALE)))
+
+
+_PROBABILITY_OUTPUTS = ("softmax", "sigmoid", "log_softmax")
+
+
+def output_activation(model):
+    """(layer name, activation name) of a model's output layer if it squashes to probabilities.
+
+    Looks at the last layer (recursing into a nested model there): a `Softmax` layer, or an
+    `activation` of softmax, sigmoid or log-softmax (a Dense's `activation=`, an `Activation`
+    layer). Returns None otherwise, and for subclassed models, which have no layer graph to read.
+    """
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return None
+    last = layers[-1]
+    if isinstance(last, keras.Model):
+        return output_activation(last)
+    if isinstance(last, keras.layers.Softmax):
+        return last.name, "softmax"
+    name = getattr(getattr(last, "activation", None), "__name__", "")
+    return (last.name, name) if name in _PROBABILITY_OUTPUTS else None
+
+
+def require_logits(model, *, where="this attack"):
+    """Raises ValueError when `model`'s output layer applies softmax or sigmoid.
+
+    Every attack here takes the model's outputs as logits; on probabilities the cross-entropy and
+    margin losses saturate and the robust accuracy comes out too high.
+    """
+    found = output_activation(model)
+    if found:
+        layer, activation = found
+        raise ValueError(
+            f"{where} needs a model that outputs logits, but its output layer {layer!r} applies "
+            f"{activation}. Remove it, weights kept: model = sat_tf.models.to_logits(model)."
+        )
 
 
 def _uniform(shape, minval, maxval, seed, salt):
@@ -237,6 +288,7 @@ def pgd(
         clip_min=clip_min,
         clip_max=clip_max,
     )
+    require_logits(model, where="pgd")
     images = tf.cast(images, tf.float32)
     labels = tf.convert_to_tensor(labels)
     bounds = {"epsilon": epsilon, "clip_min": clip_min, "clip_max": clip_max}
@@ -287,10 +339,13 @@ __all__ = [
     "check_arguments",
     "compiled",
     "fgsm",
+    "gradient_scale",
     "input_gradient",
+    "output_activation",
     "per_example_loss",
     "pgd",
     "project",
+    "require_logits",
     "step",
     "uniform_start",
     "uses_float16",

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from sat_tf import attacks, autoattack, masking, reporting
+from sat_tf.attacks import require_logits
 from sat_tf.rows import AttackSpec, Row, parse_attack
 
 __all__ = ["AttackSpec", "Row", "attack_batch", "collect", "evaluate", "parse_attack"]
@@ -195,6 +196,7 @@ def evaluate(
     Returns:
         A `reporting.EvaluationResults` (rows, per-epsilon worst case over attacks, checks).
     """
+    require_logits(model, where="evaluate")
     images, labels = collect(dataset, num_examples)
     specs = [parse_attack(a) for a in attacks]
     if pgd_step_size is not None:

@@ -65,7 +65,10 @@ def check_deterministic(model, images):
     ok = diff <= 1e-5 * max(1.0, float(np.max(np.abs(first))))
     message = f"max |f(x) - f(x)| over two calls = {diff:.3g}"
     if not ok:
-        message += "; randomized outputs: use expectation over transformation (Athalye 2018)"
+        message += (
+            "; randomized outputs: evaluate with auto_attack(..., version='rand') (APGD with "
+            "expectation over transformation, Athalye 2018)"
+        )
     return Check("deterministic", ok, message, {"max_abs_diff": diff})
 
 

@@ -12,14 +12,15 @@ Attack specs are strings `name[-budget][xrestarts]` or `AttackSpec`s:
     "apgd-ce[-K]"            APGD on cross-entropy, K steps (default 100).
     "apgd-t[-K]"             APGD on the targeted DLR loss, 9 target classes, K steps (default 100).
     "square[-Q]"             Square Attack, Q queries (default 5000).
-    "autoattack[-fast]"      the AutoAttack ensemble, "standard" (default) or "fast".
+    "autoattack[-fast|-rand]" the AutoAttack ensemble, "standard" (default), "fast", or "rand" (for
+                             randomized models: APGD-CE and APGD-DLR with EOT).
 """
 
 import dataclasses
 import re
 
 _PATTERN = re.compile(
-    r"^(clean|fgsm|pgd|apgd-ce|apgd-t|square|autoattack)(?:-(\d+|fast|standard))?(?:x(\d+))?$"
+    r"^(clean|fgsm|pgd|apgd-ce|apgd-t|square|autoattack)(?:-(\d+|fast|standard|rand))?(?:x(\d+))?$"
 )
 _DEFAULT_BUDGET = {"pgd": 10, "apgd-ce": 100, "apgd-t": 100, "square": 5000}
 

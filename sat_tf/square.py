@@ -9,15 +9,23 @@ import tensorflow as tf
 
 from sat_tf.attacks import compiled, project
 
-# Square-size schedule: p halves each time the query counter, rescaled to a budget of 10,000
-# queries, passes one of these thresholds (paper, App. E; official `p_selection`).
+# Square-size schedule: p halves each time the query counter passes one of these thresholds
+# (paper, App. E; the reference `square.py`, `p_selection`).
 _P_THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def p_schedule(query, num_queries, p_init):
-    """Fraction p of the pixels changed at a query: p_init halved at each passed threshold."""
-    rescaled = tf.floor(tf.cast(query, tf.float32) / float(num_queries) * 10000.0)
-    halvings = tf.reduce_sum(tf.cast(rescaled > tf.constant(_P_THRESHOLDS, tf.float32), tf.float32))
+def p_schedule(query, p_init, *, num_queries=None):
+    """Fraction p of the pixels changed at query `query` (0-based): p_init halved per threshold.
+
+    AutoAttack builds its Square with `resc_schedule=False`: the thresholds apply to the query
+    counter itself, so with 5,000 queries p halves after queries 10, 50, 200, 500, 1000, 2000
+    and 4000. With `num_queries` the counter is first rescaled to a 10,000-query budget,
+    int(query / num_queries * 10000), as the reference's standalone default does.
+    """
+    query = tf.cast(query, tf.float32)
+    if num_queries is not None:
+        query = tf.floor(query / float(num_queries) * 10000.0)
+    halvings = tf.reduce_sum(tf.cast(query > tf.constant(_P_THRESHOLDS, tf.float32), tf.float32))
     return p_init / tf.pow(2.0, halvings)
 
 
@@ -31,28 +39,29 @@ def _margin_and_loss(model, x, y, loss):
     return margin, -tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
 
 
-def _make_chunk(model, *, epsilon, num_queries, p_init, loss, clip_min, clip_max, seed):
+def _make_chunk(
+    model, *, epsilon, num_queries, p_init, loss, clip_min, clip_max, seed, rescale_schedule
+):
     """Queries [start, stop) on the active examples; `model` is a `weakref.ref`."""
     bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
 
     def query(i, s):
         x, x_best = s["x"], s["x_best"]
         height, width, channels = x.shape[1], x.shape[2], x.shape[3]
-        p = p_schedule(i, num_queries, p_init)
+        p = p_schedule(i, p_init, num_queries=num_queries if rescale_schedule else None)
         side = tf.round(tf.sqrt(p * float(height * width)))
-        side = tf.cast(tf.clip_by_value(side, 1.0, float(min(height, width) - 1)), tf.int32)
-        room = tf.cast(tf.stack([height, width]) - side + 1, tf.float32)
-        corner = tf.random.stateless_uniform([2], seed=[seed, i]) * room
-        corner = tf.minimum(tf.cast(corner, tf.int32), tf.cast(room, tf.int32) - 1)
+        side = tf.cast(tf.clip_by_value(side, 1.0, float(min(height, width))), tf.int32)
+        # Corner uniform in [0, H - side) as the reference draws it (its random_int floors
+        # low + (high - low) * U[0, 1)), so the last position is never taken.
+        room = tf.cast(tf.stack([height, width]) - side, tf.float32)
+        corner = tf.cast(tf.random.stateless_uniform([2], seed=[seed, i]) * room, tf.int32)
         rows, cols = tf.range(height), tf.range(width)
         in_rows = (rows >= corner[0]) & (rows < corner[0] + side)
         in_cols = (cols >= corner[1]) & (cols < corner[1] + side)
         window = tf.cast(in_rows[:, None] & in_cols[None, :], tf.float32)[None, :, :, None]
-        # One random sign per example and channel, spread over the square; adding 2 * epsilon and
-        # projecting sets the square's perturbation to +-epsilon.
-        signs = tf.sign(
-            tf.random.stateless_uniform([tf.shape(x)[0], 1, 1, channels], seed=[seed + 1, i]) - 0.5
-        )
+        # One random sign per channel, shared by the batch as in the reference, spread over the
+        # square; adding 2 * epsilon and projecting sets the square's perturbation to +-epsilon.
+        signs = tf.sign(tf.random.stateless_uniform([1, 1, 1, channels], seed=[seed + 1, i]) - 0.5)
         x_new = x_best + window * 2.0 * epsilon * signs
         x_new = project(x_new, x, **bounds)
         margin, value = _margin_and_loss(model(), x_new, s["y"], loss)
@@ -84,13 +93,14 @@ def square(
     clip_min=0.0,
     clip_max=255.0,
     chunk_size=100,
+    rescale_schedule=False,
 ):
     """Square Attack, L-inf, untargeted: random square updates of size +-epsilon, kept if better.
 
     Starts from vertical stripes of +-epsilon; each query changes one random square (same place
-    for the batch, a random sign per example and channel) whose side is sqrt(p * H * W), with p
-    following `p_schedule`. Examples leave the batch once misclassified, checked every
-    `chunk_size` queries.
+    and a random sign per channel for the whole batch, as in the reference) whose side is
+    round(sqrt(p * H * W)), with p following `p_schedule`. Examples leave the batch once
+    misclassified, checked every `chunk_size` queries.
 
     Args:
         model: Keras model mapping images to logits; called with `training=False`.
@@ -104,6 +114,8 @@ def square(
         clip_min: Lowest valid pixel value.
         clip_max: Highest valid pixel value.
         chunk_size: Queries per compiled call, between which fooled examples are dropped.
+        rescale_schedule: Rescale the p schedule to `num_queries` (see `p_schedule`); False, as
+            AutoAttack runs Square.
 
     Returns:
         Adversarial images (the best point found per example), `tf.stop_gradient` applied.
@@ -126,6 +138,7 @@ def square(
         clip_min=float(clip_min),
         clip_max=float(clip_max),
         seed=int(seed),
+        rescale_schedule=bool(rescale_schedule),
     )
     key = ("square",) + tuple(sorted(config.items()))
     chunk = compiled(model, key, lambda ref: _make_chunk(ref, **config))

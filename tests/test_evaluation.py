@@ -130,7 +130,9 @@ def test_logits_and_determinism_checks(model, data):
         return model(x, training=training) + tf.random.normal([tf.shape(x)[0], NUM_CLASSES])
 
     assert masking.check_deterministic(model, images).passed
-    assert masking.check_deterministic(noisy, images).passed is False
+    randomized = masking.check_deterministic(noisy, images)
+    assert randomized.passed is False and "version='rand'" in randomized.message
+    assert evaluation.parse_attack("autoattack-rand").version == "rand"
 
 
 def _row(attack, kind, epsilon, accuracy, steps=10, restarts=1):

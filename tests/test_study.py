@@ -352,3 +352,11 @@ def test_report_shows_standard_autoattack_next_to_fast_and_paired(tmp_path):
     # silu standard - relu standard at seeds 0, 1: +2, +1 -> +1.5 +- 0.7.
     assert "| relu | 0,1 | 23.0 +- 1.4 | 20.5 +- 0.7 | -2.5 +- 0.7 |  | 10.0 |" in text
     assert "| silu | 0,1 | 24.0 +- 1.4 | 22.0 +- 0.0 | -2.0 +- 1.4 | +1.5 +- 0.7 | 10.0 |" in text
+    # Results without a FAB-T stage are the former AutoAttack, never called standard.
+    assert "without FAB-T" in text and "| AutoAttack std. budgets, no FAB-T |" in text
+    with_fab = {
+        row: [dict(r, stages={"fab-t": 0.2}) for r in runs] for row, runs in standard.items()
+    }
+    assert "| AutoAttack standard |" in study_report.standard_aa_markdown(
+        with_fab, ("relu", "silu")
+    )

@@ -72,3 +72,42 @@ def weight_decay_variables(model):
     return [
         layer.kernel for layer in compat.flatten_layers(model) if isinstance(layer, _DECAYED_LAYERS)
     ]
+
+
+def to_logits(model):
+    """Returns `model` without its final softmax/sigmoid, weights kept: a model of logits.
+
+    Every attack and `sat_tf.AdversarialModel` take logits (e.g. `keras.applications` heads end in
+    softmax by default). An output layer that is only the activation (`Softmax`, `Activation`) is
+    dropped; a layer with a fused `activation=` (e.g. the Dense head) is rebuilt with a linear
+    activation. A model whose output is already logits is returned unchanged.
+
+    Args:
+        model: A Functional or Sequential `keras.Model`.
+
+    Raises:
+        TypeError: For subclassed models, whose layers cannot be rebuilt.
+    """
+    from sat_tf import attacks  # attacks imports keras models only, never sat_tf.models.
+
+    if attacks.output_activation(model) is None:
+        return model
+    last = model.layers[-1]
+    if isinstance(last, keras.Model):
+        inner = to_logits(last)
+        outputs = inner(model.layers[-1].input)
+        return keras.Model(model.inputs, outputs, name=model.name)
+    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
+        return keras.Model(model.inputs, last.input, name=model.name)
+    if not isinstance(model, keras.Sequential) and not hasattr(model, "inputs"):
+        raise TypeError(f"to_logits needs a Functional or Sequential model. Received: {model!r}")
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer is last:
+            config["activation"] = "linear"
+        return layer.__class__.from_config(config)
+
+    logits = keras.models.clone_model(model, clone_function=clone)
+    logits.set_weights(model.get_weights())
+    return logits

@@ -53,12 +53,22 @@ def standard_aa_markdown(standard, rows, base="relu"):
         return ""
     n = next(iter(standard.values()))[0]["num_examples"]
     by_seed = {r["seed"]: r["autoattack"] for r in standard.get(base, [])}
+    records = [r for runs in standard.values() for r in runs]
+    if all("fab-t" in r.get("stages", {}) for r in records):
+        title, column = "Standard AutoAttack", "AutoAttack standard"
+    else:  # Results written before sat_tf.autoattack ran FAB-T and AutoAttack's Square schedule.
+        title = (
+            "AutoAttack with the standard budgets but without FAB-T and with Square's p schedule "
+            "rescaled to 10,000 queries (the project's former 'standard'; not the reference "
+            "ensemble)"
+        )
+        column = "AutoAttack std. budgets, no FAB-T"
     lines = [
-        f"Standard AutoAttack on the same {n:,} images as AutoAttack-fast "
+        f"{title}, on the same {n:,} images as AutoAttack-fast "
         f"(`python tools/study.py --run --autoattack_standard`; mean +- std over seeds, %):",
         "",
-        f"| row | seeds | AutoAttack-fast | AutoAttack standard | standard - fast | "
-        f"standard - {base} (paired) | min/run |",
+        f"| row | seeds | AutoAttack-fast | {column} | difference to fast | "
+        f"difference to {base} (paired) | min/run |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in [r for r in rows if r in standard]:
