@@ -1,6 +1,9 @@
 """Activations against NumPy formulas, finite differences, and .keras round trips."""
 
+import json
 import math
+import pathlib
+import zipfile
 
 import keras
 import numpy as np
@@ -256,3 +259,181 @@ def test_get_unknown_name_lists_valid_ones():
         activations.get("relu6")
     with pytest.raises(ValueError, match="must be a name"):
         activations.get(3)
+
+
+# --- Fused ops: gradients against autodiff of the plain formulas --------------------------------
+
+# The plain formulas, written here in TensorFlow ops so that a tape differentiates them: the
+# reference the fused forward/backward kernels must match. Each takes (x, b) where b is the
+# SmoothReLU parameter (ignored by the others).
+_C = math.sqrt(2.0 / math.pi)
+PLAIN = {
+    "softplus_a1": lambda x, b: tf.math.softplus(x),
+    "softplus_a10": lambda x, b: tf.math.softplus(10.0 * x) / 10.0,
+    "silu": lambda x, b: x * tf.sigmoid(x),
+    "gelu_tanh": lambda x, b: 0.5 * x * (1.0 + tf.tanh(_C * (x + 0.044715 * x**3))),
+    "gelu_erf": lambda x, b: 0.5 * x * (1.0 + tf.math.erf(x / math.sqrt(2.0))),
+    # expm1 of min(x, 0): exp(1e4) in the branch where() drops would make autodiff NaN.
+    "elu": lambda x, b: tf.where(x > 0, x, 0.5 * tf.math.expm1(tf.minimum(x, 0.0))),
+    "elu_a1": lambda x, b: tf.where(x > 0, x, tf.math.expm1(tf.minimum(x, 0.0))),
+    "mish": lambda x, b: x * tf.tanh(tf.math.softplus(x)),
+    "smooth_relu": lambda x, b: tf.nn.relu(x - tf.math.log1p(b * b * tf.abs(x)) / (b * b)),
+    # SmoothGradReLU's smooth backward is the derivative of Softplus(alpha=10).
+    "smooth_grad_relu": lambda x, b: tf.math.softplus(10.0 * x) / 10.0,
+}
+FUSED = {
+    "softplus_a1": lambda: activations.Softplus(),
+    "softplus_a10": lambda: activations.Softplus(alpha=10.0),
+    "silu": activations.SiLU,
+    "gelu_tanh": activations.GELU,
+    "gelu_erf": lambda: activations.GELU(approximate=False),
+    "elu": lambda: activations.ELU(alpha=0.5),
+    "elu_a1": activations.ELU,
+    "mish": activations.Mish,
+    "smooth_relu": lambda: activations.SmoothReLU(beta_init=3.0),
+    "smooth_grad_relu": lambda: activations.SmoothGradReLU(alpha=10.0),
+}
+# 0, +-1e-6, +-1e4, and a dense sweep of the range where the functions bend.
+GRAD_GRID = np.concatenate(
+    [
+        [-1e4, -100.0, -50.0, -20.0, -1e-3, -1e-6, 0.0, 1e-6, 1e-3, 20.0, 50.0, 100.0, 1e4],
+        np.linspace(-8.0, 8.0, 161),
+    ]
+).astype(np.float32)
+
+
+def _grads(fn, x, b, order):
+    """d^order fn / dx^order (upstream ones) and, for order 1, d sum(fn) / db."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape(persistent=True) as inner:
+            inner.watch([x, b])
+            y = fn(x, b)
+        dx, db = inner.gradient(y, [x, b], unconnected_gradients="zero")
+    if order == 1:
+        return dx.numpy(), db.numpy()
+    return outer.gradient(dx, x).numpy(), None
+
+
+def _fused_grads(name, x, order):
+    """The fused layer's gradients; for SmoothReLU also the gradient of its variable b."""
+    layer = FUSED[name]()
+    layer.build((None,))
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = layer(x)
+        sources = [x] + list(layer.trainable_weights)
+        grads = inner.gradient(y, sources)
+    if order == 2:
+        return outer.gradient(grads[0], x).numpy(), None
+    return grads[0].numpy(), (grads[1].numpy() if len(grads) > 1 else None)
+
+
+def _assert_as_accurate(got, exact, autodiff32, rtol, atol, what):
+    """|got - exact| within rtol |exact|, atol, or twice float32 autodiff's own error there.
+
+    `exact` is float64 autodiff of the plain formula. The floors cover what float32 cannot
+    resolve for any formula: values near a zero crossing of the derivative (an absolute error
+    of an ulp of the terms), far tails (~1e-20, where float64's own 1 - tanh already
+    cancels), and the few points where the plain formula itself cancels in float32.
+    """
+    err = np.abs(got.astype(np.float64) - exact)
+    bound = np.maximum(rtol * np.abs(exact), 2.0 * np.abs(autodiff32 - exact))
+    bad = err > np.maximum(bound, atol)
+    assert not bad.any(), (
+        f"{what}: x={GRAD_GRID[bad]}, got={got[bad]}, exact={exact[bad]}, "
+        f"float32 autodiff={autodiff32[bad]}"
+    )
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_gradients_equal_autodiff_of_the_plain_formula(name, order):
+    x32 = tf.constant(GRAD_GRID)
+    got, got_db = _fused_grads(name, x32, order)
+    b = 3.0
+    exact, exact_db = _grads(
+        PLAIN[name], tf.constant(GRAD_GRID, tf.float64), tf.constant(b, tf.float64), order
+    )
+    auto32, _ = _grads(PLAIN[name], x32, tf.constant(b, tf.float32), order)
+    assert np.all(np.isfinite(got))
+    tol = {1: (1e-6, 1e-7), 2: (1e-5, 1e-6)}[order]  # (rtol, atol): about one ulp of 1.0 for atol
+    _assert_as_accurate(got, exact, auto32, *tol, f"{name} order {order}")
+    if name == "smooth_relu" and order == 1:
+        # Beta's gradient: one sum over the whole tensor; float32 summation order differs.
+        np.testing.assert_allclose(got_db, exact_db, rtol=1e-5)
+
+
+def test_fused_second_derivatives_inside_tf_function():
+    # Graph mode takes another path through tf.custom_gradient than eager mode.
+    x = tf.constant(GRAD_GRID)
+    layers = {name: FUSED[name]() for name in FUSED}
+
+    @tf.function
+    def second(x):
+        out = {}
+        for name, layer in layers.items():
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    y = layer(x)
+                dx = inner.gradient(y, x)
+            out[name] = outer.gradient(dx, x)
+        return out
+
+    got = second(x)
+    b = tf.constant(3.0, tf.float64)
+    for name in FUSED:
+        exact, _ = _grads(PLAIN[name], tf.constant(GRAD_GRID, tf.float64), b, 2)
+        auto32, _ = _grads(PLAIN[name], x, tf.cast(b, tf.float32), 2)
+        _assert_as_accurate(got[name].numpy(), exact, auto32, 1e-5, 1e-6, f"{name} (graph)")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_gradients_in_half_precision(name, dtype):
+    keras.config.set_dtype_policy(dtype)
+    x = tf.constant(GRAD_GRID, dtype)
+    layer = FUSED[name]()
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    got = tape.gradient(y, x)
+    assert y.dtype == x.dtype and got.dtype == x.dtype
+    got = tf.cast(got, tf.float64).numpy()
+    # Exact gradient at the rounded inputs, then one rounding to the half type's precision.
+    exact, _ = _grads(PLAIN[name], tf.cast(x, tf.float64), tf.constant(3.0, tf.float64), 1)
+    rtol = {"float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    np.testing.assert_allclose(got, exact, rtol=rtol, atol=1e-6)
+
+
+def test_smooth_relu_beta_gradient_under_mixed_precision():
+    keras.config.set_dtype_policy("mixed_float16")
+    layer = activations.SmoothReLU(beta_init=3.0)
+    x = tf.constant(GRAD_GRID[np.abs(GRAD_GRID) < 100], tf.float16)
+    with tf.GradientTape() as tape:
+        y = layer(x)
+    (db,) = tape.gradient(y, layer.trainable_weights)
+    assert layer.b.dtype == "float32" and y.dtype == tf.float16
+    _, exact = _grads(PLAIN["smooth_relu"], tf.cast(x, tf.float64), tf.constant(3.0, tf.float64), 1)
+    # Keras reads b as float16 under this policy, so its gradient passes a float16 cast.
+    np.testing.assert_allclose(float(db), exact, rtol=2.0**-10)
+
+
+def test_models_saved_before_fusion_load_with_the_same_outputs():
+    # Written by the unfused layers (tests/data/make_activations_before.py says how).
+    data = pathlib.Path(__file__).parent / "data"
+    model = keras.saving.load_model(data / "activations_before.keras", safe_mode=True)
+    with zipfile.ZipFile(data / "activations_before.keras") as archive:
+        saved = json.loads(archive.read("config.json"))["config"]["layers"]
+    saved = {layer["config"]["name"]: layer["config"] for layer in saved}
+    for layer in model.layers:
+        if type(layer).__module__ == activations.__name__:
+            # The config format is unchanged (the saved dtype entry carries extra bookkeeping).
+            config = {k: v for k, v in layer.get_config().items() if k != "dtype"}
+            assert config == {k: v for k, v in saved[layer.name].items() if k != "dtype"}
+    arrays = np.load(data / "activations_before.npz")
+    np.testing.assert_allclose(model(arrays["x"]), arrays["y"], rtol=1e-6, atol=1e-6)
