@@ -42,17 +42,29 @@ def project(x_adv, images, *, epsilon, clip_min=0.0, clip_max=255.0):
 _COMPILED = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
 
 
-def compiled(model, key, build):
-    """`tf.function(build(model_ref), reduce_retracing=True)`, traced once per (model, key).
+def _any_batch(t):
+    t = tf.convert_to_tensor(t)
+    shape = [None, *t.shape[1:]] if t.shape.rank else []
+    return tf.TensorSpec(shape, t.dtype)
+
+
+def compiled(model, key, build, *args, jit_compile=False):
+    """`tf.function(build(model_ref))`, traced once per (model, key, jit_compile).
 
     The one cache of compiled attack functions (APGD, Square, the evaluation's PGD/FGSM):
-    `key` holds every static argument, new batch sizes reuse the trace. The cache is keyed
-    weakly on the model, and `build` gets a `weakref.ref` to it, so a cached function never
-    keeps its model alive.
+    `key` holds every static argument. The first trace is made for `args` (example arguments:
+    nests of tensors, batch first) with the batch dimension unknown, so every later batch size
+    (an evaluation's last chunk, the examples an attack still has after a checkpoint) reuses
+    it. With `jit_compile=True` XLA compiles the graph, once per batch size it meets. The cache
+    is keyed weakly on the model, and `build` gets a `weakref.ref` to it, so a cached function
+    never keeps its model alive.
     """
     per_model = _COMPILED.setdefault(model, {})
+    key = (*key, jit_compile)
     if key not in per_model:
-        per_model[key] = tf.function(build(weakref.ref(model)), reduce_retracing=True)
+        fn = tf.function(build(weakref.ref(model)), jit_compile=jit_compile, reduce_retracing=True)
+        fn.get_concrete_function(*tf.nest.map_structure(_any_batch, args))
+        per_model[key] = fn
     return per_model[key]
 
 

@@ -118,11 +118,13 @@ def describe(version):
     return f"sat_tf.autoattack.auto_attack(version={version!r}): {stages}{eot}"
 
 
-def _stages(model, names, *, num_classes, epsilon, version, seed, clip_min, clip_max):
+def _stages(
+    model, names, *, num_classes, epsilon, version, seed, clip_min, clip_max, jit_compile=False
+):
     v = VERSIONS[version]
     bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
     steps = dict(num_steps=v["apgd_steps"], num_restarts=v["num_restarts"], seed=seed)
-    steps.update(eot_iter=v["eot_iter"], **bounds)
+    steps.update(eot_iter=v["eot_iter"], jit_compile=jit_compile, **bounds)
     targets = min(v["target_classes"], num_classes - 1)  # `_check_attacks` warned once.
     build = {
         "apgd-ce": lambda x, y: apgd(model, x, y, loss="ce", **steps),
@@ -134,7 +136,13 @@ def _stages(model, names, *, num_classes, epsilon, version, seed, clip_min, clip
             model, x, y, num_steps=v["fab_steps"], target_classes=targets, **bounds
         ),
         "square": lambda x, y: square(
-            model, x, y, num_queries=v["square_queries"], seed=seed, **bounds
+            model,
+            x,
+            y,
+            num_queries=v["square_queries"],
+            seed=seed,
+            jit_compile=jit_compile,
+            **bounds,
         ),
     }
     return [(name, build[name]) for name in names]
@@ -180,6 +188,7 @@ def auto_attack(
     batch_size=256,
     clip_min=0.0,
     clip_max=255.0,
+    jit_compile=False,
 ):
     """Runs AutoAttack's stages in order, each only on the examples no earlier stage fooled.
 
@@ -200,6 +209,7 @@ def auto_attack(
         batch_size: Examples per attack call.
         clip_min: Lowest valid pixel value.
         clip_max: Highest valid pixel value.
+        jit_compile: Compile the attacks with XLA.
 
     Returns:
         An `AutoAttackResult`.
@@ -222,6 +232,7 @@ def auto_attack(
         seed=seed,
         clip_min=clip_min,
         clip_max=clip_max,
+        jit_compile=jit_compile,
     )
     for name, attack in stage_list:
         todo = np.flatnonzero(robust)

@@ -26,12 +26,15 @@ from sat_tf.rows import AttackSpec, Row, parse_attack
 __all__ = ["AttackSpec", "Row", "attack_batch", "collect", "evaluate", "parse_attack"]
 
 
-def _gradient_attack(source, kind, images, labels, *, epsilon, num_steps, seed, step_size=None):
+def _gradient_attack(
+    source, kind, images, labels, *, epsilon, num_steps, seed, step_size=None, jit_compile=False
+):
     """`sat_tf.attacks` FGSM or PGD (default step 2.5 * epsilon / K, Madry et al. 2018), compiled
-    once per (model, kind, epsilon, steps, step)."""
+    once per (model, kind, epsilon, steps, step, jit_compile) for every batch size."""
     if step_size is None and kind == "pgd":
         step_size = 2.5 * epsilon / num_steps
     key = ("evaluation", kind, float(epsilon), num_steps, step_size)
+    seed = tf.constant([seed, 0], tf.int64)
 
     def build(ref):
         if kind == "fgsm":
@@ -40,15 +43,15 @@ def _gradient_attack(source, kind, images, labels, *, epsilon, num_steps, seed, 
             ref(), x, y, epsilon=epsilon, step_size=step_size, num_steps=num_steps, seed=s
         )
 
-    attack = attacks.compiled(source, key, build)
-    return attack(images, labels, tf.constant([seed, 0], tf.int64))
+    attack = attacks.compiled(source, key, build, images, labels, seed, jit_compile=jit_compile)
+    return attack(images, labels, seed)
 
 
 def _correct(model, images, labels):
     return np.argmax(np.asarray(model(images, training=False)), axis=1) == labels
 
 
-def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None):
+def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None, jit_compile=False):
     """Per-example robustness of one batch: [B] bool, True where the model stays correct.
 
     Args:
@@ -59,11 +62,18 @@ def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None):
         epsilon: L-inf radius in pixel units.
         seed: Seed of the attack (restart r of PGD uses seed + r).
         source: The model the attack computes gradients on, for kind="transfer" (else `model`).
+        jit_compile: Compile the attack with XLA (FGSM, PGD, APGD, Square).
     """
     x, y = tf.constant(images, tf.float32), tf.constant(labels, tf.int32)
     if spec.kind == "autoattack":
         return autoattack.auto_attack(
-            model, images, labels, epsilon=epsilon, version=spec.version, seed=seed
+            model,
+            images,
+            labels,
+            epsilon=epsilon,
+            version=spec.version,
+            seed=seed,
+            jit_compile=jit_compile,
         ).robust
     robust = _correct(model, x, labels)
     if spec.kind == "clean":
@@ -80,10 +90,17 @@ def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None):
                 num_steps=spec.num_steps,
                 seed=seed + restart,
                 step_size=spec.step_size,
+                jit_compile=jit_compile,
             )
         elif spec.kind == "square":
             adv = autoattack.square(
-                model, x, y, epsilon=epsilon, num_queries=spec.num_steps, seed=seed
+                model,
+                x,
+                y,
+                epsilon=epsilon,
+                num_queries=spec.num_steps,
+                seed=seed,
+                jit_compile=jit_compile,
             )
         else:
             adv = autoattack.apgd(
@@ -96,6 +113,7 @@ def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None):
                 loss="ce" if spec.kind == "apgd-ce" else "dlr",
                 targeted=spec.kind == "apgd-t",
                 num_restarts=spec.num_restarts,
+                jit_compile=jit_compile,
             )
         robust &= _correct(model, adv, labels)  # An example is robust only if it survives all.
     return robust
@@ -117,28 +135,40 @@ def collect(dataset, num_examples=None):
     return images[:n].astype(np.float32), labels[:n].astype(np.int32)
 
 
-def _run(model, spec, images, labels, *, epsilon, seed, batch_size, source=None):
+def _chunks(indices, batch_size):
+    """Batches of `indices`, the last one padded by repeating its own examples.
+
+    Every batch has `batch_size` entries, so a compiled attack meets one batch shape per
+    evaluation; the first `count` results of each are the real ones: (batch, count) pairs.
+    """
+    for i in range(0, len(indices), batch_size):
+        chunk = indices[i : i + batch_size]
+        yield np.resize(chunk, batch_size), len(chunk)
+
+
+def _run(model, spec, images, labels, *, epsilon, seed, batch_size, source=None, jit_compile=False):
     """One attack on every example: (`Row`, [N] bool robust).
 
     Only the examples still standing are attacked: first the correctly classified ones, then, for
     each further PGD restart, those that survived the earlier restarts (as AutoAttack does). The
     accuracy is the same as attacking everything (an example counts as robust only if it is
     correct and survives every restart), at a fraction of the cost on a model with low accuracy.
+    Every call gets `min(batch_size, N)` examples (`_chunks`): padded ones count nowhere.
     """
     start = time.perf_counter()
     clean = AttackSpec("clean")
     robust = np.zeros(len(labels), bool)
-    for i in range(0, len(labels), batch_size):
-        robust[i : i + batch_size] = attack_batch(
-            model, clean, images[i : i + batch_size], labels[i : i + batch_size], epsilon=0.0
-        )
+    batch_size = max(1, min(batch_size, len(labels)))
+    for chunk, count in _chunks(np.arange(len(labels)), batch_size):
+        robust[chunk[:count]] = attack_batch(
+            model, clean, images[chunk], labels[chunk], epsilon=0.0
+        )[:count]
     restarts = spec.num_restarts if spec.kind in ("pgd", "transfer") else 1
     single = dataclasses.replace(spec, num_restarts=1) if restarts > 1 else spec
     for restart in range(restarts if spec.kind != "clean" else 0):
         standing = np.flatnonzero(robust)
-        for i in range(0, len(standing), batch_size):
-            chunk = standing[i : i + batch_size]
-            robust[chunk] = attack_batch(
+        for chunk, count in _chunks(standing, batch_size):
+            robust[chunk[:count]] = attack_batch(
                 model,
                 single,
                 images[chunk],
@@ -146,7 +176,8 @@ def _run(model, spec, images, labels, *, epsilon, seed, batch_size, source=None)
                 epsilon=epsilon,
                 seed=seed + restart,
                 source=source,
-            )
+                jit_compile=jit_compile,
+            )[:count]
     row = Row(
         attack=spec.label,
         kind=spec.kind,
@@ -174,6 +205,7 @@ def evaluate(
     large_epsilon=128.0,
     checks=True,
     verbose=True,
+    jit_compile=False,
 ):
     """Accuracy of `model` under every attack at every epsilon, plus the masking checks.
 
@@ -192,6 +224,8 @@ def evaluate(
         large_epsilon: Radius at which PGD-20 should bring accuracy to ~0; None skips it.
         checks: Run the gradient-masking checks of `sat_tf.masking`.
         verbose: Print one line per row and per check.
+        jit_compile: Compile the attacks with XLA (for GPU/TPU; on CPU TensorFlow's oneDNN
+            convolutions are faster than XLA's).
 
     Returns:
         A `reporting.EvaluationResults` (rows, per-epsilon worst case over attacks, checks).
@@ -221,6 +255,7 @@ def evaluate(
             seed=seed,
             batch_size=batch_size,
             source=source,
+            jit_compile=jit_compile,
         )
         rows.append(row)
         if spec.kind != "transfer" and eps in epsilons:

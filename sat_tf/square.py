@@ -94,6 +94,7 @@ def square(
     clip_max=255.0,
     chunk_size=100,
     rescale_schedule=False,
+    jit_compile=False,
 ):
     """Square Attack, L-inf, untargeted: random square updates of size +-epsilon, kept if better.
 
@@ -116,6 +117,7 @@ def square(
         chunk_size: Queries per compiled call, between which fooled examples are dropped.
         rescale_schedule: Rescale the p schedule to `num_queries` (see `p_schedule`); False, as
             AutoAttack runs Square.
+        jit_compile: Compile the query loop with XLA.
 
     Returns:
         Adversarial images (the best point found per example), `tf.stop_gradient` applied.
@@ -140,8 +142,6 @@ def square(
         seed=int(seed),
         rescale_schedule=bool(rescale_schedule),
     )
-    key = ("square",) + tuple(sorted(config.items()))
-    chunk = compiled(model, key, lambda ref: _make_chunk(ref, **config))
     out = x_best
     s = {
         "x": x,
@@ -151,6 +151,16 @@ def square(
         "margin": margin,
         "index": tf.range(x.shape[0]),
     }
+    key = ("square",) + tuple(sorted(config.items()))
+    chunk = compiled(
+        model,
+        key,
+        lambda ref: _make_chunk(ref, **config),
+        s,
+        tf.constant(0),
+        tf.constant(1),
+        jit_compile=jit_compile,
+    )
     for start in range(0, num_queries, chunk_size):
         done = s["margin"] <= 0.0
         out = tf.tensor_scatter_nd_update(out, s["index"][:, None], s["x_best"])

@@ -220,3 +220,37 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
     assert sizes[0] == min(16, correct.sum())  # restart 1: the correct examples only
     assert sum(sizes) < 3 * correct.sum()  # later restarts: the survivors only
     assert row.accuracy == robust.mean() and row.num_restarts == 3
+
+
+def test_padded_last_chunk_counts_nowhere(model, data):
+    images, labels = data
+    fgsm = evaluation.AttackSpec("fgsm")  # deterministic: same answer whatever the batching
+    _, whole = evaluation._run(model, fgsm, images, labels, epsilon=24.0, seed=0, batch_size=64)
+    # 64 = 2 * 25 + 14: the last chunk is padded with 11 repeats of its own examples.
+    row, ragged = evaluation._run(model, fgsm, images, labels, epsilon=24.0, seed=0, batch_size=25)
+    np.testing.assert_array_equal(ragged, whole)
+    assert row.accuracy == whole.mean()
+
+
+def test_one_trace_per_attack_config_over_a_whole_evaluation(model, data):
+    from sat_tf import attacks
+
+    fresh = keras.models.clone_model(model)  # its own entries in the compiled-function caches
+    fresh.set_weights(model.get_weights())
+    images, labels = data[0][:27], data[1][:27]  # batches of 12: a ragged last chunk of 3
+    evaluation.evaluate(
+        fresh,
+        (images, labels),
+        attacks=["pgd-3", "apgd-ce-5", "apgd-t-5", "square-30"],
+        epsilons=[8, 16],
+        batch_size=12,
+        checks=False,
+        verbose=False,
+    )
+    traces = {
+        key: fn.experimental_get_tracing_count() for key, fn in attacks._COMPILED[fresh].items()
+    }
+    # Per epsilon: PGD; APGD-CE and APGD-T (init, segment each); Square. APGD's and Square's
+    # batches also shrink as examples are fooled: the same trace serves them.
+    assert len(traces) == 2 * 6
+    assert set(traces.values()) == {1}, traces
