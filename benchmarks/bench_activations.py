@@ -13,7 +13,9 @@ Run alone: python benchmarks/bench_activations.py [--repeats 5] [--skip-large].
 
 import argparse
 import collections
+import sys
 
+import bench_overhead
 import common
 import tensorflow as tf
 import unfused
@@ -27,7 +29,8 @@ GOAL_STEP, GOAL_LAYER, GOAL_AT = 1.05, 2.0, 1.6
 
 
 def _configs(args):
-    out = [("resnet20", args.small_image_size, b) for b in args.activation_batch_sizes]
+    sizes = () if getattr(args, "skip_small", False) else args.activation_batch_sizes
+    out = [("resnet20", args.small_image_size, b) for b in sizes]
     if not args.skip_large:
         out.append(("resnet50", args.large_image_size, args.large_batch_size))
     return out
@@ -55,6 +58,7 @@ def step_ratios(args, cache):
         samples = common.interleave(candidates, repeats=repeats)
         results[(model, size, batch)] = samples
         blocks.append(_step_table(model, size, batch, samples, small, args.skip_unfused))
+        print(blocks[-1] + "\n", file=sys.stderr, flush=True)  # progress: runs are long
     return results, "\n\n".join(blocks)
 
 
@@ -165,6 +169,8 @@ def layer_profile(args):
 def activation_cost(args, cache):
     """Section 2: the step table per model, then the per-layer profile."""
     results, steps = step_ratios(args, cache)
+    if args.skip_profile:
+        return {"steps": results}, steps
     profile, layers = layer_profile(args)
     return {"steps": results, "profile": profile}, steps + "\n\n" + layers
 
@@ -180,19 +186,18 @@ def add_arguments(parser):
     parser.add_argument(
         "--skip-unfused", action="store_true", help="section 2: no 'before' (unfused) columns"
     )
+    parser.add_argument(
+        "--skip-profile", action="store_true", help="section 2: no per-layer profile"
+    )
+    parser.add_argument(
+        "--profile-shape", type=int, nargs=4, default=(32, 32, 32, 64), help="B H W C"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after 1 warm-up)")
-    parser.add_argument("--large-repeats", type=int, default=3, help="rounds for ResNet-50")
-    parser.add_argument("--small-image-size", type=int, default=32)
-    parser.add_argument("--large-image-size", type=int, default=224)
-    parser.add_argument("--large-batch-size", type=int, default=8)
-    parser.add_argument("--skip-large", action="store_true", help="no ResNet-50 rows")
-    parser.add_argument(
-        "--profile-shape", type=int, nargs=4, default=(32, 32, 32, 64), help="B H W C"
-    )
+    bench_overhead.add_arguments(parser)  # --repeats, --large-repeats, sizes, --skip-large
+    parser.add_argument("--skip-small", action="store_true", help="no ResNet-20 rows")
     add_arguments(parser)
     args = parser.parse_args()
     print(common.machine_line() + "\n")

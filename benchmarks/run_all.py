@@ -2,7 +2,8 @@
 
 Sections (each figure a ratio measured side by side in this run; absolute times are context):
   1. PGD-1 train step / clean train step (ResNet-20 32 px, ResNet-50 224 px); PGD-K, K=1,2,3,5.
-  2. Smooth activations / ReLU, same model, with a per-op profile of each activation.
+  2. Smooth activations / ReLU (fused now, unfused before) at batch 32 and 128 and on
+     ResNet-50, PGD-1 / clean per activation, and a per-layer profile.
   3. Peers: `AdversarialModel.fit` vs ART's PGD adversarial trainer; attacks vs ART, CleverHans.
   4. Input pipeline images/s / ResNet-50 PGD-1 step images/s.
   5. Scaling: batch size, replicas (MirroredStrategy, 2 local workers), image size; GPU rows.
@@ -35,6 +36,7 @@ def _two_logical_cpus():
 
 _two_logical_cpus()
 
+import bench_activations  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_scaling  # noqa: E402
@@ -138,6 +140,7 @@ def main():
     )
     parser.add_argument("--from-make", action="store_true", help=argparse.SUPPRESS)
     bench_overhead.add_arguments(parser)
+    bench_activations.add_arguments(parser)
     bench_peers.add_arguments(parser)
     bench_scaling.add_arguments(parser)
     bench_workers.add_arguments(parser)
@@ -150,7 +153,10 @@ def main():
     if 2 in args.sections:
         log("section 2: activations")
         parts.append(
-            ("2. Smooth activations against ReLU", bench_overhead.activation_cost(args, cache)[1])
+            (
+                "2. Smooth activations against ReLU",
+                bench_activations.activation_cost(args, cache)[1],
+            )
         )
     if 3 in args.sections:
         log("section 3: peers (ART, CleverHans)")

@@ -207,7 +207,9 @@ def _uniform(shape, minval, maxval, seed, salt):
     if isinstance(seed, int):
         seed = tf.constant([seed, 0], tf.int64)
     seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
-    return tf.random.stateless_uniform(shape, seed, minval, maxval)
+    # Philox explicitly: the default picks another generator under XLA (jit_compile), whose
+    # draws differ; the TensorFlow kernels use Philox either way.
+    return tf.random.stateless_uniform(shape, seed, minval, maxval, alg="philox")
 
 
 def uniform_start(images, *, epsilon, prob_start_from_clean=0.0, seed=None):

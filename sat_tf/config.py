@@ -70,6 +70,8 @@ class TrainConfig:
     tpu: str = ""
     mixed_precision: str = ""
     seed: int = 0
+    deterministic: bool = False  # op determinism: same seed, bit-identical weights
+    jit_compile: bool = False  # XLA for the train step (attack included); else Keras's "auto"
     checkpoint_every_steps: int = 200
     overwrite: bool = False
 
@@ -165,6 +167,10 @@ HELP = {
     "tpu": "TPU name or address (with --strategy=tpu).",
     "mixed_precision": "float16 | bfloat16 | empty for float32.",
     "seed": "Random seed.",
+    "deterministic": "Deterministic ops (tf.config.experimental.enable_op_determinism) and "
+    "seeded everything: the same command gives bit-identical weights, at some speed cost.",
+    "jit_compile": "Compile the train step, attack included, with XLA (for GPU/TPU; on a CPU "
+    "oneDNN's convolutions are faster). Off: Keras's default (XLA only on one accelerator).",
     "checkpoint_every_steps": "Checkpoint every N steps (and at each epoch end); 0: epochs only.",
     "overwrite": "Allow replacing a finished run in --model_dir.",
 }

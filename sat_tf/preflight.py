@@ -87,8 +87,14 @@ def _check_same_config(path, config):
         raise RunError(f"--model_dir={config.model_dir}: {error}") from None
     if not saved:
         return
+    # A field that an older run did not save yet had its default value.
+    fields = dataclasses.fields(config)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    saved = json.loads(json.dumps(defaults | saved))
     current = json.loads(json.dumps(dataclasses.asdict(config)))
-    changed = sorted(k for k in current if k != "overwrite" and saved.get(k) != current[k])
+    # How the step is compiled (jit_compile) does not change the run; everything else does.
+    same = ("overwrite", "jit_compile")
+    changed = sorted(k for k in current if k not in same and saved.get(k) != current[k])
     if changed:
         raise RunError(
             f"--model_dir={config.model_dir} holds an unfinished run with other settings "

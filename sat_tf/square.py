@@ -14,6 +14,10 @@ from sat_tf.attacks import compiled, project
 _P_THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
+# The TensorFlow kernels' generator, also under XLA (whose default would be another one).
+_ALG = "philox"
+
+
 def p_schedule(query, p_init, *, num_queries=None):
     """Fraction p of the pixels changed at query `query` (0-based): p_init halved per threshold.
 
@@ -54,14 +58,18 @@ def _make_chunk(
         # Corner uniform in [0, H - side) as the reference draws it (its random_int floors
         # low + (high - low) * U[0, 1)), so the last position is never taken.
         room = tf.cast(tf.stack([height, width]) - side, tf.float32)
-        corner = tf.cast(tf.random.stateless_uniform([2], seed=[seed, i]) * room, tf.int32)
+        corner = tf.cast(
+            tf.random.stateless_uniform([2], seed=[seed, i], alg=_ALG) * room, tf.int32
+        )
         rows, cols = tf.range(height), tf.range(width)
         in_rows = (rows >= corner[0]) & (rows < corner[0] + side)
         in_cols = (cols >= corner[1]) & (cols < corner[1] + side)
         window = tf.cast(in_rows[:, None] & in_cols[None, :], tf.float32)[None, :, :, None]
         # One random sign per channel, shared by the batch as in the reference, spread over the
         # square; adding 2 * epsilon and projecting sets the square's perturbation to +-epsilon.
-        signs = tf.sign(tf.random.stateless_uniform([1, 1, 1, channels], seed=[seed + 1, i]) - 0.5)
+        signs = tf.sign(
+            tf.random.stateless_uniform([1, 1, 1, channels], seed=[seed + 1, i], alg=_ALG) - 0.5
+        )
         x_new = x_best + window * 2.0 * epsilon * signs
         x_new = project(x_new, x, **bounds)
         margin, value = _margin_and_loss(model(), x_new, s["y"], loss)
@@ -127,7 +135,8 @@ def square(
     x = tf.convert_to_tensor(images, tf.float32)
     y = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     stripes = tf.sign(
-        tf.random.stateless_uniform([x.shape[0], 1, x.shape[2], x.shape[3]], [seed, -1]) - 0.5
+        tf.random.stateless_uniform([x.shape[0], 1, x.shape[2], x.shape[3]], [seed, -1], alg=_ALG)
+        - 0.5
     )
     bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
     x_best = project(x + epsilon * stripes, x, **bounds)

@@ -60,6 +60,7 @@ def run(config: TrainConfig, *, command=""):
         FloatingPointError: the loss became NaN or Inf (the last good checkpoint is kept).
     """
     started = time.time()
+    seed_everything(config.seed, deterministic=config.deterministic)  # before the data's shuffle
     strategy, model_dir, train, evaluation, steps_per_epoch = check_inputs(config)
     try:
         with rundir.locked(model_dir, "training"):
@@ -75,7 +76,6 @@ def run(config: TrainConfig, *, command=""):
 def _run_locked(config, command, started, strategy, model_dir, train, evaluation, steps_per_epoch):
     if config.overwrite:
         clear_finished_run(model_dir)
-    keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
     with strategy.scope():
@@ -139,6 +139,19 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
         ) from None
     print(f"Finished: {json.dumps(results)}\nModel: {model_dir / FINAL_MODEL}", flush=True)
     return summary
+
+
+def seed_everything(seed, *, deterministic=False):
+    """Seeds Python, NumPy and TensorFlow; with `deterministic`, also makes every op deterministic.
+
+    Op determinism (`tf.config.experimental.enable_op_determinism`) stays on for the process:
+    kernels with nondeterministic reductions pick deterministic ones or raise, and tf.data runs
+    its random transformations in order. Same seed, same data, same machine and versions:
+    bit-identical weights.
+    """
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 def check_inputs(config):
@@ -276,6 +289,7 @@ def build_model(config, steps_per_epoch):
             from_logits=True, label_smoothing=config.label_smoothing
         ),
         metrics=["accuracy"],
+        jit_compile=True if config.jit_compile else "auto",
     )
     model.build((None, config.image_size, config.image_size, 3))
     return model

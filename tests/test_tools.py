@@ -86,6 +86,20 @@ def test_eval_reports_clean_and_pgd_and_updates_the_card(trained, tmp_path):
     assert "tools/eval.py" in entry["command"]
 
 
+def test_deterministic_runs_give_bit_identical_weights_and_results(tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        tool("train", SMOKE, f"--model_dir={run}", "--deterministic", "--seed=3")
+    from sat_tf import saving
+
+    weights = [saving.load_model(run / "model.keras").get_weights() for run in runs]
+    for u, v in zip(*weights, strict=True):
+        np.testing.assert_array_equal(u, v)
+    results = [json.loads((run / "results.json").read_text())["results"] for run in runs]
+    assert results[0] == results[1]
+    assert json.loads((runs[0] / "config.json").read_text())["deterministic"] is True
+
+
 def test_export_serves_both_signatures_in_a_fresh_process(trained, tmp_path):
     tool("export", f"--model_dir={trained}", f"--export_dir={tmp_path / 'export'}", "--version=3")
     path = tmp_path / "export" / "3"

@@ -56,6 +56,12 @@ flags.DEFINE_string("surrogate", "", "A .keras model for the transfer-attack mas
 flags.DEFINE_string("output_dir", "", "Where reports go; default: <model_dir>/eval.")
 flags.DEFINE_integer("batch_size", 128, "Examples per attack call.")
 flags.DEFINE_integer("seed", 0, "Seed of every attack.")
+flags.DEFINE_bool(
+    "deterministic", False, "Deterministic ops and seeded everything: the same table every run."
+)
+flags.DEFINE_bool(
+    "jit_compile", False, "Compile the attacks with XLA (GPU/TPU; on a CPU oneDNN is faster)."
+)
 flags.DEFINE_enum(
     "autoattack_version",
     "standard",
@@ -74,7 +80,7 @@ flags.DEFINE_string(
     "robustbench, imagenet: RobustBench's imagenet_test_image_ids.txt (see docs/robustbench.md).",
 )
 # Flags that only one protocol reads: giving one to the other protocol is an error, not a no-op.
-SAT_ONLY = ("epsilons", "step_size", "num_steps", "restarts", "attacks", "surrogate")
+SAT_ONLY = ("epsilons", "step_size", "num_steps", "restarts", "attacks", "surrogate", "jit_compile")
 ROBUSTBENCH_ONLY = ("autoattack_version", "robustbench_dataset", "robustbench_ids")
 
 
@@ -100,6 +106,8 @@ class EvalConfig:
     output_dir: str
     batch_size: int
     seed: int
+    deterministic: bool
+    jit_compile: bool
     autoattack_version: str
     robustbench_dataset: str | None
     robustbench_ids: str
@@ -341,6 +349,7 @@ def _sat(config, target, model, surrogate, command):
             seed=config.seed,
             surrogate=surrogate,
             pgd_step_size=step_size,
+            jit_compile=config.jit_compile,
         )
     except tf.errors.InvalidArgumentError as error:  # a bad record, named by sat_tf.data
         problem = preflight.data_problem(error)
@@ -383,7 +392,9 @@ def main(argv):
 
 
 def _evaluate(config, target):
-    from sat_tf import saving
+    from sat_tf import saving, training
+
+    training.seed_everything(config.seed, deterministic=config.deterministic)
 
     try:  # checks the archive first, always safe_mode=True
         model = saving.load_model(target.path)
