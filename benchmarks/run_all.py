@@ -37,6 +37,7 @@ def _two_logical_cpus():
 _two_logical_cpus()
 
 import bench_activations  # noqa: E402
+import bench_determinism  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_scaling  # noqa: E402
@@ -59,6 +60,9 @@ def section_1_and_4(args, cache):
         extra = {"pipeline": bench_scaling.timed_pulls(pull, pulls)}
     log("section 1: adversarial / clean train step")
     results, text = bench_overhead.overhead(args, cache, extra)
+    if 1 in args.sections:
+        log("section 1: the cost of --deterministic (child processes)")
+        text += "\n\n" + bench_determinism.determinism_cost(args)[1]
     parts = [("1. Adversarial training overhead", text)]
     if extra:
         section_4 = bench_scaling.pipeline_text(args, results["resnet50"], pulls)
@@ -141,6 +145,7 @@ def main():
     parser.add_argument("--from-make", action="store_true", help=argparse.SUPPRESS)
     bench_overhead.add_arguments(parser)
     bench_activations.add_arguments(parser)
+    bench_determinism.add_arguments(parser)
     bench_peers.add_arguments(parser)
     bench_scaling.add_arguments(parser)
     bench_workers.add_arguments(parser)

@@ -21,6 +21,9 @@ flags.DEFINE_string("runs_dir", "runs/demo", "Where the runs go (one sub-directo
 flags.DEFINE_string("flagfile_path", "configs/demo.cfg", "The training recipe.")
 flags.DEFINE_list("eval_num_steps", ["10", "20"], "PGD steps for the evaluation table.")
 flags.DEFINE_bool("retrain", False, "Train again even where a finished run exists.")
+flags.DEFINE_bool(
+    "deterministic", False, "Train and evaluate with --deterministic: the same table every run."
+)
 FLAGS = flags.FLAGS
 
 
@@ -42,6 +45,7 @@ def main(argv):
                     f"--activation={activation}",
                     f"--model_dir={model_dir}",
                     "--overwrite",
+                    *(["--deterministic"] if FLAGS.deterministic else []),
                 ]
             )
         report = ROOT / model_dir / "eval"
@@ -51,6 +55,7 @@ def main(argv):
                 f"--model_dir={model_dir}",
                 f"--output_dir={report}",
                 f"--num_steps={','.join(FLAGS.eval_num_steps)}",
+                *(["--deterministic"] if FLAGS.deterministic else []),
             ]
         )
         rows.append((activation, json.loads((report / "summary.json").read_text()), model_dir))
