@@ -109,7 +109,9 @@ def _profiled(layer, x, upstream):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x)
-        return tape.gradient(y, x, output_gradients=upstream)
+        # Both outputs: with the gradient alone, Grappler would prune a forward that the
+        # backward does not need (a fused op's backward recomputes from x).
+        return y, tape.gradient(y, x, output_gradients=upstream)
 
     ops = _op_types(fwd.get_concrete_function(x))
     grad_ops = _op_types(fwd_bwd.get_concrete_function(x))
@@ -118,7 +120,7 @@ def _profiled(layer, x, upstream):
         "grad_ops": sum(grad_ops.values()),
         "op_list": ", ".join(f"{t}x{n}" if n > 1 else t for t, n in sorted(grad_ops.items())),
     }
-    return (lambda: fwd(x).numpy()), (lambda: fwd_bwd(x).numpy()), info
+    return (lambda: fwd(x).numpy()), (lambda: [t.numpy() for t in fwd_bwd(x)]), info
 
 
 def layer_profile(args):
