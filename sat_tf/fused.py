@@ -110,6 +110,16 @@ def _softplus_fwd(x, alpha):
 
 
 @_kernel
+def _plain_softplus_fwd(x):
+    return tf.cast(tf.math.softplus(_f32(x)), x.dtype)
+
+
+@_kernel
+def _plain_softplus_bwd(x, dy):
+    return _times(dy, _sigmoids(_f32(x))[0])
+
+
+@_kernel
 def _sigmoid_bwd(x, alpha, dy):
     # d/dx softplus(alpha x) / alpha: Softplus(alpha), and SmoothGradReLU's smooth backward.
     return _times(dy, _sigmoids(alpha * _f32(x))[0])
@@ -202,6 +212,7 @@ gelu_tanh = _unary(_gelu_tanh_fwd, _gelu_tanh_bwd)
 gelu_erf = _unary(_gelu_erf_fwd, _gelu_erf_bwd)
 silu = _unary(_silu_fwd, _silu_bwd)
 mish = _unary(_mish_fwd, _mish_bwd)
+softplus = _unary(_plain_softplus_fwd, _plain_softplus_bwd)
 parametric_softplus = _unary(_softplus_fwd, _sigmoid_bwd)
 elu = _unary(_elu_fwd, _elu_bwd)
 relu_with_softplus_grad = _unary(lambda x, alpha: tf.nn.relu(x), _sigmoid_bwd)
