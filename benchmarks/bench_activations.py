@@ -161,8 +161,8 @@ def layer_profile(args):
         f"before (ReLU: {info['relu']['ops']} / {info['relu']['grad_ops']})",
     )
     text = common.table(header, rows)
-    text += "\n\nOps of each fused layer's fwd+bwd graph (before Grappler; `__inference_...` "
-    text += "are the XLA-compiled kernels): " + "; ".join(
+    text += "\n\nOps of each fused layer's fwd+bwd graph (before Grappler; PartitionedCall "
+    text += "calls an XLA-compiled kernel): " + "; ".join(
         f"{n}: {info[n]['op_list']}" for n in unfused.ACTIVATIONS
     )
     return info, text
