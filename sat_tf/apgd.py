@@ -7,8 +7,9 @@ parameter-free attacks", ICML 2020. The algorithm follows the paper and fra31/au
 Conventions as in `sat_tf.attacks`: functions of (model, images, labels, *, keyword-only
 hyperparameters); pixels in [clip_min, clip_max] (default [0, 255]), `epsilon` in the same units;
 the model is called with `training=False`; fixed seeds make every run reproducible; the result is
-`tf.stop_gradient(x_adv)`. Inner loops are `tf.function` graphs (XLA is not used: on CPU its
-convolutions measured 2.7x slower than TensorFlow's oneDNN kernels). Examples that are already
+`tf.stop_gradient(x_adv)`. Inner loops are `tf.function` graphs, traced once for any batch size
+(XLA only with `jit_compile=True`, for GPU/TPU: on CPU its convolutions measured 2.7x slower
+than TensorFlow's oneDNN kernels). Examples that are already
 misclassified leave the batch at every checkpoint and between restarts/target classes, so they
 are not recomputed.
 """
