@@ -133,7 +133,13 @@ def _stages(
             model, x, y, loss="dlr", targeted=True, target_classes=targets, **steps
         ),
         "fab-t": lambda x, y: fab_targeted(
-            model, x, y, num_steps=v["fab_steps"], target_classes=targets, **bounds
+            model,
+            x,
+            y,
+            num_steps=v["fab_steps"],
+            target_classes=targets,
+            jit_compile=jit_compile,
+            **bounds,
         ),
         "square": lambda x, y: square(
             model,

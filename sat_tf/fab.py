@@ -132,6 +132,7 @@ def fab_targeted(
     beta=0.9,
     clip_min=0.0,
     clip_max=255.0,
+    jit_compile=False,
 ):
     """FAB-T, L-inf: for each target class in turn, on the examples still correct.
 
@@ -152,6 +153,7 @@ def fab_targeted(
         beta: Back-off factor towards the clean image after a success.
         clip_min: Lowest valid pixel value.
         clip_max: Highest valid pixel value.
+        jit_compile: Compile each run with XLA.
 
     Returns:
         Adversarial images: the closest misclassified point where it is within `epsilon`, the
@@ -170,7 +172,9 @@ def fab_targeted(
         beta=float(beta),
     )
     key = ("fab-t",) + tuple(sorted(config.items()))
-    run = attacks.compiled(model, key, lambda ref: _make_fab_run(ref, **config))
+    run = attacks.compiled(
+        model, key, lambda ref: _make_fab_run(ref, **config), u, y, y, jit_compile=jit_compile
+    )
     logits = tf.cast(model(x, training=False), tf.float32)
     ranking = tf.argsort(logits, axis=1, direction="DESCENDING", stable=True)
     fooled = fooled_clean = tf.argmax(logits, axis=1, output_type=tf.int32) != y
