@@ -7,6 +7,7 @@ loader, and its logits for a checkpoint filled by tests/official/weights.py. Her
 checkpoint is rebuilt from the seed with plain TensorFlow, imported, and compared.
 """
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -17,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sat_tf import pretrained
+from sat_tf import preflight, pretrained, rundir, saving
+from sat_tf.config import TrainConfig
 from sat_tf.pretrained import efficientnet, resnet
+from sat_tf.pretrained import model_dir as run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT / "tests" / "official"
@@ -212,6 +215,93 @@ def test_every_missing_unused_and_mismatched_name_is_listed(tmp_path):
     assert "not used" not in message
 
 
+@pytest.fixture(scope="module")
+def imported_dir(checkpoints, tmp_path_factory):
+    """A ResNet-50 (SiLU) imported into a new model_dir, as tools/import_official.py does."""
+    imported = pretrained.import_official(
+        checkpoints["resnet50"], activation="silu", image_size=SIZE
+    )
+    folder = tmp_path_factory.mktemp("imported") / "r50_silu"
+    run_dir.write(imported, folder, command="tools/import_official.py")
+    return imported, folder
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_import_into_a_foreign_folder_is_refused_and_changes_nothing(imported_dir, tmp_path):
+    imported, _ = imported_dir
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "model.keras").write_bytes(b"a user's own model")
+    (foreign / "notes.txt").write_text("do not touch")
+    before = _tree(foreign)
+    for overwrite in (False, True):
+        with pytest.raises(rundir.RunDirError, match="not a sat_tf run") as info:
+            run_dir.write(imported, foreign, overwrite=overwrite)
+        message = str(info.value)
+        assert "\n" not in message and "Use a new or empty --model_dir" in message
+        assert _tree(foreign) == before
+        assert sorted(p.name for p in foreign.iterdir()) == ["model.keras", "notes.txt"]
+
+
+def test_import_into_a_run_in_use_is_refused(imported_dir, tmp_path):
+    imported, _ = imported_dir
+    busy = tmp_path / "busy"
+    in_use = pytest.raises(rundir.RunDirError, match="is in use: pid")
+    with rundir.locked(busy, "training"), in_use:
+        run_dir.write(imported, busy)
+    assert not (busy / rundir.MANIFEST).exists()
+
+
+def test_an_imported_folder_is_a_run_of_ours_listing_its_files(imported_dir):
+    imported, folder = imported_dir
+    rundir.check_ours(folder)  # no RunDirError
+    present = sorted(p.name for p in folder.iterdir())
+    assert present == sorted(
+        [rundir.MANIFEST, "config.json", "model.keras", "robustness_card.json"]
+    )
+    assert sorted(rundir.listed(folder)) == [n for n in present if n != rundir.MANIFEST]
+    # tools/train.py on it: a finished run of ours (--overwrite applies), not a foreign folder.
+    with pytest.raises(preflight.RunError, match="holds a finished run"):
+        preflight.check_model_dir(TrainConfig(model_dir=str(folder)))
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        run_dir.write(imported, folder)
+
+
+def test_overwrite_replaces_only_what_the_manifest_lists(imported_dir, tmp_path):
+    imported, _ = imported_dir
+    folder = tmp_path / "run"
+    rundir.record(folder, "results.json", "model.keras")  # a finished training run of ours
+    (folder / "results.json").write_text("{}")
+    (folder / "model.keras").write_bytes(b"the trained model")
+    (folder / "notes.txt").write_text("a user's file")
+    run_dir.write(imported, folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [rundir.MANIFEST, "config.json", "model.keras", "notes.txt", "robustness_card.json"]
+    )
+    assert (folder / "notes.txt").read_text() == "a user's file"
+    assert (folder / "model.keras").stat().st_size > 1e6  # the imported ResNet-50, not the bytes
+
+
+def test_train_init_from_an_imported_resnet50_passes_preflight(imported_dir, tmp_path):
+    imported, folder = imported_dir
+    run = TrainConfig(
+        model_dir=str(tmp_path / "finetune"),
+        model="resnet50",
+        init_from=str(folder / "model.keras"),
+        num_classes=1000,
+        image_size=SIZE,
+    )
+    preflight.check_names(run)  # loads model.keras: no RunError
+    base = imported.model  # what model.keras holds, without a second load
+    with pytest.raises(preflight.RunError, match="set --num_classes=1000"):
+        preflight.check_init_from(dataclasses.replace(run, num_classes=10), base)
+    with pytest.raises(preflight.RunError, match=f"takes {SIZE}x{SIZE} images"):
+        preflight.check_init_from(dataclasses.replace(run, image_size=SIZE * 2), base)
+
+
 def test_download_fetches_the_three_files_into_the_cache(checkpoints, tmp_path, monkeypatch):
     fetched = []
 
@@ -274,7 +364,6 @@ def test_download_import_eval_export_serve(checkpoints, shared_data, tmp_path):
 
     import tensorflow as tf
 
-    from sat_tf import saving
     from sat_tf.data import preprocessing
 
     val = tmp_path / "imagenette" / "val"

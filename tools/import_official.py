@@ -30,7 +30,9 @@ flags.DEFINE_enum(
     "weights", "auto", ["auto", "raw", "moving_average"], "EfficientNet: which weights to load."
 )
 flags.DEFINE_string("ignore", None, "Regex of extra checkpoint variables to leave unused.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing model_dir/model.keras.")
+flags.DEFINE_bool(
+    "overwrite", False, "Replace the model_dir/model.keras of an earlier run or import."
+)
 FLAGS = flags.FLAGS
 
 
@@ -61,13 +63,14 @@ def main(argv):
         )
     except ValueError as error:  # OfficialCheckpointError and unknown arch/activation names
         sys.exit(f"error: {error}")
+    from sat_tf import rundir
     from sat_tf.pretrained import model_dir
 
     try:
         path = model_dir.write(
             imported, FLAGS.model_dir, command=" ".join(sys.argv), overwrite=FLAGS.overwrite
         )
-    except FileExistsError as error:
+    except (FileExistsError, rundir.RunDirError, rundir.RunWriteError) as error:
         sys.exit(f"error: {error}")
     print(
         f"Imported {imported.prefix} as {imported.arch} ({imported.activation}, "

@@ -7,11 +7,9 @@ README's numbers, marked as reported by the official repository, not measured he
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
-from sat_tf import card, config, training
-from sat_tf.atomic import atomic_write
+from sat_tf import card, config, preflight, rundir, training
 from sat_tf.pretrained import released
 
 # Conventions of the official evaluation that no layer of the imported model can hold.
@@ -123,15 +121,49 @@ def official_card(imported, *, command=""):
     }
 
 
+# What an import writes into its model_dir, all listed in the run's manifest (`sat_tf.rundir`).
+FILES = ("config.json", card.CARD_NAME, preflight.FINAL_MODEL)
+
+
 def write(imported, model_dir, *, command="", overwrite=False):
-    """Writes model.keras (last, atomically), config.json and the card into `model_dir`."""
+    """Writes config.json, the card and model.keras (last) into `model_dir`, each atomically.
+
+    The folder must be new, empty or a sat_tf run (`rundir.check_ours`); the run's lock is held
+    while writing, and the manifest lists every file before the first is written, so
+    `tools/train.py`, `tools/eval.py` and `tools/export.py` treat the folder as a run of ours.
+
+    Raises:
+        FileExistsError: model.keras exists and `overwrite` is False.
+        sat_tf.rundir.RunDirError: the folder is not ours, is in use, or holds an unfinished
+            training run.
+        sat_tf.rundir.RunWriteError: a file could not be written (what is kept, how to resume).
+    """
     model_dir = Path(model_dir)
-    target = model_dir / "model.keras"
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    payload = official_config(imported, model_dir)
-    atomic_write(model_dir / "config.json", json.dumps(payload, indent=2, default=str) + "\n")
-    card.write(model_dir, official_card(imported, command=command))
-    training.save_model_atomically(imported.model, target)
+    rundir.check_ours(model_dir)  # before the lock: nothing is created in a foreign folder
+    with rundir.locked(model_dir, "import"):
+        rundir.check_ours(model_dir)  # again under the lock: another process may have written
+        target = model_dir / preflight.FINAL_MODEL
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        if not target.exists() and (model_dir / "checkpoints").is_dir():
+            raise rundir.RunDirError(
+                f"--model_dir={model_dir} holds an unfinished training run (checkpoints/); "
+                "importing would mix the two. Use a new or empty --model_dir."
+            )
+        if overwrite:
+            preflight.clear_finished_run(model_dir)  # only what the manifest lists
+        rundir.record(model_dir, *FILES)
+        try:
+            payload = official_config(imported, model_dir)
+            rundir.write_json(model_dir / "config.json", payload)
+            card.write(model_dir, official_card(imported, command=command))
+            training.save_model_atomically(imported.model, target)
+        except OSError as error:
+            raise rundir.write_failure(
+                "the imported model",
+                model_dir,
+                "the folder's other files; no model.keras was written",
+                "re-run the import",
+                error,
+            ) from None
     return target
