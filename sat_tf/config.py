@@ -9,9 +9,9 @@ Units are stated once, here: `epsilon` and `step_size` are in pixels of the [0, 
 """
 
 import dataclasses
-import json
 import typing
 
+from sat_tf import rundir
 from sat_tf.adversarial import SMOOTH_PHASES
 from sat_tf.distribute import STRATEGIES
 from sat_tf.schedules import SCHEDULES
@@ -95,8 +95,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, path):
         """The config a run wrote to `<model_dir>/config.json`."""
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(rundir.read_json_object(path))
 
     def data_spec(self, *, training):
         """The `sat_tf.data.load` spec of a split: `--train_files`/`--eval_files` override the

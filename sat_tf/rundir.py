@@ -123,8 +123,12 @@ def remove_listed(model_dir, names):
 def read_config(model_dir):
     """The run's `config.json` as a dict, {} when absent; `RunDirError` when unreadable."""
     path = Path(model_dir) / "config.json"
-    if not path.exists():
-        return {}
+    return read_json_object(path) if path.exists() else {}
+
+
+def read_json_object(path):
+    """The JSON object in `path` as a dict; `RunDirError` naming the file when it is not one."""
+    path = Path(path)
     try:
         config = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
