@@ -8,6 +8,7 @@ hidden temporary behind, which the next write replaces.
 """
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -25,18 +26,29 @@ def partial_path(path):
 def atomic_path(path):
     """Yields a temporary path to write `path` through (a file or a folder, by any writer).
 
-    When the block ends without an error, the temporary is renamed to `path`; after an error,
-    nothing is renamed. A stale temporary of an earlier, killed write is removed first.
+    When the block ends without an error, the temporary is renamed to `path`; after an error
+    (a full disk, say), nothing is renamed and the temporary is removed. A stale temporary of
+    an earlier, killed write is removed first.
 
         with atomic_path(model_dir / "model.keras") as partial:
             model.save(partial)
     """
     partial = partial_path(path)
-    if partial.is_dir():
-        shutil.rmtree(partial)
+    _remove(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    yield partial
+    try:
+        yield partial
+    except BaseException:
+        _remove(partial)  # never leave half a file behind
+        raise
     os.replace(partial, path)
+
+
+def _remove(partial):
+    if partial.is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.unlink(missing_ok=True)
 
 
 def atomic_write(path, data):
@@ -44,3 +56,8 @@ def atomic_write(path, data):
     with atomic_path(path) as partial:
         partial.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def write_json(path, payload):
+    """Writes `payload` as indented JSON to `path` atomically; returns `path` as a Path."""
+    return atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")

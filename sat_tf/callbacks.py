@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sat_tf.atomic import atomic_write
+from sat_tf.atomic import write_json
 
 SIGNATURE = "model_signature.json"  # beside the checkpoints: what they fit (model_signature)
 
@@ -69,10 +69,6 @@ def _read_json(path):
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json(path, payload):
-    atomic_write(path, json.dumps(payload))
 
 
 class CheckpointWriteError(Exception):
@@ -155,7 +151,7 @@ class Checkpointer(keras.callbacks.Callback):
                 if not self._signed:  # first save of a fresh run; replaces a stale signature
                     os.makedirs(self.directory, exist_ok=True)
                     signature = model_signature(self.model)
-                    _write_json(os.path.join(self.directory, SIGNATURE), signature)
+                    write_json(os.path.join(self.directory, SIGNATURE), signature)
                     self._signed = True
                 manager.save(checkpoint_number=step)
             except (OSError, tf.errors.OpError) as error:

@@ -10,7 +10,7 @@ SavedModel's `assets.extra/`.
 import json
 from pathlib import Path
 
-from sat_tf.atomic import atomic_write, partial_path
+from sat_tf.atomic import write_json
 
 CARD_NAME = "robustness_card.json"
 INPUT_CONVENTION = (
@@ -95,7 +95,7 @@ def read(directory):
 
 def write(directory, card):
     """Writes the card atomically (temporary name, then rename)."""
-    return atomic_write(Path(directory) / CARD_NAME, json.dumps(card, indent=2, default=str) + "\n")
+    return write_json(Path(directory) / CARD_NAME, card)
 
 
 class CardWriteError(Exception):
@@ -119,7 +119,6 @@ def add_evaluation(directory, entry, *, saved=None):
     try:
         return write(directory, card)
     except OSError as error:
-        partial_path(Path(directory) / CARD_NAME).unlink(missing_ok=True)
         kept = f"its reports are saved in {saved}" if saved else "nothing else was written"
         raise CardWriteError(
             f"The evaluation finished and {kept}, but the card {Path(directory) / CARD_NAME} "

@@ -16,14 +16,13 @@ written under a temporary name and renamed to `<export_dir>/<version>` when comp
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 from sat_tf import data, rundir
-from sat_tf.atomic import atomic_path, partial_path
+from sat_tf.atomic import atomic_path
 
 # Pixels within this distance outside [0, 255] are clipped (resampling overshoot); further out
 # the request is refused: the values are not [0, 255] pixels.
@@ -113,7 +112,6 @@ def export_saved_model(
                 extra = partial / "assets.extra" / "robustness_card.json"
                 extra.write_text(json.dumps(card, indent=2))
     except (OSError, tf.errors.OpError) as error:  # disk full, read-only folder
-        shutil.rmtree(partial_path(final), ignore_errors=True)
         raise rundir.write_failure(
             f"the SavedModel version {int(version)}",
             final.parent,

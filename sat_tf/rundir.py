@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from sat_tf.atomic import atomic_write
+from sat_tf.atomic import write_json
 
 MANIFEST = ".sat_tf_run.json"
 LOCK = ".sat_tf_run.lock"
@@ -212,11 +212,6 @@ def check_writable(directory, what):
         raise write_failure(
             what, directory, "everything, unchanged: nothing was run", "re-run", error
         ) from None
-
-
-def write_json(path, payload):
-    """Writes `payload` as JSON to `path` atomically (`sat_tf.atomic`)."""
-    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def write_failure(what, where, kept, resume, error):

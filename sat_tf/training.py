@@ -28,7 +28,7 @@ import tensorflow as tf
 from sat_tf import attacks, card, data, distribute, models, rundir, saving, schedules
 from sat_tf import callbacks as callbacks_lib
 from sat_tf.adversarial import AdversarialModel
-from sat_tf.atomic import atomic_path, atomic_write, partial_path
+from sat_tf.atomic import atomic_path, write_json
 from sat_tf.config import TrainConfig
 from sat_tf.preflight import (  # noqa: F401  (RunError, FINAL_MODEL, min_image_size: public here too)
     FINAL_MODEL,
@@ -90,7 +90,7 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
         raise RunError(f"--model_dir={model_dir}: {error}") from None
     resume = f"re-run the same command to resume ({command})" if command else "re-run to resume"
     try:
-        _write_json(model_dir / "config.json", dataclasses.asdict(config))  # inputs are good
+        write_json(model_dir / "config.json", dataclasses.asdict(config))  # inputs are good
     except OSError as error:
         raise rundir.write_failure(
             "config.json", model_dir, "nothing changed in the run", resume, error
@@ -130,7 +130,7 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
     }
     try:
         card.write(model_dir, card.training_card(config_dict, results=results, command=command))
-        _write_json(model_dir / "results.json", summary)
+        write_json(model_dir / "results.json", summary)
         save_model_atomically(model.classifier, model_dir / FINAL_MODEL)  # last: "finished"
     except OSError as error:
         kept = f"the checkpoints in {checkpointer.directory} (step {summary['steps']})"
@@ -367,13 +367,5 @@ def fit_resumable(fit, model, *, callbacks, start_step, steps_per_epoch, epochs)
 
 def save_model_atomically(model, path):
     """Saves to a temporary name in the same directory, then renames: never a half file."""
-    try:
-        with atomic_path(path) as partial:
-            model.save(partial)
-    except OSError:
-        partial_path(path).unlink(missing_ok=True)  # never leave half a model behind
-        raise
-
-
-def _write_json(path, payload):
-    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    with atomic_path(path) as partial:
+        model.save(partial)

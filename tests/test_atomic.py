@@ -18,6 +18,7 @@ def test_a_file_appears_whole_or_not_at_all(tmp_path):
         partial.write_bytes(b"half")
         raise RuntimeError("killed mid-write")
     assert target.read_bytes() == b"new"  # an error renames nothing
+    assert not (target.parent / ".partial-result.json").exists()  # and leaves no half file
     folder = tmp_path / "export" / "1"
     stale = folder.parent / ".partial-1"
     (stale / "old").mkdir(parents=True)  # left by a killed export

@@ -9,7 +9,7 @@ README's numbers, marked as reported by the official repository, not measured he
 import dataclasses
 from pathlib import Path
 
-from sat_tf import card, config, preflight, rundir, training
+from sat_tf import atomic, card, config, preflight, rundir, training
 from sat_tf.pretrained import released
 
 # Conventions of the official evaluation that no layer of the imported model can hold.
@@ -155,7 +155,7 @@ def write(imported, model_dir, *, command="", overwrite=False):
         rundir.record(model_dir, *FILES)
         try:
             payload = official_config(imported, model_dir)
-            rundir.write_json(model_dir / "config.json", payload)
+            atomic.write_json(model_dir / "config.json", payload)
             card.write(model_dir, official_card(imported, command=command))
             training.save_model_atomically(imported.model, target)
         except OSError as error:
