@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from sat_tf import attacks as attacks_module
+from sat_tf import passes
 from sat_tf.apgd import apgd, check_num_classes, checkpoints, dlr_loss, margin, targeted_dlr_loss
 from sat_tf.fab import fab_targeted
 from sat_tf.square import p_schedule, square
@@ -85,6 +86,8 @@ class AutoAttackResult:
         adversarial_images: [N, H, W, C] float32; the successful adversarial image where one was
             found, the clean image elsewhere.
         robust: [N] bool, True where no stage fooled the model.
+        fooled_by: [N] int, per example the index in `stages` of the stage that fooled it (0:
+            misclassified clean), -1 where none did.
     """
 
     clean_accuracy: float
@@ -92,15 +95,7 @@ class AutoAttackResult:
     stages: dict
     adversarial_images: np.ndarray
     robust: np.ndarray
-
-
-def predict_labels(model, images, batch_size=256):
-    """Arg-max predictions, in batches, with `training=False`."""
-    out = [
-        np.argmax(model(tf.constant(images[i : i + batch_size]), training=False), axis=1)
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros([0], np.int64)
+    fooled_by: np.ndarray = None
 
 
 def describe(version):
@@ -118,43 +113,60 @@ def describe(version):
     return f"sat_tf.autoattack.auto_attack(version={version!r}): {stages}{eot}"
 
 
-def _stages(
+def stage_passes(
     model, names, *, num_classes, epsilon, version, seed, clip_min, clip_max, jit_compile=False
 ):
+    """`sat_tf.passes.Pass`es of the stages `names`, with their worst-case work per example."""
     v = VERSIONS[version]
     bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
     steps = dict(num_steps=v["apgd_steps"], num_restarts=v["num_restarts"], seed=seed)
     steps.update(eot_iter=v["eot_iter"], jit_compile=jit_compile, **bounds)
-    targets = min(v["target_classes"], num_classes - 1)  # `_check_attacks` warned once.
+    targets = min(v["target_classes"], num_classes - 1)  # `check_attacks` warned once.
+    apgd_gradients = v["apgd_steps"] * v["num_restarts"] * v["eot_iter"]
     build = {
-        "apgd-ce": lambda x, y: apgd(model, x, y, loss="ce", **steps),
-        "apgd-dlr": lambda x, y: apgd(model, x, y, loss="dlr", **steps),
-        "apgd-t": lambda x, y: apgd(
-            model, x, y, loss="dlr", targeted=True, target_classes=targets, **steps
+        "apgd-ce": (lambda x, y: apgd(model, x, y, loss="ce", **steps), apgd_gradients, 1),
+        "apgd-dlr": (lambda x, y: apgd(model, x, y, loss="dlr", **steps), apgd_gradients, 1),
+        "apgd-t": (
+            lambda x, y: apgd(
+                model, x, y, loss="dlr", targeted=True, target_classes=targets, **steps
+            ),
+            apgd_gradients * targets,
+            1,
         ),
-        "fab-t": lambda x, y: fab_targeted(
-            model,
-            x,
-            y,
-            num_steps=v["fab_steps"],
-            target_classes=targets,
-            jit_compile=jit_compile,
-            **bounds,
+        "fab-t": (  # per step: one gradient and two forward passes
+            lambda x, y: fab_targeted(
+                model,
+                x,
+                y,
+                num_steps=v["fab_steps"],
+                target_classes=targets,
+                jit_compile=jit_compile,
+                **bounds,
+            ),
+            v["fab_steps"] * targets,
+            2 * v["fab_steps"] * targets + 1,
         ),
-        "square": lambda x, y: square(
-            model,
-            x,
-            y,
-            num_queries=v["square_queries"],
-            seed=seed,
-            jit_compile=jit_compile,
-            **bounds,
+        "square": (
+            lambda x, y: square(
+                model,
+                x,
+                y,
+                num_queries=v["square_queries"],
+                seed=seed,
+                jit_compile=jit_compile,
+                **bounds,
+            ),
+            0,
+            v["square_queries"] + 2,
         ),
     }
-    return [(name, build[name]) for name in names]
+    return [
+        passes.Pass(name, build[name][0], gradients=build[name][1], queries=build[name][2])
+        for name in names
+    ]
 
 
-def _check_attacks(attacks, version, num_classes):
+def check_attacks(attacks, version, num_classes):
     """The stage list to run, after checking names and the model's class count."""
     if version not in VERSIONS:
         raise ValueError(
@@ -195,6 +207,7 @@ def auto_attack(
     clip_min=0.0,
     clip_max=255.0,
     jit_compile=False,
+    verbose=0,
 ):
     """Runs AutoAttack's stages in order, each only on the examples no earlier stage fooled.
 
@@ -216,6 +229,7 @@ def auto_attack(
         clip_min: Lowest valid pixel value.
         clip_max: Highest valid pixel value.
         jit_compile: Compile the attacks with XLA.
+        verbose: 1 shows each stage's progress (`sat_tf.progress`); 0 is silent.
 
     Returns:
         An `AutoAttackResult`.
@@ -223,13 +237,9 @@ def auto_attack(
     x = np.asarray(images, np.float32)
     y = np.asarray(labels).astype(np.int32)
     attacks_module.require_logits(model, where="auto_attack")
-    logits = model(tf.constant(x[:1]), training=False)
-    num_classes = int(logits.shape[-1])
-    names = _check_attacks(attacks, version, num_classes)
-    robust = predict_labels(model, x, batch_size) == y
-    adv = x.copy()
-    stages = {"clean": float(robust.mean()) if len(y) else 0.0}
-    stage_list = _stages(
+    num_classes = int(model(tf.constant(x[:1]), training=False).shape[-1])
+    names = check_attacks(attacks, version, num_classes)
+    stages = stage_passes(
         model,
         names,
         num_classes=num_classes,
@@ -240,19 +250,33 @@ def auto_attack(
         clip_max=clip_max,
         jit_compile=jit_compile,
     )
-    for name, attack in stage_list:
-        todo = np.flatnonzero(robust)
-        for start in range(0, len(todo), batch_size):
-            rows = todo[start : start + batch_size]
-            x_adv = attack(x[rows], y[rows]).numpy()
-            fooled = predict_labels(model, x_adv, batch_size) != y[rows]
-            adv[rows[fooled]] = x_adv[fooled]
-            robust[rows[fooled]] = False
-        stages[name] = float(robust.mean()) if len(y) else 0.0
+    job = passes.Job("autoattack", (passes.CLEAN, *stages))
+    fooled_by = np.full(len(y), passes.ROBUST, np.int16)
+    adv = x.copy()
+    if len(y):
+        passes.run_job(
+            model,
+            job,
+            x,
+            y,
+            fooled_by=fooled_by,
+            batch_size=max(1, min(batch_size, len(y))),
+            adversarial=adv,
+            verbose=verbose,
+        )
+    accuracy = stage_accuracies(fooled_by, ["clean", *names])
     return AutoAttackResult(
-        clean_accuracy=stages["clean"],
-        robust_accuracy=stages[names[-1]],
-        stages=stages,
+        clean_accuracy=accuracy["clean"],
+        robust_accuracy=accuracy[names[-1]],
+        stages=accuracy,
         adversarial_images=adv,
-        robust=robust,
+        robust=fooled_by == passes.ROBUST,
+        fooled_by=fooled_by,
     )
+
+
+def stage_accuracies(fooled_by, names):
+    """Stage name -> accuracy after it (cumulative), from a job's `fooled_by` record."""
+    if not len(fooled_by):
+        return {name: 0.0 for name in names}
+    return {name: float(passes.robust_after(fooled_by, i).mean()) for i, name in enumerate(names)}

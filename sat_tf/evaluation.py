@@ -1,25 +1,32 @@
 """Robustness evaluation: accuracy under a list of attacks and epsilons, with masking checks.
 
     results = evaluate(model, (images, labels), attacks=["clean", "pgd-10", "pgd-50x3", "apgd-ce",
-                       "apgd-t", "square", "autoattack"], epsilons=[2, 4, 8])
-    results.save("eval/")  # results.json, results.md, accuracy_vs_{epsilon,steps}.png
+                       "apgd-t", "square", "autoattack"], epsilons=[2, 4, 8],
+                       state="eval/state.npz")
+    results.save("eval/")  # results.json, results.md, per_example.npz, two plots
 
 Attack specs are strings such as "pgd-50x3" or `AttackSpec`s (`sat_tf.rows` lists them).
 Epsilons are L-inf radii in pixel units (0-255 images: 8 means 8/255). Besides the table, the
 evaluation runs "pgd-20" at `large_epsilon` and, when a `surrogate` model is given, a transfer
 PGD from it, for the checks in `sat_tf.masking`. An attack runs only on the examples still
-standing (correct clean, and for restart r, having survived restarts 1..r-1): the accuracy is
-that of attacking every example, at a fraction of the cost when accuracy is low.
-`tools/eval.py` is the command-line front end.
+standing (correct clean, and for restart r, having survived restarts 1..r-1; `sat_tf.passes`):
+the accuracy is that of attacking every example, at a fraction of the cost when accuracy is low.
+
+Long evaluations show their progress and an estimate of the work ahead (`verbose=1`), and with
+`state=` record every finished batch, so that the same call after a kill resumes where it was and
+ends with the same per-example results (`sat_tf.evalstate`). `tools/eval.py` is the command-line
+front end.
 """
 
 import dataclasses
-import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from sat_tf import attacks, autoattack, masking, reporting
+import sat_tf
+from sat_tf import attacks, autoattack, evalstate, masking, passes, progress, reporting
 from sat_tf.attacks import require_logits
 from sat_tf.rows import AttackSpec, Row, parse_attack
 
@@ -47,8 +54,78 @@ def _gradient_attack(
     return attack(images, labels, seed)
 
 
-def _correct(model, images, labels):
-    return np.argmax(np.asarray(model(images, training=False)), axis=1) == labels
+def _job(model, spec, epsilon, *, seed, num_classes, source=None, jit_compile=False):
+    """The `passes.Job` of one attack spec at one epsilon."""
+    if spec.kind == "clean":
+        return passes.Job("clean", (passes.CLEAN,))
+    label = f"{spec.label} eps={epsilon:g}"
+    options = dict(epsilon=epsilon, seed=seed, jit_compile=jit_compile)
+    if spec.kind == "autoattack":
+        names = autoattack.check_attacks(None, spec.version, num_classes)
+        stages = autoattack.stage_passes(
+            model,
+            names,
+            num_classes=num_classes,
+            version=spec.version,
+            clip_min=0.0,
+            clip_max=255.0,
+            **options,
+        )
+        return passes.Job(label, (passes.CLEAN, *stages))
+    if spec.kind in ("fgsm", "pgd", "transfer"):
+        kind = "fgsm" if spec.kind == "fgsm" else "pgd"
+        restarts = spec.num_restarts if kind == "pgd" else 1
+        steps = 1 if kind == "fgsm" else spec.num_steps
+
+        def restart(r):
+            return lambda x, y: _gradient_attack(
+                source or model,
+                kind,
+                x,
+                y,
+                num_steps=spec.num_steps,
+                step_size=spec.step_size,
+                **(options | {"seed": seed + r}),
+            )
+
+        names = ["restart" if restarts > 1 else spec.label for r in range(restarts)]
+        runs = [passes.Pass(names[r], restart(r), gradients=steps) for r in range(restarts)]
+        return passes.Job(label, (passes.CLEAN, *runs))
+    if spec.kind == "square":
+
+        def square(x, y):
+            return autoattack.square(model, x, y, num_queries=spec.num_steps, **options)
+
+        queries = spec.num_steps + 2  # the start, every query, the final check
+        return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, square, 0, queries)))
+    targeted = spec.kind == "apgd-t"
+    targets = min(9, num_classes - 1) if targeted else 1
+    if targeted and targets < 9:
+        warnings.warn(
+            f"{label}: a {num_classes}-class model has {targets} target classes, not 9; "
+            f"using {targets}.",
+            stacklevel=3,
+        )
+
+    def apgd(x, y):
+        return autoattack.apgd(
+            model,
+            x,
+            y,
+            num_steps=spec.num_steps,
+            loss="dlr" if targeted else "ce",
+            targeted=targeted,
+            target_classes=targets,
+            num_restarts=spec.num_restarts,
+            **options,
+        )
+
+    work = spec.num_steps * spec.num_restarts * targets
+    return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, apgd, work)))
+
+
+def _num_classes(model, images):
+    return int(model(tf.constant(images[:1], tf.float32), training=False).shape[-1])
 
 
 def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None, jit_compile=False):
@@ -64,59 +141,19 @@ def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None, j
         source: The model the attack computes gradients on, for kind="transfer" (else `model`).
         jit_compile: Compile the attack with XLA (FGSM, PGD, APGD, Square).
     """
-    x, y = tf.constant(images, tf.float32), tf.constant(labels, tf.int32)
-    if spec.kind == "autoattack":
-        return autoattack.auto_attack(
-            model,
-            images,
-            labels,
-            epsilon=epsilon,
-            version=spec.version,
-            seed=seed,
-            jit_compile=jit_compile,
-        ).robust
-    robust = _correct(model, x, labels)
-    if spec.kind == "clean":
-        return robust
-    for restart in range(spec.num_restarts if spec.kind in ("pgd", "transfer") else 1):
-        if spec.kind in ("fgsm", "pgd", "transfer"):
-            kind = "fgsm" if spec.kind == "fgsm" else "pgd"
-            adv = _gradient_attack(
-                source or model,
-                kind,
-                x,
-                y,
-                epsilon=epsilon,
-                num_steps=spec.num_steps,
-                seed=seed + restart,
-                step_size=spec.step_size,
-                jit_compile=jit_compile,
-            )
-        elif spec.kind == "square":
-            adv = autoattack.square(
-                model,
-                x,
-                y,
-                epsilon=epsilon,
-                num_queries=spec.num_steps,
-                seed=seed,
-                jit_compile=jit_compile,
-            )
-        else:
-            adv = autoattack.apgd(
-                model,
-                x,
-                y,
-                epsilon=epsilon,
-                num_steps=spec.num_steps,
-                seed=seed,
-                loss="ce" if spec.kind == "apgd-ce" else "dlr",
-                targeted=spec.kind == "apgd-t",
-                num_restarts=spec.num_restarts,
-                jit_compile=jit_compile,
-            )
-        robust &= _correct(model, adv, labels)  # An example is robust only if it survives all.
-    return robust
+    x, y = np.asarray(images, np.float32), np.asarray(labels).astype(np.int32)
+    job = _job(
+        model,
+        spec,
+        epsilon,
+        seed=seed,
+        num_classes=_num_classes(model, x),
+        source=source,
+        jit_compile=jit_compile,
+    )
+    fooled_by = np.full(len(y), passes.ROBUST, np.int16)
+    passes.run_job(model, job, x, y, fooled_by=fooled_by, batch_size=max(1, len(y)))
+    return fooled_by == passes.ROBUST
 
 
 def collect(dataset, num_examples=None):
@@ -135,62 +172,6 @@ def collect(dataset, num_examples=None):
     return images[:n].astype(np.float32), labels[:n].astype(np.int32)
 
 
-def _chunks(indices, batch_size):
-    """Batches of `indices`, the last one padded by repeating its own examples.
-
-    Every batch has `batch_size` entries, so a compiled attack meets one batch shape per
-    evaluation; the first `count` results of each are the real ones: (batch, count) pairs.
-    """
-    for i in range(0, len(indices), batch_size):
-        chunk = indices[i : i + batch_size]
-        yield np.resize(chunk, batch_size), len(chunk)
-
-
-def _run(model, spec, images, labels, *, epsilon, seed, batch_size, source=None, jit_compile=False):
-    """One attack on every example: (`Row`, [N] bool robust).
-
-    Only the examples still standing are attacked: first the correctly classified ones, then, for
-    each further PGD restart, those that survived the earlier restarts (as AutoAttack does). The
-    accuracy is the same as attacking everything (an example counts as robust only if it is
-    correct and survives every restart), at a fraction of the cost on a model with low accuracy.
-    Every call gets `min(batch_size, N)` examples (`_chunks`): padded ones count nowhere.
-    """
-    start = time.perf_counter()
-    clean = AttackSpec("clean")
-    robust = np.zeros(len(labels), bool)
-    batch_size = max(1, min(batch_size, len(labels)))
-    for chunk, count in _chunks(np.arange(len(labels)), batch_size):
-        robust[chunk[:count]] = attack_batch(
-            model, clean, images[chunk], labels[chunk], epsilon=0.0
-        )[:count]
-    restarts = spec.num_restarts if spec.kind in ("pgd", "transfer") else 1
-    single = dataclasses.replace(spec, num_restarts=1) if restarts > 1 else spec
-    for restart in range(restarts if spec.kind != "clean" else 0):
-        standing = np.flatnonzero(robust)
-        for chunk, count in _chunks(standing, batch_size):
-            robust[chunk[:count]] = attack_batch(
-                model,
-                single,
-                images[chunk],
-                labels[chunk],
-                epsilon=epsilon,
-                seed=seed + restart,
-                source=source,
-                jit_compile=jit_compile,
-            )[:count]
-    row = Row(
-        attack=spec.label,
-        kind=spec.kind,
-        epsilon=float(epsilon),
-        num_steps=spec.num_steps,
-        num_restarts=spec.num_restarts,
-        step_size=spec.step_size,
-        accuracy=float(robust.mean()),
-        seconds=round(time.perf_counter() - start, 3),
-    )
-    return row, robust
-
-
 def evaluate(
     model,
     dataset,
@@ -204,8 +185,10 @@ def evaluate(
     pgd_step_size=None,
     large_epsilon=128.0,
     checks=True,
-    verbose=True,
+    verbose=1,
     jit_compile=False,
+    state=None,
+    restart=False,
 ):
     """Accuracy of `model` under every attack at every epsilon, plus the masking checks.
 
@@ -223,13 +206,23 @@ def evaluate(
             evaluation); None uses 2.5 * epsilon / K. The masking probes keep 2.5 * epsilon / K.
         large_epsilon: Radius at which PGD-20 should bring accuracy to ~0; None skips it.
         checks: Run the gradient-masking checks of `sat_tf.masking`.
-        verbose: Print one line per row and per check.
+        verbose: 0 silent; 1 the work ahead and a time estimate, a progress bar per attack pass
+            (log lines when output is not a terminal), one line per row and per check; 2 the
+            rows and checks only.
         jit_compile: Compile the attacks with XLA (for GPU/TPU; on CPU TensorFlow's oneDNN
             convolutions are faster than XLA's).
+        state: Path of a state file (`sat_tf.evalstate`), rewritten after every batch; a call
+            finding the state of an unfinished run of the same evaluation resumes it.
+        restart: Ignore (and overwrite) a state file of another evaluation instead of refusing.
 
     Returns:
-        A `reporting.EvaluationResults` (rows, per-epsilon worst case over attacks, checks).
+        A `reporting.EvaluationResults` (rows, per-epsilon worst case over attacks, checks,
+        per-example records).
+
+    Raises:
+        evalstate.StateMismatchError: `state` holds an unfinished run of another evaluation.
     """
+    verbose = int(verbose)
     require_logits(model, where="evaluate")
     images, labels = collect(dataset, num_examples)
     specs = [parse_attack(a) for a in attacks]
@@ -238,24 +231,70 @@ def evaluate(
             dataclasses.replace(a, step_size=float(pgd_step_size)) if a.kind == "pgd" else a
             for a in specs
         ]
-    rows, worst = [], {}
-    jobs = [(spec, eps, None) for eps in epsilons for spec in specs if spec.kind != "clean"]
-    jobs = [(AttackSpec("clean"), 0.0, None)] + jobs
+    entries = [(spec, eps, None) for eps in epsilons for spec in specs if spec.kind != "clean"]
+    entries = [(AttackSpec("clean"), 0.0, None)] + entries
     if surrogate is not None:
-        jobs += [(AttackSpec("transfer", 20), eps, surrogate) for eps in epsilons]
+        entries += [(AttackSpec("transfer", 20), eps, surrogate) for eps in epsilons]
     if large_epsilon is not None and checks:
-        jobs.append((AttackSpec("pgd", 20), float(large_epsilon), None))
-    for spec, eps, source in jobs:
-        row, robust = _run(
+        entries.append((AttackSpec("pgd", 20), float(large_epsilon), None))
+    num_classes = _num_classes(model, images)
+    jobs = [
+        _job(
             model,
             spec,
-            images,
-            labels,
-            epsilon=eps,
+            float(eps),
             seed=seed,
-            batch_size=batch_size,
+            num_classes=num_classes,
             source=source,
             jit_compile=jit_compile,
+        )
+        for spec, eps, source in entries
+    ]
+    batch_size = max(1, min(batch_size, len(labels)))
+    record = evalstate.EvaluationState.open(
+        Path(state) if state else None,
+        evalstate.fingerprint(
+            model=model,
+            images=images,
+            labels=labels,
+            attacks=[job.label for job in jobs],
+            seed=seed,
+            batch_size=batch_size,
+            surrogate=evalstate.weights_digest(surrogate) if surrogate is not None else None,
+            pgd_step_size=pgd_step_size,
+            jit_compile=bool(jit_compile),
+            sat_tf=sat_tf.__version__,
+        ),
+        len(jobs),
+        len(labels),
+        restart=restart,
+    )
+    progress.announce(model, jobs, record, images, labels, batch_size=batch_size, verbose=verbose)
+    rows, worst = [], {}
+    for j, (job, (spec, eps, _)) in enumerate(zip(jobs, entries, strict=True)):
+        if record.position[j][0] < len(job.passes):
+            passes.run_job(
+                model,
+                job,
+                images,
+                labels,
+                fooled_by=record.fooled_by[j],
+                batch_size=batch_size,
+                start=tuple(int(v) for v in record.position[j]),
+                clean=record.fooled_by[0] if j else None,
+                checkpoint=lambda position, seconds, j=j: record.record(j, position, seconds),
+                verbose=verbose,
+            )
+        robust = record.fooled_by[j] == passes.ROBUST
+        row = Row(
+            attack=spec.label,
+            kind=spec.kind,
+            epsilon=float(eps),
+            num_steps=spec.num_steps,
+            num_restarts=spec.num_restarts,
+            step_size=spec.step_size,
+            accuracy=float(robust.mean()) if len(labels) else 0.0,
+            seconds=round(float(record.seconds[j]), 3),
         )
         rows.append(row)
         if spec.kind != "transfer" and eps in epsilons:
@@ -266,7 +305,12 @@ def evaluate(
     tolerance = max(0.01, 1.0 / max(len(labels), 1))
     found = (
         masking.run_checks(
-            model, images, rows, large_epsilon=large_epsilon, tolerance=tolerance, verbose=verbose
+            model,
+            images,
+            rows,
+            large_epsilon=large_epsilon,
+            tolerance=tolerance,
+            verbose=bool(verbose),
         )
         if checks
         else []
@@ -276,4 +320,10 @@ def evaluate(
         worst_case={float(e): float(r.mean()) for e, r in worst.items()},
         checks=found,
         num_examples=len(labels),
+        per_example=reporting.PerExample(
+            labels=labels,
+            fooled_by=record.fooled_by.copy(),
+            jobs=[job.label for job in jobs],
+            passes=[[p.name for p in job.passes] for job in jobs],
+        ),
     )

@@ -5,11 +5,40 @@ import json
 import pathlib
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # No display on servers and CI; set before pyplot is imported.
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sat_tf.rows import parse_attack  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class PerExample:
+    """What every attack found on every example (`sat_tf.passes`).
+
+    Attributes:
+        labels: [N] int classes.
+        fooled_by: [jobs, N] int: per attack (a row of the table, same order), the index in
+            `passes` of the pass that fooled the example (0: misclassified clean), -1 where none.
+        jobs: The attacks' labels, e.g. "pgd-20 eps=4".
+        passes: Per attack, its passes' names ("clean", "restart 1/2", "apgd-t", ...).
+    """
+
+    labels: np.ndarray
+    fooled_by: np.ndarray
+    jobs: list
+    passes: list
+
+    def save(self, path):
+        """Writes an `.npz` with labels, fooled_by, jobs and passes (JSON text)."""
+        np.savez_compressed(
+            path,
+            labels=self.labels,
+            fooled_by=self.fooled_by,
+            jobs=np.array(self.jobs),
+            passes=np.array(json.dumps(self.passes)),
+        )
 
 
 @dataclasses.dataclass
@@ -22,12 +51,14 @@ class EvaluationResults:
         worst_case: Epsilon -> accuracy under the per-example worst case over all attacks.
         checks: `sat_tf.masking.Check`s.
         num_examples: Number of evaluated examples.
+        per_example: A `PerExample`, or None.
     """
 
     rows: list
     worst_case: dict
     checks: list
     num_examples: int
+    per_example: PerExample | None = None
 
     @property
     def clean_accuracy(self):
@@ -116,7 +147,8 @@ class EvaluationResults:
         plt.close(fig)
 
     def save(self, directory):
-        """Writes results.json, results.md and the two PNG plots; returns their paths."""
+        """Writes results.json, results.md, the two PNG plots and per_example.npz (when there
+        are per-example records); returns their paths."""
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = {
@@ -129,4 +161,7 @@ class EvaluationResults:
         paths["markdown"].write_text(self.to_markdown())
         self.plot_accuracy_vs_epsilon(paths["accuracy_vs_epsilon"])
         self.plot_accuracy_vs_steps(paths["accuracy_vs_steps"])
+        if self.per_example is not None:
+            paths["per_example"] = directory / "per_example.npz"
+            self.per_example.save(paths["per_example"])
         return paths

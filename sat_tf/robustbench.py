@@ -26,15 +26,14 @@ Where this differs from RobustBench's own run (every result lists what applies i
 """
 
 import dataclasses
-import time
+from pathlib import Path
 
 import keras
 import numpy as np
 
-from sat_tf import autoattack
+import sat_tf
+from sat_tf import attacks, autoattack, evalstate, passes, progress, reporting
 from sat_tf.rows import Row
-
-_CHUNK = 500  # Examples per auto_attack call: bounds memory (500 ImageNet images: ~0.6 GB).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +119,7 @@ class Result:
         seconds: wall time of the attacks.
         source: where the images came from, in words.
         model_info: user fields of the RobustBench entry (architecture, name, link, ...).
+        per_example: a `sat_tf.reporting.PerExample` (the stage that fooled each example).
     """
 
     protocol: Protocol
@@ -133,6 +133,7 @@ class Result:
     seconds: float
     source: str = ""
     model_info: dict = dataclasses.field(default_factory=dict)
+    per_example: reporting.PerExample | None = None
 
     @property
     def deviations(self):
@@ -218,6 +219,9 @@ def benchmark(
     seed=0,
     model_info=None,
     source="",
+    verbose=0,
+    state=None,
+    restart=False,
 ):
     """Clean and AutoAttack accuracy under RobustBench's L-inf protocol for `dataset`.
 
@@ -233,9 +237,16 @@ def benchmark(
         model_info: RobustBench fields to fill in (architecture, name, link, authors, venue,
             additional_data, number_forward_passes, reported, footnote); not measured ones.
         source: where the images came from, in words, for the records.
+        verbose: 1 prints the work ahead, a time estimate and each stage's progress.
+        state: path of a state file (`sat_tf.evalstate`) rewritten after every batch; the same
+            call after a kill resumes from it and gives the same per-example results.
+        restart: overwrite a state file of another evaluation instead of refusing.
 
     Returns:
         A `Result`.
+
+    Raises:
+        evalstate.StateMismatchError: `state` holds an unfinished run of another evaluation.
     """
     protocol = _protocol(dataset)
     n = protocol.num_examples if num_examples is None else int(num_examples)
@@ -253,33 +264,71 @@ def benchmark(
         raise ValueError(f"model_info cannot set measured fields. Received: {clashes}")
     x, y = images[:n], np.asarray(labels[:n]).astype(np.int32)
     _check_pixels(x)
-    start, counts = time.perf_counter(), {}
-    for first in range(0, n, _CHUNK):
-        chunk = slice(first, first + _CHUNK)
-        result = autoattack.auto_attack(
-            model,
-            np.asarray(x[chunk], np.float32),
-            y[chunk],
-            epsilon=protocol.epsilon_pixels,
-            version=version,
+    attacks.require_logits(model, where="benchmark")
+    num_classes = int(model(np.asarray(x[:1], np.float32), training=False).shape[-1])
+    names = autoattack.check_attacks(None, version, num_classes)
+    eps = protocol.epsilon_pixels
+    stages = autoattack.stage_passes(
+        model,
+        names,
+        num_classes=num_classes,
+        epsilon=eps,
+        version=version,
+        seed=seed,
+        clip_min=0.0,
+        clip_max=255.0,
+    )
+    label = "autoattack" if version == "standard" else f"autoattack-{version}"
+    job = passes.Job(f"{label} eps={eps:g}", (passes.CLEAN, *stages))
+    batch_size = max(1, min(batch_size, n))
+    record = evalstate.EvaluationState.open(
+        Path(state) if state else None,
+        evalstate.fingerprint(
+            model=model,
+            images=x,
+            labels=y,
+            attacks=[job.label],
             seed=seed,
             batch_size=batch_size,
+            protocol=protocol.dataset,
+            sat_tf=sat_tf.__version__,
+        ),
+        1,
+        n,
+        restart=restart,
+    )
+    progress.announce(model, [job], record, x, y, batch_size=batch_size, verbose=verbose)
+    if record.position[0][0] < len(job.passes):
+        passes.run_job(
+            model,
+            job,
+            x,
+            y,
+            fooled_by=record.fooled_by[0],
+            batch_size=batch_size,
+            start=tuple(int(v) for v in record.position[0]),
+            checkpoint=lambda position, seconds: record.record(0, position, seconds),
+            verbose=verbose,
         )
-        for stage, accuracy in result.stages.items():
-            counts[stage] = counts.get(stage, 0) + round(accuracy * len(y[chunk]))
-    stages = {stage: count / n for stage, count in counts.items()}
+    stages = autoattack.stage_accuracies(record.fooled_by[0], ["clean", *names])
     return Result(
         protocol=protocol,
         num_examples=n,
         version=version,
         clean_accuracy=stages["clean"],
-        robust_accuracy=stages["square"],
+        robust_accuracy=stages[names[-1]],
         stages=stages,
         image_size=int(x.shape[1]),
         seed=seed,
-        seconds=time.perf_counter() - start,
+        seconds=float(record.seconds[0]),
         source=source,
         model_info=dict(model_info or {}),
+        per_example=reporting.PerExample(
+            labels=y,
+            fooled_by=record.fooled_by.copy(),
+            jobs=[job.label],
+            passes=[[p.name for p in job.passes]],
+        ),
     )
 
 

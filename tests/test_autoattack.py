@@ -279,7 +279,7 @@ def test_two_classes_get_a_clear_error_and_the_fix_runs(batch):
 def test_fewer_classes_than_targets_warns_and_uses_k_minus_1(model, batch):
     images, labels = batch
     with pytest.warns(UserWarning, match="has 4 target classes, not 9; using 4"):
-        autoattack._check_attacks(None, "standard", NUM_CLASSES)
+        autoattack.check_attacks(None, "standard", NUM_CLASSES)
     with pytest.warns(UserWarning, match="only 4; using 4"):
         autoattack.apgd(
             model, images[:8], labels[:8], epsilon=EPSILON, num_steps=2, loss="dlr",

@@ -66,6 +66,17 @@ def test_eval_reads_the_runs_eval_files(records, tmp_path):
     (entry,) = card.read(run)["evaluations"]
     assert entry["dataset"] == f"tfrecord:{records}/val-*" and entry["num_examples"] == 10
     assert "eval" in rundir.listed(run) and not (run / rundir.LOCK).exists()
+    # Progress and the estimate by default; the finished run leaves no state to resume.
+    assert (
+        "Work ahead: 10 examples" in result.stdout
+        and "clean: 10/10 examples (100%)" in result.stdout
+    )
+    assert not (run / "eval" / "eval_state.npz").exists()
+    assert (run / "eval" / "per_example.npz").exists()
+    quiet = evaluate(f"--model_dir={run}", "--num_steps=1", "--batch_size=5", "--noprogress")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "Work ahead" not in quiet.stdout and "10/10 examples" not in quiet.stdout
+    assert "accuracy=" in quiet.stdout
 
 
 @pytest.mark.slow

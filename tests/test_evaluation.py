@@ -194,6 +194,20 @@ def test_fixed_pgd_step_size_and_lookup_by_spec(model, data):
     assert results.accuracy("pgd-3", 48) > results.accuracy("apgd-ce-5", 48)
 
 
+def run_one(model, spec, images, labels, *, epsilon, batch_size):
+    """(row, [N] robust) of one attack spec, through `evaluate`."""
+    results = evaluation.evaluate(
+        model,
+        (images, labels),
+        attacks=[spec],
+        epsilons=[epsilon],
+        batch_size=batch_size,
+        checks=False,
+        verbose=0,
+    )
+    return results.rows[1], results.per_example.fooled_by[1] == -1
+
+
 def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
     images, labels = data
     labels = np.where(np.arange(len(labels)) < 8, (labels + 1) % NUM_CLASSES, labels)  # 8 wrong
@@ -201,7 +215,7 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
     # FGSM is deterministic: attacking survivors only must give exactly the full attack's answer.
     fgsm = evaluation.AttackSpec("fgsm")
     full = evaluation.attack_batch(model, fgsm, images, labels, epsilon=eps)
-    _, robust = evaluation._run(model, fgsm, images, labels, epsilon=eps, seed=0, batch_size=16)
+    _, robust = run_one(model, fgsm, images, labels, epsilon=eps, batch_size=16)
     np.testing.assert_array_equal(robust, full)
 
     sizes, attack = [], evaluation._gradient_attack
@@ -210,11 +224,8 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
         "_gradient_attack",
         lambda source, kind, x, *a, **k: sizes.append(len(x)) or attack(source, kind, x, *a, **k),
     )
-    row, robust = evaluation._run(
-        model, evaluation.parse_attack("pgd-5x3"), images, labels, epsilon=eps, seed=0,
-        batch_size=16,
-    )  # fmt: skip
-    correct = evaluation._correct(model, images, labels)
+    row, robust = run_one(model, "pgd-5x3", images, labels, epsilon=eps, batch_size=16)
+    correct = np.argmax(model(images, training=False), axis=1) == labels
     assert 0 < robust.sum() < correct.sum() < len(labels)  # the attack does something here
     assert not (robust & ~correct).any()
     assert sizes[0] == min(16, correct.sum())  # restart 1: the correct examples only
@@ -225,9 +236,9 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
 def test_padded_last_chunk_counts_nowhere(model, data):
     images, labels = data
     fgsm = evaluation.AttackSpec("fgsm")  # deterministic: same answer whatever the batching
-    _, whole = evaluation._run(model, fgsm, images, labels, epsilon=24.0, seed=0, batch_size=64)
+    _, whole = run_one(model, fgsm, images, labels, epsilon=24.0, batch_size=64)
     # 64 = 2 * 25 + 14: the last chunk is padded with 11 repeats of its own examples.
-    row, ragged = evaluation._run(model, fgsm, images, labels, epsilon=24.0, seed=0, batch_size=25)
+    row, ragged = run_one(model, fgsm, images, labels, epsilon=24.0, batch_size=25)
     np.testing.assert_array_equal(ragged, whole)
     assert row.accuracy == whole.mean()
 
@@ -252,7 +263,8 @@ def test_one_trace_per_attack_config_over_a_whole_evaluation(model, data):
     }
     # Per epsilon: PGD; APGD-CE and APGD-T (init, segment each); Square. APGD's and Square's
     # batches also shrink as examples are fooled: the same trace serves them.
-    assert len(traces) == 2 * 6
+    # Plus one forward pass that checks every adversarial batch.
+    assert len(traces) == 2 * 6 + 1 and traces[("predict", False)] == 1
     assert set(traces.values()) == {1}, traces
 
 

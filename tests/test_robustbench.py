@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -279,7 +280,7 @@ def test_cifar10_from_tfds_restores_the_original_test_order():
 
 
 @pytest.mark.slow
-def test_eval_tool_robustbench_end_to_end(tmp_path):
+def test_eval_tool_robustbench_end_to_end_and_resumed_after_a_kill(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
     def tool(name, *args):
@@ -297,28 +298,70 @@ def test_eval_tool_robustbench_end_to_end(tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     out = tmp_path / "eval"
     args = [f"--model_dir={run}", "--protocol=robustbench", f"--output_dir={out}"]
-    done = tool("eval", *args, "--num_examples=16", "--autoattack_version=fast")
+    args += ["--num_examples=160", "--autoattack_version=fast", "--batch_size=8", "--deterministic"]
+    done = tool("eval", *args)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Work ahead: 160 examples" in done.stdout and "apgd-t (2/3)" in done.stdout
 
-    entry = json.loads((out / "robustbench_cifar10_Linf.json").read_text())
+    name = "robustbench_cifar10_Linf"
+    entry = json.loads((out / f"{name}.json").read_text())
     assert set(ROBUSTBENCH_FIELDS) <= set(entry)
-    assert entry["eps"] == "8/255" and entry["sat_tf"]["num_examples"] == 16
+    assert entry["eps"] == "8/255" and entry["sat_tf"]["num_examples"] == 160
     assert entry["sat_tf"]["autoattack_version"] == "fast"
     assert entry["architecture"] == "small_cnn (silu)"
-    # Reference: the saved model's accuracy on the first 16 demo test digits, computed here.
+    # Reference: the saved model's accuracy on the first 160 demo test digits, computed here.
     from sat_tf.data import demo
 
     images, labels = demo.arrays("test")
     model = keras.saving.load_model(run / "model.keras", safe_mode=True)
-    correct = np.argmax(model.predict(images[:16], verbose=0), axis=1) == labels[:16]
+    correct = np.argmax(model.predict(images[:160], verbose=0), axis=1) == labels[:160]
     assert entry["clean_acc"] == f"{100 * correct.mean():.2f}"
     assert float(entry["autoattack_acc"]) <= float(entry["clean_acc"])
     card = json.loads((run / "robustness_card.json").read_text())
     last = card["evaluations"][-1]
-    assert last["protocol"] == "robustbench" and last["num_examples"] == 16
+    assert last["protocol"] == "robustbench" and last["num_examples"] == 160
     assert "--protocol=robustbench" in last["command"]
 
     refused = tool("eval", *args, "--epsilons=4")
     assert (
         refused.returncode != 0 and "cannot be used with --protocol=robustbench" in refused.stderr
     )
+
+    # Killed once AutoAttack has saved a batch, then the same command: the same numbers.
+    killed_out = tmp_path / "killed"
+    state = killed_out / f"{name}_state.npz"
+    again = [a.replace(str(out), str(killed_out)) for a in args]
+    child = subprocess.Popen(
+        [sys.executable, "tools/eval.py", *again],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while child.poll() is None:
+        try:
+            with np.load(state) as saved:
+                attacking = saved["position"][0][0] >= 1
+        except (OSError, ValueError, KeyError):  # not written yet
+            attacking = False
+        if attacking:
+            child.send_signal(signal.SIGKILL)
+            break
+    assert child.wait() == -signal.SIGKILL, "the evaluation ended before it could be killed"
+    with np.load(state) as saved:
+        assert saved["position"][0][0] < 4 and saved["batches"][0] > 0
+
+    changed = tool("eval", *again, "--seed=1")
+    assert changed.returncode != 0 and "the seed (0 -> 1)" in changed.stderr
+    assert "--restart" in changed.stderr and state.exists()  # refused; nothing lost
+
+    resumed = tool("eval", *again)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming {state}" in resumed.stdout
+    assert not state.exists()  # finished: the next run starts afresh
+    other = json.loads((killed_out / f"{name}.json").read_text())
+    for key in ("clean_acc", "autoattack_acc"):
+        assert other[key] == entry[key]
+    assert other["sat_tf"]["stages"] == entry["sat_tf"]["stages"]
+    records = [np.load(d / f"{name}_per_example.npz") for d in (out, killed_out)]
+    np.testing.assert_array_equal(records[0]["fooled_by"], records[1]["fooled_by"])

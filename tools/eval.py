@@ -19,6 +19,15 @@ examples (CIFAR-10: the first 10,000 test images; ImageNet: the 5,000 validation
 --robustbench_ids, from a tfrecord: or folder: copy of the validation set); --num_examples=N takes
 the first N. Writes robustbench_<dataset>_Linf.json (a RobustBench model_info entry) to
 --output_dir and appends the evaluation to the card.
+
+Long runs: a first line gives the work ahead (examples, attacks, worst-case gradients and forward
+passes) and a time estimate from one timed batch; then each attack pass shows the examples done,
+the robust accuracy so far and an ETA (a Keras progress bar on a terminal, a line every ~5%
+otherwise; --noprogress prints the results only). Every finished batch is recorded in --output_dir
+(eval_state.npz; robustbench_<dataset>_Linf_state.npz): after a kill, the same command continues
+from the first unfinished batch and ends with the numbers of an uninterrupted run. A changed
+model, data, attack, seed or batch size refuses, naming what changed (--restart starts afresh).
+The record is removed once the reports are written.
 """
 
 import contextlib
@@ -62,6 +71,12 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "jit_compile", False, "Compile the attacks with XLA (GPU/TPU; on a CPU oneDNN is faster)."
 )
+flags.DEFINE_bool(
+    "progress", True, "Progress bars (log lines when not a terminal) and the up-front estimate."
+)
+flags.DEFINE_bool(
+    "restart", False, "Start afresh, discarding an unfinished evaluation's state in --output_dir."
+)
 flags.DEFINE_enum(
     "autoattack_version",
     "standard",
@@ -79,6 +94,9 @@ flags.DEFINE_string(
     "",
     "robustbench, imagenet: RobustBench's imagenet_test_image_ids.txt (see docs/robustbench.md).",
 )
+# The record of an unfinished --protocol=sat evaluation in --output_dir (sat_tf.evalstate);
+# --protocol=robustbench keeps robustbench_<dataset>_Linf_state.npz beside its entry.
+STATE_NAME = "eval_state.npz"
 # Flags that only one protocol reads: giving one to the other protocol is an error, not a no-op.
 SAT_ONLY = ("epsilons", "step_size", "num_steps", "restarts", "attacks", "surrogate", "jit_compile")
 ROBUSTBENCH_ONLY = ("autoattack_version", "robustbench_dataset", "robustbench_ids")
@@ -108,6 +126,8 @@ class EvalConfig:
     seed: int
     deterministic: bool
     jit_compile: bool
+    progress: bool
+    restart: bool
     autoattack_version: str
     robustbench_dataset: str | None
     robustbench_ids: str
@@ -151,6 +171,11 @@ class Target:
 
 def _fail(message):
     sys.exit(f"error: {message}")
+
+
+def _verbose(config):
+    """Keras-style verbosity: 1 progress and the estimate, 2 (--noprogress) the results only."""
+    return 1 if config.progress else 2
 
 
 def _resolve(config):
@@ -290,6 +315,7 @@ def _robustbench(config, target, model, command):
     protocol = robustbench.PROTOCOLS[name]
     if config.num_examples > protocol.num_examples:
         _fail(f"--num_examples={config.num_examples}: {name} has {protocol.num_examples}.")
+    state = target.output / f"robustbench_{name}_Linf_state.npz"
     try:
         images, labels, source = _robustbench_data(
             config, target, protocol, int(model.output_shape[-1])
@@ -306,16 +332,21 @@ def _robustbench(config, target, model, command):
             seed=config.seed,
             model_info={"architecture": architecture},
             source=source,
+            verbose=_verbose(config),
+            state=state,
+            restart=config.restart,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         _fail(str(error))
     target.output.mkdir(parents=True, exist_ok=True)
     entry_path = target.output / f"robustbench_{name}_Linf.json"
     entry_path.write_text(json.dumps(result.model_info_entry(), indent=2) + "\n")
+    result.per_example.save(target.output / f"robustbench_{name}_Linf_per_example.npz")
     try:
         card.add_evaluation(target.path.parent, result.card_entry(command), saved=entry_path)
     except card.CardWriteError as error:
         _fail(str(error))
+    state.unlink(missing_ok=True)  # finished: the same command evaluates afresh
     print(
         f"RobustBench {name} Linf {protocol.epsilon} ({protocol.epsilon_pixels:g} pixels), "
         f"AutoAttack {result.version}, {result.num_examples} examples: clean "
@@ -329,7 +360,7 @@ def _robustbench(config, target, model, command):
 def _sat(config, target, model, surrogate, command):
     import tensorflow as tf
 
-    from sat_tf import card, evaluation, preflight
+    from sat_tf import card, evalstate, evaluation, preflight
 
     epsilons = _epsilons(config, target)
     step_size = config.step_size
@@ -350,7 +381,12 @@ def _sat(config, target, model, surrogate, command):
             surrogate=surrogate,
             pgd_step_size=step_size,
             jit_compile=config.jit_compile,
+            verbose=_verbose(config),
+            state=target.output / STATE_NAME,
+            restart=config.restart,
         )
+    except evalstate.StateMismatchError as error:
+        _fail(str(error))
     except tf.errors.InvalidArgumentError as error:  # a bad record, named by sat_tf.data
         problem = preflight.data_problem(error)
         if problem is None:
@@ -371,6 +407,7 @@ def _sat(config, target, model, surrogate, command):
         card.add_evaluation(target.path.parent, entry, saved=output)
     except card.CardWriteError as error:
         _fail(str(error))
+    (output / STATE_NAME).unlink(missing_ok=True)  # finished: the same command evaluates afresh
     print(f"Reports in {output}; card: {target.path.parent / card.CARD_NAME}")
 
 
@@ -389,6 +426,11 @@ def main(argv):
             _evaluate(config, target)
     except (rundir.RunDirError, rundir.RunWriteError) as error:
         _fail(str(error))
+    except KeyboardInterrupt:
+        _fail(
+            f"interrupted; every finished batch is saved in {target.output}: run the same "
+            "command again to resume (--restart starts afresh)."
+        )
 
 
 def _evaluate(config, target):

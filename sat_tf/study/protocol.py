@@ -93,7 +93,7 @@ def evaluate_model(model, images, labels, protocol=EVAL):
     from sat_tf import activations, autoattack, evaluation, masking
 
     eps, step, n = protocol["epsilon"], protocol["step_size"], protocol["subset_examples"]
-    kw = dict(batch_size=protocol["batch_size"], checks=False, large_epsilon=None, verbose=True)
+    kw = dict(batch_size=protocol["batch_size"], checks=False, large_epsilon=None, verbose=2)
     # SmoothGradReLU defaults to its smooth backward; the evaluation attacks the ReLU network.
     with activations.smooth_gradients(False):
         full = evaluation.evaluate(

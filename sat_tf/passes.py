@@ -1,0 +1,172 @@
+"""The loop every evaluation runs: attack passes over the examples still standing, batch by batch.
+
+A job is one attack at one epsilon (PGD-20 at 4 pixels, AutoAttack at 8); its passes run in order
+(pass 0 is the clean forward pass; then one per PGD restart or AutoAttack stage), each only on the
+examples no earlier pass fooled. What a job finds is one small int per example, `fooled_by`:
+`ROBUST` (-1) where no pass fooled it, else the index of the pass that did (0: misclassified
+without attack). Every stage's accuracy follows from it, and so does where to pick up: pass `p`
+attacks the examples with `fooled_by` ROBUST or >= p, in fixed batches, so a run that stopped
+after batch b of pass p resumes at batch b + 1 with exactly the batches an uninterrupted run
+would have attacked (`run_job`'s `checkpoint` sees every finished batch).
+
+Every batch has `batch_size` entries, the last one padded by repeating its own examples: a
+compiled attack meets one batch shape, and padded entries count nowhere.
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from sat_tf import attacks, progress
+
+ROBUST = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One pass of a job.
+
+    Attributes:
+        name: e.g. "clean", "restart 2/3", "apgd-t".
+        attack: `(images, labels) -> adversarial images` on one batch (tensors), or None for
+            the clean pass (the images themselves).
+        gradients: Input gradients per attacked example, worst case (every step, every target).
+        queries: Forward passes per attacked example besides gradients (Square's queries, the
+            final check), worst case.
+    """
+
+    name: str
+    attack: object = None
+    gradients: int = 0
+    queries: int = 1
+
+
+CLEAN = Pass("clean")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One attack at one epsilon: a label ("pgd-20 eps=4") and its passes, `CLEAN` first."""
+
+    label: str
+    passes: tuple
+
+    def work(self, num_examples, start=(0, 0), batch_size=1):
+        """(gradients, queries) left from `start` = (pass, batch), in the worst case (every
+        example attacked in every pass it has not finished)."""
+        first, batch = start
+        gradients = queries = 0
+        for index in range(first, len(self.passes)):
+            left = num_examples - (batch * batch_size if index == first else 0)
+            gradients += max(0, left) * self.passes[index].gradients
+            queries += max(0, left) * self.passes[index].queries
+        return gradients, queries
+
+
+def standing(fooled_by, index):
+    """The examples pass `index` attacks: those no earlier pass fooled."""
+    return np.flatnonzero((fooled_by == ROBUST) | (fooled_by >= index))
+
+
+def batches(indices, batch_size):
+    """`indices` in batches of `batch_size`, the last padded with repeats: (batch, count) pairs."""
+    for i in range(0, len(indices), batch_size):
+        chunk = indices[i : i + batch_size]
+        yield np.resize(chunk, batch_size), len(chunk)
+
+
+def robust_after(fooled_by, index):
+    """[N] bool: the examples no pass up to `index` fooled."""
+    return (fooled_by == ROBUST) | (fooled_by > index)
+
+
+def accuracy_so_far(fooled_by, done, standing):
+    """The accuracy after the current pass, estimated from its first examples: the fraction
+    `standing` / N it attacks times the share of `done` (those attacked so far) it did not fool.
+    The clean accuracy of the examples seen in the clean pass; exact once the pass is done."""
+    if not len(done):
+        return float(standing) / max(1, len(fooled_by))
+    return standing / len(fooled_by) * float(np.mean(fooled_by[done] == ROBUST))
+
+
+def predict(model, images):
+    """Arg-max classes of one batch (compiled once per model, for every batch size)."""
+
+    def build(ref):
+        return lambda x: tf.argmax(ref()(x, training=False), axis=-1, output_type=tf.int32)
+
+    x = tf.convert_to_tensor(images, tf.float32)
+    return attacks.compiled(model, ("predict",), build, x)(x).numpy()
+
+
+def run_job(
+    model,
+    job,
+    images,
+    labels,
+    *,
+    fooled_by,
+    batch_size,
+    start=(0, 0),
+    clean=None,
+    checkpoint=None,
+    adversarial=None,
+    verbose=0,
+):
+    """Runs `job`'s passes from `start` = (pass, batch), recording into `fooled_by` in place.
+
+    Args:
+        model: The model evaluated (an adversarial image counts when it fools this model).
+        job: A `Job`.
+        images: [N, H, W, C] pixels (NumPy; uint8 or float, each batch is made float32).
+        labels: [N] int32 classes.
+        fooled_by: [N] int array, this job's record (all `ROBUST` for a fresh job).
+        batch_size: Examples per attack call.
+        start: (pass, batch) to start at, from a checkpoint; (0, 0) for a fresh job.
+        clean: Another job's `fooled_by` whose clean pass this job reuses (it then starts at
+            pass 1) instead of running its own.
+        checkpoint: Called as `checkpoint((pass, batches done), seconds)` after every batch and
+            once with `(len(passes), 0)` at the end; `seconds` is the time since the last call.
+        adversarial: Optional [N, H, W, C] array: each fooling image is written into it.
+        verbose: 1 shows a progress bar (or log lines) per pass.
+    """
+    first, first_batch = start
+    last_time = time.perf_counter()
+
+    def mark(position):
+        nonlocal last_time
+        now = time.perf_counter()
+        if checkpoint is not None:
+            checkpoint(position, now - last_time)
+        last_time = now
+
+    if start == (0, 0) and clean is not None:
+        fooled_by[:] = clean
+        first = 1
+    count_passes = len(job.passes) - 1
+    for index in range(first, len(job.passes)):
+        pass_ = job.passes[index]
+        todo = standing(fooled_by, index)
+        skip = first_batch if index == first else 0
+        name = pass_.name if index == 0 else f"{pass_.name} ({index}/{count_passes})"
+        alone = len(job.passes) == 1 or (len(job.passes) == 2 and index == 1)
+        label = job.label if alone else f"{job.label}: {name}"
+        done = min(skip * batch_size, len(todo))
+        bar = progress.PassProgress(label, len(todo), done=done, verbose=verbose)
+        for number, (batch, count) in enumerate(batches(todo, batch_size)):
+            if number < skip:
+                continue
+            x, y = np.asarray(images[batch], np.float32), labels[batch]
+            if pass_.attack is not None:
+                x = np.asarray(pass_.attack(tf.constant(x), tf.constant(y)))
+            wrong = (predict(model, x) != y)[:count]
+            fooled = batch[:count][wrong]
+            fooled_by[fooled] = index
+            if adversarial is not None:
+                adversarial[fooled] = x[:count][wrong]
+            mark((index, number + 1))
+            done = min((number + 1) * batch_size, len(todo))
+            bar.update(done, accuracy_so_far(fooled_by, todo[:done], len(todo)))
+    mark((len(job.passes), 0))
