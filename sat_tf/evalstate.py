@@ -23,6 +23,7 @@ _PARTS = {
     "attacks": "the attacks",
     "seed": "the seed",
     "batch_size": "the batch size",
+    "surrogate": "the surrogate model's weights",
 }
 
 
@@ -51,7 +52,12 @@ def examples_digest(images, labels):
 
 
 def fingerprint(*, model, images, labels, attacks, seed, batch_size, **settings):
-    """The fingerprint of an evaluation: a flat dict of JSON values."""
+    """The fingerprint of an evaluation: a flat dict of JSON values (a model among `settings`,
+    such as a transfer attack's surrogate, by its weights' digest)."""
+    settings = {
+        name: weights_digest(value) if hasattr(value, "weights") else value
+        for name, value in settings.items()
+    }
     found = {
         "model": weights_digest(model),
         "examples": examples_digest(images, labels),
@@ -93,14 +99,23 @@ class EvaluationState:
         self.resumed = False
 
     @classmethod
-    def open(cls, path, fingerprint, num_jobs, num_examples, *, restart=False):
+    def open(cls, path, num_jobs, num_examples, *, restart=False, **evaluation):
         """The state at `path` if it belongs to this evaluation, a fresh one otherwise.
+
+        Args:
+            path: The state file (a `Path`), or None for a state in memory only.
+            num_jobs: Attacks (at each epsilon) of the evaluation.
+            num_examples: Its examples.
+            restart: Start afresh even if `path` holds another evaluation's state.
+            **evaluation: `fingerprint`'s arguments (only digested when `path` is given).
 
         Raises:
             StateMismatchError: `path` holds another evaluation's state (and not `restart`).
         """
-        state = cls(path, fingerprint, num_jobs, num_examples)
-        if path is None or restart or not path.exists():
+        if path is None:
+            return cls(None, {}, num_jobs, num_examples)
+        state = cls(path, fingerprint(**evaluation), num_jobs, num_examples)
+        if restart or not path.exists():
             return state
         hint = "start afresh with --restart (restart=True), or use another --output_dir"
         try:

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-import sat_tf
 from sat_tf import attacks, autoattack, evalstate, masking, passes, progress, reporting
 from sat_tf.attacks import require_logits
 from sat_tf.rows import AttackSpec, Row, parse_attack
@@ -253,21 +252,18 @@ def evaluate(
     batch_size = max(1, min(batch_size, len(labels)))
     record = evalstate.EvaluationState.open(
         Path(state) if state else None,
-        evalstate.fingerprint(
-            model=model,
-            images=images,
-            labels=labels,
-            attacks=[job.label for job in jobs],
-            seed=seed,
-            batch_size=batch_size,
-            surrogate=evalstate.weights_digest(surrogate) if surrogate is not None else None,
-            pgd_step_size=pgd_step_size,
-            jit_compile=bool(jit_compile),
-            sat_tf=sat_tf.__version__,
-        ),
         len(jobs),
         len(labels),
         restart=restart,
+        model=model,
+        images=images,
+        labels=labels,
+        attacks=[job.label for job in jobs],
+        seed=seed,
+        batch_size=batch_size,
+        surrogate=surrogate,
+        pgd_step_size=pgd_step_size,
+        jit_compile=bool(jit_compile),
     )
     progress.announce(model, jobs, record, images, labels, batch_size=batch_size, verbose=verbose)
     rows, worst = [], {}

@@ -31,7 +31,6 @@ from pathlib import Path
 import keras
 import numpy as np
 
-import sat_tf
 from sat_tf import attacks, autoattack, evalstate, passes, progress, reporting
 from sat_tf.rows import Row
 
@@ -283,19 +282,16 @@ def benchmark(
     batch_size = max(1, min(batch_size, n))
     record = evalstate.EvaluationState.open(
         Path(state) if state else None,
-        evalstate.fingerprint(
-            model=model,
-            images=x,
-            labels=y,
-            attacks=[job.label],
-            seed=seed,
-            batch_size=batch_size,
-            protocol=protocol.dataset,
-            sat_tf=sat_tf.__version__,
-        ),
         1,
         n,
         restart=restart,
+        model=model,
+        images=x,
+        labels=y,
+        attacks=[job.label],
+        seed=seed,
+        batch_size=batch_size,
+        protocol=protocol.dataset,
     )
     progress.announce(model, [job], record, x, y, batch_size=batch_size, verbose=verbose)
     if record.position[0][0] < len(job.passes):
