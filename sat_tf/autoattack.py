@@ -262,6 +262,7 @@ def auto_attack(
             fooled_by=fooled_by,
             batch_size=max(1, min(batch_size, len(y))),
             adversarial=adv,
+            pad=jit_compile,
             verbose=verbose,
         )
     accuracy = stage_accuracies(fooled_by, ["clean", *names])

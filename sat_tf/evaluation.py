@@ -279,6 +279,7 @@ def evaluate(
                 start=tuple(int(v) for v in record.position[j]),
                 clean=record.fooled_by[0] if j else None,
                 checkpoint=lambda position, seconds, j=j: record.record(j, position, seconds),
+                pad=jit_compile,
                 verbose=verbose,
             )
         robust = record.fooled_by[j] == passes.ROBUST

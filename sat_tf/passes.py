@@ -9,8 +9,10 @@ attacks the examples with `fooled_by` ROBUST or >= p, in fixed batches, so a run
 after batch b of pass p resumes at batch b + 1 with exactly the batches an uninterrupted run
 would have attacked (`run_job`'s `checkpoint` sees every finished batch).
 
-Every batch has `batch_size` entries, the last one padded by repeating its own examples: a
-compiled attack meets one batch shape, and padded entries count nowhere.
+The compiled attacks are traced for any batch size (`sat_tf.attacks.compiled`), so the last,
+smaller batch needs no new trace. Under XLA (`pad=True`, for `jit_compile`) every new shape is a
+new compilation, so there the last batch is padded to `batch_size` with repeats of its own
+examples, which count nowhere.
 """
 
 import dataclasses
@@ -70,11 +72,12 @@ def standing(fooled_by, index):
     return np.flatnonzero((fooled_by == ROBUST) | (fooled_by >= index))
 
 
-def batches(indices, batch_size):
-    """`indices` in batches of `batch_size`, the last padded with repeats: (batch, count) pairs."""
+def batches(indices, batch_size, pad=False):
+    """`indices` in batches of `batch_size`: (batch, count) pairs. With `pad`, the last batch is
+    filled up with repeats of its own examples (the first `count` entries are the real ones)."""
     for i in range(0, len(indices), batch_size):
         chunk = indices[i : i + batch_size]
-        yield np.resize(chunk, batch_size), len(chunk)
+        yield (np.resize(chunk, batch_size) if pad else chunk), len(chunk)
 
 
 def robust_after(fooled_by, index):
@@ -113,6 +116,7 @@ def run_job(
     clean=None,
     checkpoint=None,
     adversarial=None,
+    pad=False,
     verbose=0,
 ):
     """Runs `job`'s passes from `start` = (pass, batch), recording into `fooled_by` in place.
@@ -130,6 +134,7 @@ def run_job(
         checkpoint: Called as `checkpoint((pass, batches done), seconds)` after every batch and
             once with `(len(passes), 0)` at the end; `seconds` is the time since the last call.
         adversarial: Optional [N, H, W, C] array: each fooling image is written into it.
+        pad: Pad the last batch of each pass to `batch_size` (one XLA compilation per attack).
         verbose: 1 shows a progress bar (or log lines) per pass.
     """
     first, first_batch = start
@@ -155,7 +160,7 @@ def run_job(
         label = job.label if alone else f"{job.label}: {name}"
         done = min(skip * batch_size, len(todo))
         bar = progress.PassProgress(label, len(todo), done=done, verbose=verbose)
-        for number, (batch, count) in enumerate(batches(todo, batch_size)):
+        for number, (batch, count) in enumerate(batches(todo, batch_size, pad)):
             if number < skip:
                 continue
             x, y = np.asarray(images[batch], np.float32), labels[batch]

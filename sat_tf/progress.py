@@ -21,8 +21,10 @@ LOG_EVERY = 0.05  # fraction of a pass between two log lines when output is not 
 
 
 def is_terminal(stream=None):
+    """Whether `stream` redraws a line: a TTY, or a notebook's output (where Progbar works)."""
     stream = stream or sys.stdout
-    return bool(getattr(stream, "isatty", None) and stream.isatty())
+    notebook = "ipykernel" in sys.modules and stream is sys.stdout
+    return notebook or bool(getattr(stream, "isatty", None) and stream.isatty())
 
 
 def duration(seconds):

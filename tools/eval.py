@@ -32,7 +32,6 @@ The record is removed once the reports are written.
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -301,7 +300,7 @@ def _robustbench_data(config, target, protocol, num_classes):
 
 
 def _robustbench(config, target, model, command):
-    from sat_tf import card, robustbench
+    from sat_tf import atomic, card, robustbench
 
     run = target.run
     by_classes = {p.num_classes: name for name, p in robustbench.PROTOCOLS.items()}
@@ -340,7 +339,7 @@ def _robustbench(config, target, model, command):
         _fail(str(error))
     target.output.mkdir(parents=True, exist_ok=True)
     entry_path = target.output / f"robustbench_{name}_Linf.json"
-    entry_path.write_text(json.dumps(result.model_info_entry(), indent=2) + "\n")
+    atomic.write_json(entry_path, result.model_info_entry())
     result.per_example.save(target.output / f"robustbench_{name}_Linf_per_example.npz")
     try:
         card.add_evaluation(target.path.parent, result.card_entry(command), saved=entry_path)
@@ -360,7 +359,7 @@ def _robustbench(config, target, model, command):
 def _sat(config, target, model, surrogate, command):
     import tensorflow as tf
 
-    from sat_tf import card, evalstate, evaluation, preflight
+    from sat_tf import atomic, card, evalstate, evaluation, preflight
 
     epsilons = _epsilons(config, target)
     step_size = config.step_size
@@ -398,7 +397,7 @@ def _sat(config, target, model, surrogate, command):
     primary = epsilons[0]
     summary = {"clean": results.clean_accuracy, "epsilon": primary}
     summary |= {a: results.accuracy(a, primary) for a in attacks if a != "clean"}
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(output / "summary.json", summary)
     entry = card.evaluation_entry(
         results, protocol="sat", command=command, dataset=spec, step_size=step_size
     )
