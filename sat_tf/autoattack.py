@@ -238,19 +238,17 @@ def auto_attack(
     y = np.asarray(labels).astype(np.int32)
     attacks_module.require_logits(model, where="auto_attack")
     num_classes = int(model(tf.constant(x[:1]), training=False).shape[-1])
-    names = check_attacks(attacks, version, num_classes)
-    stages = stage_passes(
+    job = attack_job(
         model,
-        names,
-        num_classes=num_classes,
         epsilon=epsilon,
         version=version,
+        attacks=attacks,
+        num_classes=num_classes,
         seed=seed,
         clip_min=clip_min,
         clip_max=clip_max,
         jit_compile=jit_compile,
     )
-    job = passes.Job("autoattack", (passes.CLEAN, *stages))
     fooled_by = np.full(len(y), passes.ROBUST, np.int16)
     adv = x.copy()
     if len(y):
@@ -265,15 +263,45 @@ def auto_attack(
             pad=jit_compile,
             verbose=verbose,
         )
-    accuracy = stage_accuracies(fooled_by, ["clean", *names])
+    accuracy = stage_accuracies(fooled_by, [p.name for p in job.passes])
     return AutoAttackResult(
         clean_accuracy=accuracy["clean"],
-        robust_accuracy=accuracy[names[-1]],
+        robust_accuracy=accuracy[job.passes[-1].name],
         stages=accuracy,
         adversarial_images=adv,
         robust=fooled_by == passes.ROBUST,
         fooled_by=fooled_by,
     )
+
+
+def attack_job(
+    model,
+    *,
+    epsilon,
+    num_classes,
+    version="standard",
+    attacks=None,
+    seed=0,
+    clip_min=0.0,
+    clip_max=255.0,
+    jit_compile=False,
+):
+    """AutoAttack at one epsilon as a `sat_tf.passes.Job`: the clean pass, then the stages
+    (checked against the version and the model's `num_classes`), labelled "autoattack eps=8"."""
+    names = check_attacks(attacks, version, num_classes)
+    stages = stage_passes(
+        model,
+        names,
+        num_classes=num_classes,
+        epsilon=epsilon,
+        version=version,
+        seed=seed,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        jit_compile=jit_compile,
+    )
+    label = "autoattack" if version == "standard" else f"autoattack-{version}"
+    return passes.Job(f"{label} eps={epsilon:g}", (passes.CLEAN, *stages))
 
 
 def stage_accuracies(fooled_by, names):

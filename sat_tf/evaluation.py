@@ -60,17 +60,9 @@ def _job(model, spec, epsilon, *, seed, num_classes, source=None, jit_compile=Fa
     label = f"{spec.label} eps={epsilon:g}"
     options = dict(epsilon=epsilon, seed=seed, jit_compile=jit_compile)
     if spec.kind == "autoattack":
-        names = autoattack.check_attacks(None, spec.version, num_classes)
-        stages = autoattack.stage_passes(
-            model,
-            names,
-            num_classes=num_classes,
-            version=spec.version,
-            clip_min=0.0,
-            clip_max=255.0,
-            **options,
+        return autoattack.attack_job(
+            model, num_classes=num_classes, version=spec.version, **options
         )
-        return passes.Job(label, (passes.CLEAN, *stages))
     if spec.kind in ("fgsm", "pgd", "transfer"):
         kind = "fgsm" if spec.kind == "fgsm" else "pgd"
         restarts = spec.num_restarts if kind == "pgd" else 1

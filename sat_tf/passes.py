@@ -31,7 +31,7 @@ class Pass:
     """One pass of a job.
 
     Attributes:
-        name: e.g. "clean", "restart 2/3", "apgd-t".
+        name: e.g. "clean", "restart" (of PGD-KxR), "apgd-t".
         attack: `(images, labels) -> adversarial images` on one batch (tensors), or None for
             the clean pass (the images themselves).
         gradients: Input gradients per attacked example, worst case (every step, every target).

@@ -265,20 +265,9 @@ def benchmark(
     _check_pixels(x)
     attacks.require_logits(model, where="benchmark")
     num_classes = int(model(np.asarray(x[:1], np.float32), training=False).shape[-1])
-    names = autoattack.check_attacks(None, version, num_classes)
-    eps = protocol.epsilon_pixels
-    stages = autoattack.stage_passes(
-        model,
-        names,
-        num_classes=num_classes,
-        epsilon=eps,
-        version=version,
-        seed=seed,
-        clip_min=0.0,
-        clip_max=255.0,
+    job = autoattack.attack_job(
+        model, epsilon=protocol.epsilon_pixels, num_classes=num_classes, version=version, seed=seed
     )
-    label = "autoattack" if version == "standard" else f"autoattack-{version}"
-    job = passes.Job(f"{label} eps={eps:g}", (passes.CLEAN, *stages))
     batch_size = max(1, min(batch_size, n))
     record = evalstate.EvaluationState.open(
         Path(state) if state else None,
@@ -306,7 +295,8 @@ def benchmark(
             checkpoint=lambda position, seconds: record.record(0, position, seconds),
             verbose=verbose,
         )
-    stages = autoattack.stage_accuracies(record.fooled_by[0], ["clean", *names])
+    names = [p.name for p in job.passes]
+    stages = autoattack.stage_accuracies(record.fooled_by[0], names)
     return Result(
         protocol=protocol,
         num_examples=n,
@@ -323,7 +313,7 @@ def benchmark(
             labels=y,
             fooled_by=record.fooled_by.copy(),
             jobs=[job.label],
-            passes=[[p.name for p in job.passes]],
+            passes=[names],
         ),
     )
 
