@@ -55,15 +55,21 @@ class Job:
     label: str
     passes: tuple
 
-    def work(self, num_examples, start=(0, 0), batch_size=1):
-        """(gradients, queries) left from `start` = (pass, batch), in the worst case (every
-        example attacked in every pass it has not finished)."""
-        first, batch = start
+    def work(self, fooled_by, start=(0, 0), batch_size=1):
+        """(gradients, queries) left from `start` = (pass, batches done), in the worst case.
+
+        The pass at `start` attacks its standing examples less those done; every later pass is
+        counted as attacking every example not fooled yet (none leave, in the worst case).
+        """
+        first, done = start
         gradients = queries = 0
         for index in range(first, len(self.passes)):
-            left = num_examples - (batch * batch_size if index == first else 0)
-            gradients += max(0, left) * self.passes[index].gradients
-            queries += max(0, left) * self.passes[index].queries
+            if index == first:
+                attacked = max(0, len(standing(fooled_by, first)) - done * batch_size)
+            else:
+                attacked = int(np.sum(fooled_by == ROBUST))
+            gradients += attacked * self.passes[index].gradients
+            queries += attacked * self.passes[index].queries
         return gradients, queries
 
 

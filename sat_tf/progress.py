@@ -148,9 +148,10 @@ def announce(model, jobs, record, images, labels, *, batch_size, verbose=1):
         return
     gradients = queries = 0
     for j in left:
-        start = tuple(int(v) for v in record.position[j])
-        start = (1, 0) if j and start == (0, 0) else start  # attacks reuse the clean pass
-        more = jobs[j].work(n, start=start, batch_size=batch_size)
+        start, fooled_by = tuple(int(v) for v in record.position[j]), record.fooled_by[j]
+        if j and start == (0, 0):  # an attack not started: it reuses the clean pass
+            start, fooled_by = (1, 0), record.fooled_by[0]
+        more = jobs[j].work(fooled_by, start=start, batch_size=batch_size)
         gradients, queries = gradients + more[0], queries + more[1]
     grad_seconds, forward_seconds = time_batch(model, images, labels, batch_size=batch_size)
     seconds = (gradients * grad_seconds + queries * forward_seconds) / batch_size

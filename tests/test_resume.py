@@ -207,3 +207,15 @@ def test_sigkill_in_the_middle_of_autoattack_then_resume(model, data, uninterrup
     assert table(resumed) == table(whole)
     np.testing.assert_array_equal(resumed.per_example.fooled_by, whole.per_example.fooled_by)
     assert np.load(state)["batches"].sum() == whole_state["batches"].sum()
+
+
+def test_work_left_counts_only_unfinished_batches_and_unfooled_examples():
+    job = passes.Job(
+        "x",
+        (passes.CLEAN, passes.Pass("a", gradients=10), passes.Pass("b", gradients=5, queries=7)),
+    )
+    fooled_by = np.array([0, -1, 1, -1, -1])  # pass 1 has 4 examples; 1 fooled so far
+    # Pass 1: 4 standing - 1 batch of 2 done = 2 left x 10; pass 2: at most the 3 not fooled.
+    assert job.work(fooled_by, start=(1, 1), batch_size=2) == (2 * 10 + 3 * 5, 2 * 1 + 3 * 7)
+    fresh = np.full(5, -1)
+    assert job.work(fresh) == (5 * 10 + 5 * 5, 5 + 5 + 5 * 7)
