@@ -122,7 +122,8 @@ def stage_passes(
     steps = dict(num_steps=v["apgd_steps"], num_restarts=v["num_restarts"], seed=seed)
     steps.update(eot_iter=v["eot_iter"], jit_compile=jit_compile, **bounds)
     targets = min(v["target_classes"], num_classes - 1)  # `check_attacks` warned once.
-    apgd_gradients = v["apgd_steps"] * v["num_restarts"] * v["eot_iter"]
+    # APGD: a gradient at the start, then one per step (as fra31/auto-attack's apgd counts).
+    apgd_gradients = (v["apgd_steps"] + 1) * v["num_restarts"] * v["eot_iter"]
     build = {
         "apgd-ce": (lambda x, y: apgd(model, x, y, loss="ce", **steps), apgd_gradients, 1),
         "apgd-dlr": (lambda x, y: apgd(model, x, y, loss="dlr", **steps), apgd_gradients, 1),

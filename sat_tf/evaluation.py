@@ -111,7 +111,7 @@ def _job(model, spec, epsilon, *, seed, num_classes, source=None, jit_compile=Fa
             **options,
         )
 
-    work = spec.num_steps * spec.num_restarts * targets
+    work = (spec.num_steps + 1) * spec.num_restarts * targets  # a gradient at the start, one a step
     return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, apgd, work)))
 
 

@@ -158,12 +158,13 @@ def announce(model, jobs, record, images, labels, *, batch_size, verbose=1):
     names = ", ".join(jobs[j].label for j in left)
     attacks_left = f"{len(left)} attack{'s' * (len(left) != 1)}"
     print(
-        f"Work ahead: {n} examples, {attacks_left} ({names}); at most {gradients:,} input "
-        f"gradients and {queries:,} forward passes (every example attacked by every pass; fooled "
+        f"Work ahead: {n} examples, {attacks_left} ({names}); worst case {gradients:,} input "
+        f"gradients and {queries:,} forward passes (as if no example were ever fooled; fooled "
         "examples leave early)."
     )
     print(
         f"One batch of {batch_size} here: {grad_seconds:.3g} s per gradient, {forward_seconds:.3g} "
-        f"s per forward pass: at most {duration(seconds)} (plus compiling each attack).",
+        f"s per forward pass: the worst case takes about {duration(seconds)} at this speed, "
+        "plus compiling each attack and slower small batches.",
         flush=True,
     )

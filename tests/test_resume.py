@@ -122,9 +122,9 @@ def test_progress_lines_and_the_estimate_come_before_the_results(model, data, ca
     out = capsys.readouterr().out.splitlines()
     work = next(line for line in out if line.startswith("Work ahead"))
     # Worst case: 40 examples x 5 steps x 2 restarts (the clean pass takes no gradient).
-    assert "40 examples, 2 attacks" in work and "at most 400 input gradients" in work
+    assert "40 examples, 2 attacks" in work and "worst case 400 input gradients" in work
     assert out.index(work) < min(i for i, line in enumerate(out) if "accuracy=" in line)
-    assert any(line.startswith("One batch of 8 here:") and "at most" in line for line in out)
+    assert any(line.startswith("One batch of 8 here:") and "takes about" in line for line in out)
     progress = [line for line in out if "pgd-5x2 eps=32: restart (1/2): " in line]
     # Not a terminal: a line per ~5% (here every batch of 8), with an ETA.
     assert progress[0].endswith(f"{correct} examples")
