@@ -73,7 +73,13 @@ def test_eval_reads_the_runs_eval_files(records, tmp_path):
     )
     assert not (run / "eval" / "eval_state.npz").exists()
     assert (run / "eval" / "per_example.npz").exists()
-    quiet = evaluate(f"--model_dir={run}", "--num_steps=1", "--batch_size=5", "--noprogress")
+    (run / "eval" / "eval_state.npz").write_text("not a state")  # e.g. another program's file
+    refused = evaluate(f"--model_dir={run}", "--num_steps=1", "--batch_size=5")
+    assert refused.returncode != 0 and "is not a readable sat_tf evaluation state" in refused.stderr
+    assert "--restart" in refused.stderr
+    quiet = evaluate(
+        f"--model_dir={run}", "--num_steps=1", "--batch_size=5", "--noprogress", "--restart"
+    )
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "Work ahead" not in quiet.stdout and "10/10 examples" not in quiet.stdout
     assert "accuracy=" in quiet.stdout
