@@ -141,8 +141,10 @@ def announce(model, jobs, record, images, labels, *, batch_size, verbose=1):
         where = ""
         if left and record.batches[left[0]]:
             p, b = record.position[left[0]]
-            job = jobs[left[0]]
-            where = f"; {job.label} at {job.passes[p].name}, {b} batches done"
+            job, fooled_by = jobs[left[0]], record.fooled_by[left[0]]
+            standing = int(np.sum((fooled_by == -1) | (fooled_by >= p)))  # `passes.standing`
+            total = math.ceil(standing / batch_size)
+            where = f"; {job.label} at {job.passes[p].name}, batch {b} of {total} done"
         print(f"Resuming {record.path}: {done} of {len(jobs)} attacks done{where}.", flush=True)
     if not left or not n or verbose != 1:
         return
