@@ -79,8 +79,8 @@ def _job(model, spec, epsilon, *, seed, num_classes, source=None, jit_compile=Fa
                 **(options | {"seed": seed + r}),
             )
 
-        names = ["restart" if restarts > 1 else spec.label for r in range(restarts)]
-        runs = [passes.Pass(names[r], restart(r), gradients=steps) for r in range(restarts)]
+        name = "restart" if restarts > 1 else spec.label
+        runs = [passes.Pass(name, restart(r), gradients=steps) for r in range(restarts)]
         return passes.Job(label, (passes.CLEAN, *runs))
     if spec.kind == "square":
 
@@ -88,7 +88,7 @@ def _job(model, spec, epsilon, *, seed, num_classes, source=None, jit_compile=Fa
             return autoattack.square(model, x, y, num_queries=spec.num_steps, **options)
 
         queries = spec.num_steps + 2  # the start, every query, the final check
-        return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, square, 0, queries)))
+        return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, square, queries=queries)))
     targeted = spec.kind == "apgd-t"
     targets = min(9, num_classes - 1) if targeted else 1
     if targeted and targets < 9:
@@ -112,7 +112,7 @@ def _job(model, spec, epsilon, *, seed, num_classes, source=None, jit_compile=Fa
         )
 
     work = (spec.num_steps + 1) * spec.num_restarts * targets  # a gradient at the start, one a step
-    return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, apgd, work)))
+    return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, apgd, gradients=work)))
 
 
 def _num_classes(model, images):
