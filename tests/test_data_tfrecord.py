@@ -259,3 +259,15 @@ def test_bbox_guides_the_training_crop(tmp_path):
     means = next(iter(dataset))[0].numpy().mean(axis=(1, 2, 3))
     # Every crop covers >= 10% of a box lying in the bright half; the average crop is bright.
     assert means.min() > 0 and means.mean() > 125
+
+
+def test_a_pattern_matching_nothing_names_the_splits_beside_it(tmp_path):
+    for name in ("val-00000-of-00001", "train-00000-of-00002", ".hidden-1", "README"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        tfrecord.list_files(str(tmp_path / "validation-*"))
+    message = str(error.value)
+    assert "No TFRecord files match" in message and "validation-*" in message
+    assert "holds train-*, val-*" in message and "--eval_split=train" in message
+    with pytest.raises(FileNotFoundError, match=r"match the pattern '[^']*'\.$"):
+        tfrecord.list_files(str(tmp_path / "nowhere" / "x-*"))  # no folder: no hint

@@ -11,6 +11,8 @@ Use with `strategy.distribute_datasets_from_function`, passing its `input_contex
 `lambda ctx: build_dataset(..., input_context=ctx)`.
 """
 
+import os
+
 import tensorflow as tf
 
 from sat_tf.data import checks, pipeline
@@ -30,10 +32,34 @@ def list_files(file_pattern):
     Raises:
         FileNotFoundError: naming the pattern, when nothing matches.
     """
-    files = sorted({f for p in file_pattern.split(",") for f in tf.io.gfile.glob(p.strip())})
+    patterns = [p.strip() for p in file_pattern.split(",")]
+    files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
     if not files:
-        raise FileNotFoundError(f"No TFRecord files match the pattern {file_pattern!r}.")
+        raise FileNotFoundError(
+            f"No TFRecord files match the pattern {file_pattern!r}.{_other_splits(patterns)}"
+        )
     return files
+
+
+def _other_splits(patterns):
+    """A hint naming the `<split>-*` shards beside a pattern that matched nothing, if any."""
+    folders = {os.path.dirname(p) or "." for p in patterns}
+    found = sorted(
+        {
+            name.split("-")[0]
+            for folder in folders
+            if tf.io.gfile.isdir(folder)
+            for name in tf.io.gfile.listdir(folder)
+            if "-" in name and not name.startswith(".")
+        }
+    )
+    if not found:
+        return ""
+    shards = ", ".join(f"{split}-*" for split in found[:8])
+    return (
+        f" The folder holds {shards}: use one of those split names (e.g. --eval_split="
+        f"{found[0]}) or a pattern that matches."
+    )
 
 
 def parse_example(serialized, label_offset=1):
