@@ -124,17 +124,25 @@ def stage_passes(
     targets = min(v["target_classes"], num_classes - 1)  # `check_attacks` warned once.
     # APGD: a gradient at the start, then one per step (as fra31/auto-attack's apgd counts).
     apgd_gradients = (v["apgd_steps"] + 1) * v["num_restarts"] * v["eot_iter"]
+
+    # Pass(name, attack, gradients, queries) per stage, worst case per example. Every stage is
+    # described (nothing runs here); `names` picks those to run.
     build = {
-        "apgd-ce": (lambda x, y: apgd(model, x, y, loss="ce", **steps), apgd_gradients, 1),
-        "apgd-dlr": (lambda x, y: apgd(model, x, y, loss="dlr", **steps), apgd_gradients, 1),
-        "apgd-t": (
+        "apgd-ce": passes.Pass(
+            "apgd-ce", lambda x, y: apgd(model, x, y, loss="ce", **steps), apgd_gradients
+        ),
+        "apgd-dlr": passes.Pass(
+            "apgd-dlr", lambda x, y: apgd(model, x, y, loss="dlr", **steps), apgd_gradients
+        ),
+        "apgd-t": passes.Pass(
+            "apgd-t",
             lambda x, y: apgd(
                 model, x, y, loss="dlr", targeted=True, target_classes=targets, **steps
             ),
             apgd_gradients * targets,
-            1,
         ),
-        "fab-t": (  # per step: one gradient and two forward passes
+        "fab-t": passes.Pass(  # per step: one gradient and two forward passes
+            "fab-t",
             lambda x, y: fab_targeted(
                 model,
                 x,
@@ -147,7 +155,8 @@ def stage_passes(
             v["fab_steps"] * targets,
             2 * v["fab_steps"] * targets + 1,
         ),
-        "square": (
+        "square": passes.Pass(
+            "square",
             lambda x, y: square(
                 model,
                 x,
@@ -161,10 +170,7 @@ def stage_passes(
             v["square_queries"] + 2,
         ),
     }
-    return [
-        passes.Pass(name, build[name][0], gradients=build[name][1], queries=build[name][2])
-        for name in names
-    ]
+    return [build[name] for name in names]
 
 
 def check_attacks(attacks, version, num_classes):

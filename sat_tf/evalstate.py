@@ -96,7 +96,6 @@ class EvaluationState:
         self.position = np.zeros([num_jobs, 2], np.int64)
         self.seconds = np.zeros([num_jobs], np.float64)
         self.batches = np.zeros([num_jobs], np.int64)
-        self.resumed = False
 
     @classmethod
     def open(cls, path, num_jobs, num_examples, *, restart=False, **evaluation):
@@ -138,7 +137,6 @@ class EvaluationState:
         state.position[:] = arrays["position"]
         state.seconds[:] = arrays["seconds"]
         state.batches[:] = arrays["batches"]
-        state.resumed = bool(state.batches.sum())
         return state
 
     def record(self, job, position, seconds):

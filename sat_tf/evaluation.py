@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from sat_tf import attacks, autoattack, evalstate, masking, passes, progress, reporting
+from sat_tf import attacks, autoattack, evalstate, masking, passes, reporting
 from sat_tf.attacks import require_logits
 from sat_tf.rows import AttackSpec, Row, parse_attack
 
@@ -257,23 +257,11 @@ def evaluate(
         pgd_step_size=pgd_step_size,
         jit_compile=bool(jit_compile),
     )
-    progress.announce(model, jobs, record, images, labels, batch_size=batch_size, verbose=verbose)
+    passes.run_jobs(
+        model, jobs, images, labels, record, batch_size=batch_size, pad=jit_compile, verbose=verbose
+    )
     rows, worst = [], {}
-    for j, (job, (spec, eps, _)) in enumerate(zip(jobs, entries, strict=True)):
-        if record.position[j][0] < len(job.passes):
-            passes.run_job(
-                model,
-                job,
-                images,
-                labels,
-                fooled_by=record.fooled_by[j],
-                batch_size=batch_size,
-                start=tuple(int(v) for v in record.position[j]),
-                clean=record.fooled_by[0] if j else None,
-                checkpoint=lambda position, seconds, j=j: record.record(j, position, seconds),
-                pad=jit_compile,
-                verbose=verbose,
-            )
+    for j, (spec, eps, _) in enumerate(entries):
         robust = record.fooled_by[j] == passes.ROBUST
         row = Row(
             attack=spec.label,

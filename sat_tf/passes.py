@@ -181,3 +181,81 @@ def run_job(
             done = min((number + 1) * batch_size, len(todo))
             bar.update(done, accuracy_so_far(fooled_by, todo[:done], len(todo)))
     mark((len(job.passes), 0))
+
+
+def run_jobs(model, jobs, images, labels, record, *, batch_size, pad=False, verbose=0):
+    """Runs every unfinished job of `record` in order, each from where it stopped.
+
+    When the first job is the clean pass alone (`evaluate`'s layout), the other jobs reuse its
+    record instead of running their own clean pass. Each finished batch goes to
+    `record.record` (which writes the state file, if any).
+
+    Args:
+        model: The model evaluated.
+        jobs: `Job`s, in the order of `record`'s rows.
+        images: [N, H, W, C] pixels.
+        labels: [N] int32 classes.
+        record: A `sat_tf.evalstate.EvaluationState` for these jobs.
+        batch_size: Examples per attack call.
+        pad: See `run_job`.
+        verbose: Keras-style: 1 the work ahead and progress, 2 the resume line only, 0 nothing.
+    """
+    shared = jobs[0].passes == (CLEAN,)
+    starts = []
+    for j in range(len(jobs)):
+        start, fooled_by = tuple(int(v) for v in record.position[j]), record.fooled_by[j]
+        if shared and j and start == (0, 0):  # not started: it will reuse the clean pass
+            start, fooled_by = (1, 0), record.fooled_by[0]
+        starts.append((start, fooled_by))
+    left = [j for j, job in enumerate(jobs) if record.position[j][0] < len(job.passes)]
+    if verbose:
+        _announce(model, jobs, record, images, labels, left, starts, batch_size, verbose)
+    for j in left:
+        run_job(
+            model,
+            jobs[j],
+            images,
+            labels,
+            fooled_by=record.fooled_by[j],
+            batch_size=batch_size,
+            start=tuple(int(v) for v in record.position[j]),
+            clean=record.fooled_by[0] if shared and j else None,
+            checkpoint=lambda position, seconds, j=j: record.record(j, position, seconds),
+            pad=pad,
+            verbose=verbose,
+        )
+
+
+def _announce(model, jobs, record, images, labels, left, starts, batch_size, verbose):
+    """Prints where a resumed run stands and, with verbose 1, the work left in the worst case
+    (`Job.work`) and its time at the speed of one timed batch (`progress.time_batch`)."""
+    if record.batches.sum():  # a resumed run
+        where = ""
+        if left and record.batches[left[0]]:
+            (p, b), fooled_by = starts[left[0]]
+            total = -(-len(standing(fooled_by, p)) // batch_size)
+            where = f"; {jobs[left[0]].label} at {jobs[left[0]].passes[p].name}, batch {b} of "
+            where += f"{total} done"
+        done = len(jobs) - len(left)
+        print(f"Resuming {record.path}: {done} of {len(jobs)} attacks done{where}.", flush=True)
+    if not left or not len(labels) or verbose != 1:
+        return
+    work = [jobs[j].work(starts[j][1], start=starts[j][0], batch_size=batch_size) for j in left]
+    gradients, queries = (sum(column) for column in zip(*work, strict=True))
+    grad_seconds, forward_seconds = progress.time_batch(
+        model, images, labels, batch_size=batch_size
+    )
+    seconds = (gradients * grad_seconds + queries * forward_seconds) / batch_size
+    names = ", ".join(jobs[j].label for j in left)
+    attacks_left = f"{len(left)} attack{'s' * (len(left) != 1)}"
+    print(
+        f"Work ahead: {len(labels)} examples, {attacks_left} ({names}); worst case "
+        f"{gradients:,} input gradients and {queries:,} forward passes (as if no example were "
+        "ever fooled; fooled examples leave early)."
+    )
+    print(
+        f"One batch of {batch_size} here: {grad_seconds:.3g} s per gradient, {forward_seconds:.3g} "
+        f"s per forward pass: the worst case takes about {progress.duration(seconds)} at this "
+        "speed, plus compiling each attack and slower small batches.",
+        flush=True,
+    )

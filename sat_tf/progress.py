@@ -1,4 +1,5 @@
-"""Signs of life for long evaluations: a progress bar, log lines, and an estimate of the work ahead.
+"""Signs of life for long evaluations: a progress bar or log lines, and the timing behind the
+up-front estimate (`time_batch`; `sat_tf.passes.run_jobs` prints the estimate).
 
 On a terminal each attack pass gets a Keras `Progbar` (examples done / to do, the accuracy so far:
 clean in the clean pass, robust after it; an ETA); when output is not a terminal (CI, `nohup`, a
@@ -117,56 +118,3 @@ def time_batch(model, images, labels, *, batch_size, repeats=1):
             np.asarray(fn(*args))
         seconds.append((time.perf_counter() - start) / repeats)
     return tuple(seconds)
-
-
-def announce(model, jobs, record, images, labels, *, batch_size, verbose=1):
-    """Prints where a resumed run stands (verbose >= 1), and with verbose 1 the work ahead in the
-    worst case and its time.
-
-    Args:
-        model: The model evaluated (timed on one batch).
-        jobs: The evaluation's `sat_tf.passes.Job`s.
-        record: Its `sat_tf.evalstate.EvaluationState`.
-        images: [N, H, W, C] pixels.
-        labels: [N] int classes.
-        batch_size: Examples per attack call.
-        verbose: Keras-style verbosity (0 prints nothing).
-    """
-    if not verbose:
-        return
-    n = len(labels)
-    left = [j for j, job in enumerate(jobs) if record.position[j][0] < len(job.passes)]
-    if record.resumed:
-        done = len(jobs) - len(left)
-        where = ""
-        if left and record.batches[left[0]]:
-            p, b = record.position[left[0]]
-            job, fooled_by = jobs[left[0]], record.fooled_by[left[0]]
-            standing = int(np.sum((fooled_by == -1) | (fooled_by >= p)))  # `passes.standing`
-            total = math.ceil(standing / batch_size)
-            where = f"; {job.label} at {job.passes[p].name}, batch {b} of {total} done"
-        print(f"Resuming {record.path}: {done} of {len(jobs)} attacks done{where}.", flush=True)
-    if not left or not n or verbose != 1:
-        return
-    gradients = queries = 0
-    for j in left:
-        start, fooled_by = tuple(int(v) for v in record.position[j]), record.fooled_by[j]
-        if j and start == (0, 0):  # an attack not started: it reuses the clean pass
-            start, fooled_by = (1, 0), record.fooled_by[0]
-        more = jobs[j].work(fooled_by, start=start, batch_size=batch_size)
-        gradients, queries = gradients + more[0], queries + more[1]
-    grad_seconds, forward_seconds = time_batch(model, images, labels, batch_size=batch_size)
-    seconds = (gradients * grad_seconds + queries * forward_seconds) / batch_size
-    names = ", ".join(jobs[j].label for j in left)
-    attacks_left = f"{len(left)} attack{'s' * (len(left) != 1)}"
-    print(
-        f"Work ahead: {n} examples, {attacks_left} ({names}); worst case {gradients:,} input "
-        f"gradients and {queries:,} forward passes (as if no example were ever fooled; fooled "
-        "examples leave early)."
-    )
-    print(
-        f"One batch of {batch_size} here: {grad_seconds:.3g} s per gradient, {forward_seconds:.3g} "
-        f"s per forward pass: the worst case takes about {duration(seconds)} at this speed, "
-        "plus compiling each attack and slower small batches.",
-        flush=True,
-    )

@@ -31,7 +31,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from sat_tf import attacks, autoattack, evalstate, passes, progress, reporting
+from sat_tf import attacks, autoattack, evalstate, passes, reporting
 from sat_tf.rows import Row
 
 
@@ -282,19 +282,7 @@ def benchmark(
         batch_size=batch_size,
         protocol=protocol.dataset,
     )
-    progress.announce(model, [job], record, x, y, batch_size=batch_size, verbose=verbose)
-    if record.position[0][0] < len(job.passes):
-        passes.run_job(
-            model,
-            job,
-            x,
-            y,
-            fooled_by=record.fooled_by[0],
-            batch_size=batch_size,
-            start=tuple(int(v) for v in record.position[0]),
-            checkpoint=lambda position, seconds: record.record(0, position, seconds),
-            verbose=verbose,
-        )
+    passes.run_jobs(model, [job], x, y, record, batch_size=batch_size, verbose=verbose)
     names = [p.name for p in job.passes]
     stages = autoattack.stage_accuracies(record.fooled_by[0], names)
     return Result(
