@@ -22,7 +22,7 @@ class PerExample:
         fooled_by: [jobs, N] int: per attack (a row of the table, same order), the index in
             `passes` of the pass that fooled the example (0: misclassified clean), -1 where none.
         jobs: The attacks' labels, e.g. "pgd-20 eps=4".
-        passes: Per attack, its passes' names ("clean", "restart 1/2", "apgd-t", ...).
+        passes: Per attack, its passes' names ("clean", "restart", "apgd-t", ...).
     """
 
     labels: np.ndarray

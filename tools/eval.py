@@ -22,7 +22,7 @@ the first N. Writes robustbench_<dataset>_Linf.json (a RobustBench model_info en
 
 Long runs: a first line gives the work ahead (examples, attacks, worst-case gradients and forward
 passes) and a time estimate from one timed batch; then each attack pass shows the examples done,
-the robust accuracy so far and an ETA (a Keras progress bar on a terminal, a line every ~5%
+the accuracy so far and an ETA (a Keras progress bar on a terminal, a line every ~5%
 otherwise; --noprogress prints the results only). Every finished batch is recorded in --output_dir
 (eval_state.npz; robustbench_<dataset>_Linf_state.npz): after a kill, the same command continues
 from the first unfinished batch and ends with the numbers of an uninterrupted run. A changed
