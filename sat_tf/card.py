@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from sat_tf.atomic import write_json
+from sat_tf.rundir import CARD
 
-CARD_NAME = "robustness_card.json"
 INPUT_CONVENTION = (
     "float32 RGB pixels in [0, 255], NHWC; normalisation is the model's first layer, so epsilons "
     "are in pixel units (epsilon 4 = 4/255 of the [0, 1] range)"
@@ -89,13 +89,13 @@ def evaluation_entry(results, *, protocol, command, dataset, step_size=None):
 
 def read(directory):
     """The card in `directory`, or None."""
-    path = Path(directory) / CARD_NAME
+    path = Path(directory) / CARD
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def write(directory, card):
     """Writes the card atomically (temporary name, then rename)."""
-    return write_json(Path(directory) / CARD_NAME, card)
+    return write_json(Path(directory) / CARD, card)
 
 
 class CardWriteError(Exception):
@@ -121,7 +121,7 @@ def add_evaluation(directory, entry, *, saved=None):
     except OSError as error:
         kept = f"its reports are saved in {saved}" if saved else "nothing else was written"
         raise CardWriteError(
-            f"The evaluation finished and {kept}, but the card {Path(directory) / CARD_NAME} "
+            f"The evaluation finished and {kept}, but the card {Path(directory) / CARD} "
             f"could not be updated ({error.strerror or error}). Make {directory} writable and "
             "re-run the evaluation to record it there."
         ) from None

@@ -15,10 +15,9 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from sat_tf import activations, card, models, rundir, saving
+from sat_tf import activations, models, rundir, saving
 from sat_tf.models import cifar, efficientnet, resnet
 
-FINAL_MODEL = "model.keras"
 MIN_FREE_BYTES = 200 * 2**20
 
 
@@ -50,14 +49,14 @@ def check_model_dir(config):
             f"--model_dir={model_dir} has only {free // 2**20} MiB free; checkpoints need at "
             f"least {MIN_FREE_BYTES // 2**20} MiB. Free some space or choose another --model_dir."
         )
-    finished = (model_dir / FINAL_MODEL).exists()
+    finished = (model_dir / rundir.FINAL_MODEL).exists()
     if finished and not config.overwrite:
         raise RunError(
-            f"--model_dir={model_dir} holds a finished run ({FINAL_MODEL}). Use a new "
+            f"--model_dir={model_dir} holds a finished run ({rundir.FINAL_MODEL}). Use a new "
             "--model_dir, or pass --overwrite to train again from scratch."
         )
     if not finished:
-        _check_same_config(model_dir / "config.json", config)
+        _check_same_config(model_dir / rundir.CONFIG, config)
     return model_dir
 
 
@@ -66,18 +65,9 @@ def clear_finished_run(model_dir):
 
     Only what the run's manifest lists is removed (inside `checkpoints/`, only checkpoint files).
     """
-    if not (model_dir / FINAL_MODEL).exists():
+    if not (model_dir / rundir.FINAL_MODEL).exists():
         return
-    stale = ("checkpoints", FINAL_MODEL, "results.json", "config.json", card.CARD_NAME)
-    rundir.remove_listed(model_dir, stale)
-
-
-def prepare_model_dir(config):
-    """`check_model_dir`, then clears a finished run if `overwrite`; returns the directory."""
-    model_dir = check_model_dir(config)
-    if config.overwrite:
-        clear_finished_run(model_dir)
-    return model_dir
+    rundir.remove_listed(model_dir, rundir.REPLACED_FILES)
 
 
 def _check_same_config(path, config):

@@ -26,6 +26,20 @@ from sat_tf.atomic import write_json
 MANIFEST = ".sat_tf_run.json"
 LOCK = ".sat_tf_run.lock"
 FORMAT = "sat_tf.run/1"
+
+# The layout of a run folder: every name a tool writes into `model_dir`, in one place.
+CONFIG = "config.json"  # the run's flags (`sat_tf.config.TrainConfig`)
+FINAL_MODEL = "model.keras"  # the classifier; written last, so its presence means finished
+RESULTS = "results.json"  # the final training results
+CARD = "robustness_card.json"  # threat model, recipe, evaluations (`sat_tf.card`)
+CHECKPOINTS = "checkpoints"  # model + optimizer state, to resume training
+LOGS = "logs"  # TensorBoard
+EVAL = "eval"  # tools/eval.py's reports (default --output_dir)
+EXPORT = "export"  # tools/export.py's SavedModels (default --export_dir)
+TRAINING_FILES = (CONFIG, CHECKPOINTS, LOGS, CARD, FINAL_MODEL, RESULTS)  # tools/train.py
+IMPORTED_FILES = (CONFIG, CARD, FINAL_MODEL)  # tools/import_official.py
+# What `--overwrite` removes of a finished run before training it again.
+REPLACED_FILES = (CHECKPOINTS, FINAL_MODEL, RESULTS, CONFIG, CARD)
 # What `--overwrite` may remove inside a listed `checkpoints/` (TensorFlow's CheckpointManager
 # files and our signature); anything else a user put there stays.
 CHECKPOINT_FILES = ("checkpoint", "ckpt-*", "model_signature.json*", ".partial-*")
@@ -57,14 +71,14 @@ def check_ours(model_dir, flag="--model_dir"):
         )
 
 
-# Keys every sat_tf config.json has had: a folder with such a config is a run written before the
-# manifest existed (it gets one when it is next trained), not a user's folder.
+# Keys every sat_tf config.json has: a folder whose config has them is a run without a manifest
+# (it gets one when it is next trained), not a user's folder.
 OLDER_RUN_KEYS = {"model_dir", "model", "activation", "epsilon", "step_size", "num_steps"}
 
 
 def _older_run(model_dir):
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config = json.loads((Path(model_dir) / CONFIG).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and set(config) >= OLDER_RUN_KEYS
@@ -106,7 +120,7 @@ def remove_listed(model_dir, names):
         path = model_dir / name
         if name not in ours or not (path.exists() or path.is_symlink()):
             continue
-        if path.is_dir() and name == "checkpoints":
+        if path.is_dir() and name == CHECKPOINTS:
             for pattern in CHECKPOINT_FILES:
                 for item in path.glob(pattern):
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
@@ -122,7 +136,7 @@ def remove_listed(model_dir, names):
 
 def read_config(model_dir):
     """The run's `config.json` as a dict, {} when absent; `RunDirError` when unreadable."""
-    path = Path(model_dir) / "config.json"
+    path = Path(model_dir) / CONFIG
     return read_json_object(path) if path.exists() else {}
 
 

@@ -30,8 +30,7 @@ from sat_tf import callbacks as callbacks_lib
 from sat_tf.adversarial import AdversarialModel
 from sat_tf.atomic import atomic_path, write_json
 from sat_tf.config import TrainConfig
-from sat_tf.preflight import (  # noqa: F401  (RunError, FINAL_MODEL, min_image_size: public here too)
-    FINAL_MODEL,
+from sat_tf.preflight import (  # noqa: F401  (RunError, min_image_size: public here too)
     RunError,
     check_first_batches,
     check_model_dir,
@@ -40,8 +39,6 @@ from sat_tf.preflight import (  # noqa: F401  (RunError, FINAL_MODEL, min_image_
     data_error,
     min_image_size,
 )
-
-RUN_FILES = ("config.json", "checkpoints", "logs", card.CARD_NAME, FINAL_MODEL, "results.json")
 
 
 def run(config: TrainConfig, *, command=""):
@@ -65,7 +62,7 @@ def run(config: TrainConfig, *, command=""):
     try:
         with rundir.locked(model_dir, "training"):
             check_model_dir(config)  # again under the lock: another run may have finished
-            rundir.record(model_dir, *RUN_FILES)
+            rundir.record(model_dir, *rundir.TRAINING_FILES)
             return _run_locked(
                 config, command, started, strategy, model_dir, train, evaluation, steps_per_epoch
             )
@@ -81,7 +78,7 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
     with strategy.scope():
         model = build_model(config, steps_per_epoch)
     checkpointer = callbacks_lib.Checkpointer(
-        model_dir / "checkpoints", every_steps=config.checkpoint_every_steps
+        model_dir / rundir.CHECKPOINTS, every_steps=config.checkpoint_every_steps
     )
     try:
         with strategy.scope():  # restoring builds optimizer slots: they belong to the strategy
@@ -90,10 +87,10 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
         raise RunError(f"--model_dir={model_dir}: {error}") from None
     resume = f"re-run the same command to resume ({command})" if command else "re-run to resume"
     try:
-        write_json(model_dir / "config.json", dataclasses.asdict(config))  # inputs are good
+        write_json(model_dir / rundir.CONFIG, dataclasses.asdict(config))  # inputs are good
     except OSError as error:
         raise rundir.write_failure(
-            "config.json", model_dir, "nothing changed in the run", resume, error
+            rundir.CONFIG, model_dir, "nothing changed in the run", resume, error
         ) from None
     if start_step:
         print(f"Resuming {model_dir} from step {start_step}.", flush=True)
@@ -130,14 +127,14 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
     }
     try:
         card.write(model_dir, card.training_card(config_dict, results=results, command=command))
-        write_json(model_dir / "results.json", summary)
-        save_model_atomically(model.classifier, model_dir / FINAL_MODEL)  # last: "finished"
+        write_json(model_dir / rundir.RESULTS, summary)
+        save_model_atomically(model.classifier, model_dir / rundir.FINAL_MODEL)  # last: "finished"
     except OSError as error:
         kept = f"the checkpoints in {checkpointer.directory} (step {summary['steps']})"
         raise rundir.write_failure(
-            f"the final {FINAL_MODEL}/results", model_dir, kept, resume, error
+            f"the final {rundir.FINAL_MODEL}/results", model_dir, kept, resume, error
         ) from None
-    print(f"Finished: {json.dumps(results)}\nModel: {model_dir / FINAL_MODEL}", flush=True)
+    print(f"Finished: {json.dumps(results)}\nModel: {model_dir / rundir.FINAL_MODEL}", flush=True)
     return summary
 
 
@@ -313,9 +310,9 @@ def _callbacks(config, model_dir, checkpointer, evaluation, command):
         callbacks_lib.StopOnNonFinite(),  # before the checkpointer: never save a NaN state
         checkpointer,
         callbacks_lib.GracefulStop(checkpointer, resume_hint=hint),
-        keras.callbacks.TensorBoard(model_dir / "logs", update_freq="epoch"),
+        keras.callbacks.TensorBoard(model_dir / rundir.LOGS, update_freq="epoch"),
         callbacks_lib.AdversarialImages(
-            model_dir / "logs" / "images", images[:4], labels[:4], attack
+            model_dir / rundir.LOGS / "images", images[:4], labels[:4], attack
         ),
     ]
 

@@ -165,7 +165,7 @@ def test_disk_full_is_refused_at_start(finished, monkeypatch):
 
 def test_config_change_in_an_unfinished_run_is_refused(tmp_path):
     model_dir = tmp_path / "run"
-    rundir.record(model_dir, *training.RUN_FILES)  # an unfinished run of ours
+    rundir.record(model_dir, *rundir.TRAINING_FILES)  # an unfinished run of ours
     (model_dir / "config.json").write_text(json.dumps(dataclasses.asdict(smoke(model_dir))))
     before = snapshot(model_dir)
     with pytest.raises(training.RunError, match=r"other settings \(--epsilon\)"):

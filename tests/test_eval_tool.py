@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import example, jpeg, write_records
 
-from sat_tf import card, models, rundir, training
+from sat_tf import card, models, rundir
 from sat_tf.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_eval_reads_the_runs_eval_files(records, tmp_path):
         augmentation="none",
         image_size=16,
     )
-    rundir.record(run, *training.RUN_FILES)
+    rundir.record(run, *rundir.TRAINING_FILES)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     classifier(run / "model.keras", 10)
     result = evaluate(f"--model_dir={run}", "--num_steps=1", "--batch_size=5")
@@ -128,7 +128,7 @@ def test_failed_card_write_names_the_saved_reports(tmp_path, monkeypatch):
     message = str(info.value)
     assert len(message.splitlines()) == 1
     assert f"its reports are saved in {tmp_path / 'eval'}" in message
-    assert f"the card {tmp_path / card.CARD_NAME} could not be updated (Read-only" in message
+    assert f"the card {tmp_path / rundir.CARD} could not be updated (Read-only" in message
 
 
 def test_check_writable_refuses_a_read_only_folder(tmp_path, monkeypatch):

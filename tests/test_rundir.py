@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from test_bad_inputs import smoke, snapshot
 
-from sat_tf import callbacks, card, preflight, rundir, training
+from sat_tf import callbacks, preflight, rundir, training
 
 RUNDIR_SOURCE = os.path.join(os.path.dirname(rundir.__file__), "rundir.py")
 
@@ -38,7 +38,7 @@ def one_line(info):
 
 
 def test_a_finished_run_lists_what_it_wrote(finished):
-    assert set(rundir.listed(finished)) == set(training.RUN_FILES)
+    assert set(rundir.listed(finished)) == set(rundir.TRAINING_FILES)
     assert not (finished / rundir.LOCK).exists()  # released and removed at the end
 
 
@@ -49,7 +49,7 @@ def test_a_foreign_folder_is_never_written_into(tmp_path, overwrite):
     folder = tmp_path / "mine"
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "checkpoints" / "notes.txt").write_text("mine")
-    for name in ("results.json", card.CARD_NAME, "config.json", "model.keras"):
+    for name in ("results.json", rundir.CARD, "config.json", "model.keras"):
         (folder / name).write_text("{}")
     before = snapshot(folder)
     with pytest.raises(training.RunError) as info:
@@ -181,7 +181,7 @@ def test_incompatible_init_from_is_refused_before_anything_is_written(
 )
 def test_config_json_that_is_not_a_json_object(tmp_path, payload, match):
     run = tmp_path / "run"
-    rundir.record(run, *training.RUN_FILES)  # an unfinished run of ours
+    rundir.record(run, *rundir.TRAINING_FILES)  # an unfinished run of ours
     (run / "config.json").write_text(payload)
     before = snapshot(run)
     with pytest.raises(training.RunError) as info:

@@ -16,6 +16,8 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from sat_tf import rundir  # noqa: E402
+
 flags.DEFINE_string("model_dir", None, "A finished training run (holds model.keras, config.json).")
 flags.DEFINE_string("model_path", None, "Or: a .keras classifier file (needs --image_size).")
 flags.DEFINE_integer("image_size", 0, "Serving resolution; default: the run's --image_size.")
@@ -34,12 +36,10 @@ def main(argv):
     if bool(FLAGS.model_dir) == bool(FLAGS.model_path):
         sys.exit("error: give exactly one of --model_dir or --model_path.")
     model_dir = Path(FLAGS.model_dir) if FLAGS.model_dir else None
-    model_path = model_dir / "model.keras" if model_dir else Path(FLAGS.model_path)
+    model_path = model_dir / rundir.FINAL_MODEL if model_dir else Path(FLAGS.model_path)
     if not model_path.is_file():
         sys.exit(f"error: {model_path} not found; train first (tools/train.py) or fix the path.")
     image_size, central_crop = FLAGS.image_size, FLAGS.central_crop
-    from sat_tf import rundir
-
     try:
         run = rundir.read_config(model_dir) if model_dir else {}
     except rundir.RunDirError as error:
@@ -54,8 +54,8 @@ def main(argv):
         sys.exit("error: --image_size is needed with --model_path.")
     if central_crop is None:
         central_crop = image_size > 64
-    export_dir = Path(FLAGS.export_dir) if FLAGS.export_dir else model_path.parent / "export"
-    card_path = model_path.parent / "robustness_card.json"
+    export_dir = Path(FLAGS.export_dir) if FLAGS.export_dir else model_path.parent / rundir.EXPORT
+    card_path = model_path.parent / rundir.CARD
     card = json.loads(card_path.read_text()) if card_path.exists() else None
 
     from sat_tf import export, saving

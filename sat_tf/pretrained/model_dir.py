@@ -121,10 +121,6 @@ def official_card(imported, *, command=""):
     }
 
 
-# What an import writes into its model_dir, all listed in the run's manifest (`sat_tf.rundir`).
-FILES = ("config.json", card.CARD_NAME, preflight.FINAL_MODEL)
-
-
 def write(imported, model_dir, *, command="", overwrite=False):
     """Writes config.json, the card and model.keras (last) into `model_dir`, each atomically.
 
@@ -142,20 +138,20 @@ def write(imported, model_dir, *, command="", overwrite=False):
     rundir.check_ours(model_dir)  # before the lock: nothing is created in a foreign folder
     with rundir.locked(model_dir, "import"):
         rundir.check_ours(model_dir)  # again under the lock: another process may have written
-        target = model_dir / preflight.FINAL_MODEL
+        target = model_dir / rundir.FINAL_MODEL
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-        if not target.exists() and (model_dir / "checkpoints").is_dir():
+        if not target.exists() and (model_dir / rundir.CHECKPOINTS).is_dir():
             raise rundir.RunDirError(
                 f"--model_dir={model_dir} holds an unfinished training run (checkpoints/); "
                 "importing would mix the two. Use a new or empty --model_dir."
             )
         if overwrite:
             preflight.clear_finished_run(model_dir)  # only what the manifest lists
-        rundir.record(model_dir, *FILES)
+        rundir.record(model_dir, *rundir.IMPORTED_FILES)
         try:
             payload = official_config(imported, model_dir)
-            atomic.write_json(model_dir / "config.json", payload)
+            atomic.write_json(model_dir / rundir.CONFIG, payload)
             card.write(model_dir, official_card(imported, command=command))
             training.save_model_atomically(imported.model, target)
         except OSError as error:

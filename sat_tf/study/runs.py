@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from sat_tf import rundir
 from sat_tf.atomic import atomic_write
 from sat_tf.study import arrays, paths, protocol
 from sat_tf.study.jobs import result_path
@@ -76,7 +77,7 @@ def run_one(row, seed, results=None, arm=CIFAR10):
     config = load_config(row, seed, arm=arm)
     arrays.ensure_data(config)
     started = time.time()
-    final = Path(config.model_dir) / training.FINAL_MODEL
+    final = Path(config.model_dir) / rundir.FINAL_MODEL
     if not final.exists():
         command = f"python tools/study.py --run --arm={arm.name}  # {row} seed {seed}"
         summary = training.run(config, command=command)
@@ -116,10 +117,10 @@ def run_standard_autoattack(row, seed, results=None, arm=CIFAR10):
     """
     import keras
 
-    from sat_tf import activations, autoattack, training
+    from sat_tf import activations, autoattack
 
     config = load_config(row, seed, arm=arm)
-    final = Path(config.model_dir) / training.FINAL_MODEL
+    final = Path(config.model_dir) / rundir.FINAL_MODEL
     if not final.exists():
         sys.exit(
             f"error: {row} seed {seed}: no saved model at {final} (the cache was cleared?). "
