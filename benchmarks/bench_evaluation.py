@@ -9,12 +9,14 @@ command with that checkout first on the path:
         --images=/tmp/sat_tf_cache/cifar10-jpeg/test
     PYTHONPATH=/path/to/old/checkout python benchmarks/bench_evaluation.py ...  # same flags
 
-Prints one JSON line: the sat_tf file used, seconds per call and the accuracy of each row.
+Prints one JSON line: the sat_tf file used, seconds per call, the machine, its load average at
+the end, and the accuracy of each row.
 """
 
 import argparse
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -59,6 +61,11 @@ def main():
         seconds.append(round(time.perf_counter() - start, 1))
         rows = {row.attack: row.accuracy for row in results.rows}
     report = {"sat_tf": sat_tf.__file__, "examples": len(labels), "seconds": seconds}
+    report |= {
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+        "load_average": [round(v, 1) for v in os.getloadavg()],
+        "versions": f"Python {platform.python_version()}, Keras {keras.__version__}",
+    }
     print(json.dumps(report | {"accuracy": rows}))
 
 

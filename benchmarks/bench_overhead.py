@@ -61,7 +61,7 @@ def overhead(args, cache, extra=None):
                 f"**{wall:.2f}**",
                 common.spread(samples["pgd1"], samples["clean"]),
                 f"{cpu:.2f}",
-                f"<= 1.7: {common.verdict(wall, cpu, 1.7)}",
+                common.goal_cell(common.GOAL_PGD1_OVER_CLEAN, (wall, cpu)),
             )
         )
     text = common.table(
@@ -195,12 +195,14 @@ def fit_and_loop_text(args, times):
     lines.append("\n| ratio | " + " | ".join(estimators) + " | goal |")
     lines.append("|---|" + "---|" * (len(estimators) + 1))
     for label, top, bottom, goal in (
-        ("PGD-1 adversarial / clean", "pgd1", "clean", 1.7),
-        ("SiLU / ReLU (PGD-1)", "pgd1_silu", "pgd1", 1.10),
-        ("custom loop / fit (PGD-1)", "pgd1_loop", "pgd1", 1.05),
+        ("PGD-1 adversarial / clean", "pgd1", "clean", common.GOAL_PGD1_OVER_CLEAN),
+        ("SiLU / ReLU (PGD-1)", "pgd1_silu", "pgd1", common.GOAL_SMOOTH_OVER_RELU),
+        ("custom loop / fit (PGD-1)", "pgd1_loop", "pgd1", common.GOAL_LOOP_OVER_FIT),
     ):
-        cells = " | ".join(f"{f(times[top]) / f(times[bottom]):.3f}" for f in estimators.values())
-        lines.append(f"| {label} | {cells} | <= {goal} |")
+        values = [f(times[top]) / f(times[bottom]) for f in estimators.values()]
+        cells = " | ".join(f"{v:.3f}" for v in values)
+        judged = common.goal_cell(goal, values, digits=3, names=tuple(estimators))
+        lines.append(f"| {label} | {cells} | {judged} |")
     return "\n".join(lines)
 
 

@@ -71,7 +71,9 @@ def pipeline_text(args, samples, pulls):
         f"{consumed:.2f}",
         f"**{wall:.0f}x**",
         f"{cpu:.0f}x",
-        f">= 2x: {common.verdict(wall, cpu, 2, at_most=False)}",
+        common.goal_cell(
+            common.GOAL_PIPELINE_OVER_STEP, (wall, cpu), at_most=False, digits=0, unit="x"
+        ),
     )
     header = (
         "pipeline images/s (224 px, batch 64)",
@@ -185,7 +187,7 @@ def gpu_rows(args):
         f"{rate['pgd1']:.0f}",
         f"**{wall:.2f}**",
         f"{cpu:.2f}",
-        f"<= 1.7: {common.verdict(wall, cpu, 1.7)}",
+        common.goal_cell(common.GOAL_PGD1_OVER_CLEAN, (wall, cpu)),
     )
     header = (
         "GPU",

@@ -28,6 +28,25 @@ from sat_tf.adversarial import AdversarialModel
 NUM_CLASSES = 10
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
+# The goals, one per ratio; every table's "goal" column and verdict reads them from here.
+# Adversarial (PGD-1) train step / clean train step, same model and batch: at most. Sections 1
+# and 2, the GPU rows of section 5, `bench_overhead.py --fit`.
+GOAL_PGD1_OVER_CLEAN = 1.6
+# PGD-1 train step with a smooth activation / the same step with ReLU: at most. Section 2, and
+# SiLU in `bench_overhead.py --fit`.
+GOAL_SMOOTH_OVER_RELU = 1.05
+# One activation layer alone, forward + backward, / ReLU's: at most. Section 2's layer profile.
+GOAL_LAYER_OVER_RELU = 2.0
+# PGD-1 step through the custom loop `sat_tf.distribute.train` / through `fit`: at most.
+# `bench_overhead.py --fit`.
+GOAL_LOOP_OVER_FIT = 1.05
+# ART's PGD-1 adversarial training time / ours, same model, data and attack: at least. Section 3.
+GOAL_TRAINING_SPEEDUP = 5.0
+# ART's attack time / ours (PGD-10, APGD-CE-100), same model and images: at least. Section 3.
+GOAL_ATTACK_SPEEDUP = 6.0
+# Input pipeline images/s / ResNet-50 PGD-1 step images/s: at least. Section 4.
+GOAL_PIPELINE_OVER_STEP = 2.0
+
 
 def clock():
     """(wall, process CPU) seconds, both monotonic."""
@@ -72,10 +91,15 @@ def ratio(top, bottom):
     return tuple(float(np.median(top[:, i] / bottom[:, i])) for i in (0, 1))
 
 
+def span(values, digits=2, unit=""):
+    """'lo-hi' of `values` printed with `digits` decimals; one value where both ends print alike."""
+    lo, hi = (f"{v:.{digits}f}{unit}" for v in (min(values), max(values)))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def spread(top, bottom):
     """'lo-hi' of the per-round wall ratios top / bottom: how much the load moved them."""
-    r = top[:, 0] / bottom[:, 0]
-    return f"{r.min():.2f}-{r.max():.2f}"
+    return span(top[:, 0] / bottom[:, 0])
 
 
 def median_ms(samples):
@@ -185,7 +209,8 @@ class StepCache:
         return self._steps[key]
 
 
-def _version(package):
+def package_version(package):
+    """The installed version of `package`, or 'absent'."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -225,8 +250,8 @@ def machine_info():
         "versions": (
             f"Python {platform.python_version()}, TensorFlow {tf.__version__}, "
             f"Keras {keras.__version__}, NumPy {np.__version__}, "
-            f"ART {_version('adversarial-robustness-toolbox')}, "
-            f"CleverHans {_version('cleverhans')}"
+            f"ART {package_version('adversarial-robustness-toolbox')}, "
+            f"CleverHans {package_version('cleverhans')}"
         ),
         "commit": _git_commit(),
     }
@@ -245,14 +270,26 @@ def table(header, rows):
     return "\n".join(lines)
 
 
-def verdict(wall, cpu, goal, *, at_most=True):
-    """'met' / '**MISSED**' against `goal` (<= goal, or >= goal), by wall and by CPU ratio."""
-    met = [value <= goal if at_most else value >= goal for value in (wall, cpu)]
+def verdict(values, goal, *, at_most=True, digits=2, names=("wall", "CPU")):
+    """'met' / '**MISSED**': each of `values` (named by `names`) against `goal`.
+
+    Each value is judged as printed, rounded to `digits` decimals, so that a verdict never
+    contradicts the number beside it. Where the values disagree, says which met the goal.
+    """
+    met = [(round(v, digits) <= goal) if at_most else (round(v, digits) >= goal) for v in values]
     if all(met):
         return "met"
     if not any(met):
         return "**MISSED**"
-    return "met by wall, **missed by CPU**" if met[0] else "**MISSED by wall**, met by CPU"
+    hit = " and ".join(n for n, m in zip(names, met, strict=True) if m)
+    miss = " and ".join(n for n, m in zip(names, met, strict=True) if not m)
+    return f"met by {hit}, **missed by {miss}**"
+
+
+def goal_cell(goal, values, *, at_most=True, digits=2, unit="", names=("wall", "CPU")):
+    """A table's goal column: '<= 1.6: met' (or '>= 6x: **MISSED**'), judged by `verdict`."""
+    judged = verdict(values, goal, at_most=at_most, digits=digits, names=names)
+    return f"{'<=' if at_most else '>='} {goal:g}{unit}: {judged}"
 
 
 def rewrite_between_markers(path, body):

@@ -207,7 +207,7 @@ def compare(args):
 
 
 def cleverhans_pgd10(model, x, y, *, eps):
-    """CleverHans 4.0.0's TF2 PGD with `pgd10_pair`'s budget; the adversarial images (NumPy)."""
+    """CleverHans's TF2 PGD with `pgd10_pair`'s budget; the adversarial images (NumPy)."""
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
     adv = projected_gradient_descent(
@@ -256,7 +256,12 @@ def main():
         print(f"| {name} | {100 * ours:.2f} | {art_text} | {diff} |")
     ch = cleverhans if isinstance(cleverhans, str) else f"{100 * cleverhans:.2f}%"
     ours_pgd = f"{100 * rows[1][1]:.2f}%"
-    print(f"\nCleverHans 4.0.0 TF2 PGD-10 robust accuracy: {ch} (ours PGD-10: {ours_pgd})\n")
+    version = common.package_version("cleverhans")
+    print(f"\nCleverHans {version} TF2 PGD-10 robust accuracy: {ch} (ours PGD-10: {ours_pgd})\n")
+    print(
+        f"Speed: one timed call per attack on one batch of {args.batch_size}, after one untimed "
+        f"warm-up call, ours and ART's in turn (wall time):\n"
+    )
     print(f"| attack (batch {args.batch_size}) | ours (images/s) | ART (images/s) | speed-up |")
     print("|---|---|---|---|")
     for name, ours, art in speed:

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
+import platform
 import tarfile
 import time
 
@@ -88,7 +89,13 @@ def main(argv):
     f = flags.FLAGS
     config = Config(f.cache_dir, f.batch_size, f.image_size, f.num_batches, f.warmup)
     rate = measure(config)
-    print(f"{rate:.0f} images/s ({config.image_size}px train pipeline, {os.cpu_count()} CPUs)")
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"{rate:.0f} images/s ({config.image_size} px training pipeline, batch "
+        f"{config.batch_size}, {config.num_batches} timed after {config.warmup} untimed; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, load "
+        f"average (1/5/15 min) {load})"
+    )
 
 
 if __name__ == "__main__":

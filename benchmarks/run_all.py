@@ -2,13 +2,13 @@
 
 Sections (each figure a ratio measured side by side in this run; absolute times are context):
   1. PGD-1 train step / clean train step (ResNet-20 32 px, ResNet-50 224 px); PGD-K, K=1,2,3,5.
-  2. Smooth activations / ReLU (fused now, unfused before) at batch 32 and 128 and on
-     ResNet-50, PGD-1 / clean per activation, and a per-layer profile.
+  2. Smooth activations / ReLU (fused, and unfused from `unfused.py`) at batch 32 and 128 and
+     on ResNet-50, PGD-1 / clean per activation, and a per-layer profile.
   3. Peers: `AdversarialModel.fit` vs ART's PGD adversarial trainer; attacks vs ART, CleverHans.
   4. Input pipeline images/s / ResNet-50 PGD-1 step images/s.
   5. Scaling: batch size, replicas (MirroredStrategy, 2 local workers), image size; GPU rows.
 
-    python benchmarks/run_all.py                 # everything, ~20 min on 2 cores
+    python benchmarks/run_all.py                 # everything (the header gives the run time)
     python benchmarks/run_all.py --repeats 9 --large-repeats 5 --peer-repeats 5   # longer
     python benchmarks/run_all.py --sections 1 2 --no-write                      # print only
 
@@ -89,9 +89,15 @@ def section_5(args, cache):
             "CPU (all processes)",
         )
         replicas = common.table(header, [r for r in (mirrored, workers) if isinstance(r, tuple)])
-        text = "\n\n".join((batch_text, image_text, replicas, REPLICA_NOTE))
+        note = REPLICA_NOTE.format(
+            cpus=os.cpu_count(),
+            rounds=args.worker_rounds,
+            epochs=f"epochs 2-{args.worker_epochs}" if args.worker_epochs > 2 else "epoch 2",
+            steps=args.worker_steps,
+        )
+        text = "\n\n".join((batch_text, image_text, replicas, note))
         parts.append(("5. Scaling", text))
-    if tf.config.list_physical_devices("GPU") or args.gpu_only:
+    if _gpu_rows(args):
         log("section 5: GPU rows")
         parts.append(("5. Scaling on a GPU", bench_scaling.gpu_rows(args)[1]))
     else:
@@ -100,17 +106,25 @@ def section_5(args, cache):
 
 
 REPLICA_NOTE = (
-    "Every replica and worker here shares the same two cores (each worker process also starts "
-    "its own thread pools), so there is no extra hardware to gain from: 2 / 1 above 1.0 is "
-    "what distribution costs (per-replica dispatch, all-reduce, gRPC collectives between "
-    "worker processes); below 1.0, two concurrent replicas keep the cores busier than one "
-    "replica's intra-op parallelism does. The CPU column sums all processes."
+    "Every replica and worker here shares this machine's {cpus} logical CPUs (each worker "
+    "process also starts its own thread pools), so there is no extra hardware to gain from: "
+    "2 / 1 above 1.0 is what distribution costs (per-replica dispatch, all-reduce, gRPC "
+    "collectives between worker processes); below 1.0, two concurrent replicas keep the cores "
+    "busier than one replica's intra-op parallelism does. The CPU column sums all processes. "
+    "The `distribute.train` row: {rounds} rounds of fresh processes (1 process, then the 2 "
+    "workers), each timing {epochs} of {steps} steps."
 )
 NO_GPU = (
-    "No GPU was lent to this run, so the GPU rows (ResNet-50, 224 px, batch 128, "
-    "mixed_float16: images/s and PGD-1 / clean) are not filled in. On a GPU machine run "
-    "`{command}` and paste its block here; `make bench` there adds them automatically."
+    "This machine has no GPU, so the GPU rows (ResNet-50, 224 px, batch 128, mixed_float16: "
+    "images/s and PGD-1 / clean) are not filled in. They need a machine with a GPU and "
+    "TensorFlow's GPU build (`pip install .[gpu]`): `make bench` there adds them, and "
+    "`{command}` prints them alone."
 )
+
+
+def _gpu_rows(args):
+    """Whether section 5 runs its mixed-precision GPU rows."""
+    return bool(tf.config.list_physical_devices("GPU") or args.gpu_only)
 
 
 def header(args, seconds, info):
@@ -127,10 +141,15 @@ def header(args, seconds, info):
             f"1 untimed warm-up round, then "
             f"{args.repeats} rounds ({args.large_repeats} for ResNet-50, {args.peer_repeats} "
             f"for peers); each ratio is the median of the per-round ratios, for wall time and "
-            f"for this process's CPU time (all threads). **Bold** = wall ratio, the headline; "
-            f"'range' = lowest-highest per-round wall ratio.",
-            "- float32 throughout on CPU: the float32 upcast in Softplus/GELU/Mish/SmoothReLU "
-            "for float16/bfloat16 inputs does not run here and costs nothing.",
+            f"for this process's CPU time (all threads). **Bold** = the headline ratio: wall time, "
+            f"except in section 2 and the `--deterministic` row, where it is CPU time (their "
+            f"headers say so); 'range' = lowest-highest per-round wall ratio.",
+            (
+                "- float32 throughout, except the GPU rows (mixed_float16)."
+                if 5 in args.sections and _gpu_rows(args)
+                else "- float32 throughout: the float32 upcast in Softplus/GELU/Mish/SmoothReLU "
+                "for float16/bfloat16 inputs does not run and costs nothing."
+            ),
         ]
     )
 

@@ -1,8 +1,9 @@
-"""The smooth activations as they were before they became fused ops: the "before" of section 2.
+"""The smooth activations as unfused chains of ops: the "unfused" columns of section 2.
 
-Each `call` is the body the layer had before (a chain of TensorFlow ops, differentiated by
-autodiff), so section 2 can time unfused and fused side by side in one run. Same formulas as
-`sat_tf.activations`; not registered for saving (benchmarks only).
+Each `call` is a chain of `keras.ops` (TensorFlow kernels, differentiated by autodiff), the form
+of these layers at commit b012865, so section 2 can time unfused and fused (`sat_tf/fused.py`)
+side by side in one run. Same formulas as `sat_tf.activations`; not registered for saving
+(benchmarks only).
 """
 
 import keras

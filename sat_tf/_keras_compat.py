@@ -1,9 +1,9 @@
 """Every use of Keras internals in sat_tf, in one place.
 
 Keras has no public API for these; each is checked on the Keras versions in `CHECKED_VERSIONS`
-(tests/test_house.py fails on any other, and pyproject.toml allows only those). Keras
-rewrote `CompileMetrics` in 3.14 and partly reverted it in 3.15, so a new Keras release means
-re-reading these against its source before widening the range.
+(tests/test_house.py fails on any other, and pyproject.toml allows only those). These internals
+differ between minor releases (`CompileMetrics` differs between 3.14 and 3.15), so a new Keras
+release means re-reading these against its source before widening the range.
 
     - `CompileMetrics` (keras/src/trainers/compile_utils.py): resolves "accuracy" etc. from the
       label and output shapes. `AdversarialModel` keeps a second instance for adversarial

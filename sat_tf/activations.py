@@ -33,8 +33,24 @@ def _check_positive(name, value):
         raise ValueError(f"`{name}` must be > 0. Received: {name}={value!r}")
 
 
+class _Elementwise(keras.layers.Layer):
+    """Base of the activation layers here: an elementwise function of the input.
+
+    Holds what every elementwise layer repeats, as Keras's own activation layers do
+    (`keras.layers.LeakyReLU`): the output has the input's shape, and a mask passes through
+    unchanged. Subclasses define `call` and, when they take arguments, `get_config`.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 @keras.saving.register_keras_serializable(package="sat_tf")
-class Softplus(keras.layers.Layer):
+class Softplus(_Elementwise):
     """Parametric softplus: f(x) = softplus(alpha * x) / alpha = log(1 + exp(alpha x)) / alpha.
 
     alpha = 1 is the usual softplus; larger alpha approaches ReLU (the SAT paper
@@ -55,26 +71,20 @@ class Softplus(keras.layers.Layer):
             return fused.softplus(x)
         return fused.parametric_softplus(x, self.alpha)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha}
 
 
 @keras.saving.register_keras_serializable(package="sat_tf")
-class SiLU(keras.layers.Layer):
+class SiLU(_Elementwise):
     """SiLU / Swish: f(x) = x * sigmoid(x) (Ramachandran et al., 2017)."""
 
     def call(self, x):
         return fused.silu(x)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
 
 @keras.saving.register_keras_serializable(package="sat_tf")
-class GELU(keras.layers.Layer):
+class GELU(_Elementwise):
     """GELU: f(x) = x * Phi(x) (Hendrycks & Gimpel, 2016).
 
     With `approximate=True` (the tanh form the official SAT code uses):
@@ -93,15 +103,12 @@ class GELU(keras.layers.Layer):
     def call(self, x):
         return fused.gelu_tanh(x) if self.approximate else fused.gelu_erf(x)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {**super().get_config(), "approximate": self.approximate}
 
 
 @keras.saving.register_keras_serializable(package="sat_tf")
-class ELU(keras.layers.Layer):
+class ELU(_Elementwise):
     """ELU: f(x) = x for x > 0, alpha * (exp(x) - 1) otherwise (Clevert et al., 2016).
 
     Args:
@@ -118,26 +125,20 @@ class ELU(keras.layers.Layer):
         # loses the left tail (0 instead of 2e-22 at x = -50).
         return fused.elu(x, self.alpha)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha}
 
 
 @keras.saving.register_keras_serializable(package="sat_tf")
-class Mish(keras.layers.Layer):
+class Mish(_Elementwise):
     """Mish: f(x) = x * tanh(softplus(x)) (Misra, 2019)."""
 
     def call(self, x):
         return fused.mish(x)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
 
 @keras.saving.register_keras_serializable(package="sat_tf")
-class SmoothReLU(keras.layers.Layer):
+class SmoothReLU(_Elementwise):
     """SmoothReLU: f(x) = relu(x - log(beta |x| + 1) / beta), with beta = b^2 learnable.
 
     For x > 0 this is x - log(beta x + 1) / beta, whose derivative
@@ -168,12 +169,9 @@ class SmoothReLU(keras.layers.Layer):
         )
 
     def call(self, x):
-        # b as the layer reads it (rounded to the compute dtype under a mixed policy, as
-        # before), then float32: the kernel computes in float32.
+        # b as the layer reads it (rounded to the compute dtype under a mixed policy), then
+        # float32: the kernel computes in float32.
         return fused.smooth_relu(x, ops.cast(self.b, "float32"))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def get_config(self):
         return {
@@ -212,7 +210,7 @@ def smooth_gradients_enabled(default=True):
 
 
 @keras.saving.register_keras_serializable(package="sat_tf")
-class SmoothGradReLU(keras.layers.Layer):
+class SmoothGradReLU(_Elementwise):
     """ReLU forward, parametric-softplus gradient backward.
 
     Forward: f(x) = max(x, 0), exactly. Backward, when smooth: df/dx = sigmoid(alpha x),
@@ -236,9 +234,6 @@ class SmoothGradReLU(keras.layers.Layer):
         if smooth_gradients_enabled(self.smooth_backward):
             return fused.relu_with_softplus_grad(x, self.alpha)
         return ops.relu(x)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def get_config(self):
         return {

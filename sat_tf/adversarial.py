@@ -21,8 +21,8 @@ import tensorflow as tf
 from sat_tf import _keras_compat as compat
 from sat_tf import activations, attacks
 from sat_tf.models import weight_decay_variables
-
-SMOOTH_PHASES = ("attack", "update")  # where SmoothGradReLU may use its smooth backward
+from sat_tf.options import SMOOTH_PHASES
+from sat_tf.options import eval_epsilon as resolve_eval_epsilon
 
 
 def _clone_metric(metric):
@@ -101,7 +101,7 @@ class AdversarialModel(keras.Model):
             "prob_start_from_clean": float(prob_start_from_clean),
         }
         self.eval_attack_config = {
-            "epsilon": float(epsilon if eval_epsilon is None else eval_epsilon),
+            "epsilon": resolve_eval_epsilon(epsilon, eval_epsilon),
             "step_size": float(eval_step_size),
             "num_steps": int(eval_num_steps),
             "random_start": bool(random_start),

@@ -14,8 +14,6 @@ misclassified leave the batch at every checkpoint and between restarts/target cl
 are not recomputed.
 """
 
-import warnings
-
 import tensorflow as tf
 
 from sat_tf import attacks
@@ -339,13 +337,7 @@ def apgd(
     ranking = tf.argsort(logits, axis=1, direction="DESCENDING", stable=True)
     ranks = [None]
     if targeted:
-        ranks = range(1, min(target_classes, logits.shape[1] - 1) + 1)
-        if target_classes > logits.shape[1] - 1:
-            warnings.warn(
-                f"APGD-T: {target_classes} target classes asked, but a {logits.shape[1]}-class "
-                f"model has only {logits.shape[1] - 1}; using {logits.shape[1] - 1}.",
-                stacklevel=2,
-            )
+        ranks = range(1, attacks.target_classes(target_classes, logits.shape[1], who="APGD-T") + 1)
     adv, run = x, 0
     for rank in ranks:
         target = y if rank is None else ranking[:, rank]

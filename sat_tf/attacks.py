@@ -18,6 +18,7 @@ Conventions:
     by 128; here each example gets its own power-of-two scale, see `input_gradient`).
 """
 
+import warnings
 import weakref
 
 import keras
@@ -225,6 +226,20 @@ def uniform_start(images, *, epsilon, prob_start_from_clean=0.0, seed=None):
         mask_shape = tf.concat([[-1], tf.ones([tf.rank(images) - 1], tf.int32)], 0)
         noise *= tf.reshape(tf.cast(from_noise, noise.dtype), mask_shape)
     return images + noise
+
+
+def target_classes(requested, num_classes, *, who="a targeted attack"):
+    """The number of target classes a targeted attack (APGD-T, FAB-T) uses: the `requested`
+    number, at most the K - 1 classes other than the true one; warns, naming `who`, when the
+    model has fewer."""
+    available = int(num_classes) - 1
+    if requested > available:
+        warnings.warn(
+            f"{who}: a {num_classes}-class model has {available} target classes, not "
+            f"{requested}; using {available}.",
+            stacklevel=3,
+        )
+    return min(int(requested), available)
 
 
 def check_arguments(

@@ -1,8 +1,9 @@
 """AutoAttack, L-inf: an ensemble of attacks, each run on the examples no earlier one fooled.
 
 Croce & Hein, ICML 2020. The versions, their stage order and budgets follow fra31/auto-attack
-(`autoattack.py`, `set_version`); the attacks live in `sat_tf.apgd`, `sat_tf.fab` and
-`sat_tf.square` and are re-exported here.
+(`autoattack.py`, `set_version`) and live in `sat_tf.jobs.VERSIONS`, beside the registry that
+builds every stage; the attacks live in `sat_tf.apgd`, `sat_tf.fab` and `sat_tf.square` and are
+re-exported here.
 
 Versions:
     "standard": APGD-CE (100 steps, 1 restart), APGD-T (targeted DLR, 100 steps, 9 target
@@ -16,18 +17,18 @@ Versions:
 """
 
 import dataclasses
-import warnings
 
 import numpy as np
-import tensorflow as tf
 
-from sat_tf import attacks as attacks_module
-from sat_tf import passes
-from sat_tf.apgd import apgd, check_num_classes, checkpoints, dlr_loss, margin, targeted_dlr_loss
+from sat_tf import jobs, passes
+from sat_tf.apgd import apgd, checkpoints, dlr_loss, margin, targeted_dlr_loss
 from sat_tf.fab import fab_targeted
+from sat_tf.jobs import STAGES, VERSIONS
+from sat_tf.rows import AttackSpec
 from sat_tf.square import p_schedule, square
 
 __all__ = [
+    "STAGES",
     "VERSIONS",
     "AutoAttackResult",
     "apgd",
@@ -40,38 +41,6 @@ __all__ = [
     "square",
     "targeted_dlr_loss",
 ]
-
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
-
-VERSIONS = {
-    "standard": dict(
-        attacks=("apgd-ce", "apgd-t", "fab-t", "square"),
-        apgd_steps=100,
-        num_restarts=1,
-        target_classes=9,
-        fab_steps=100,
-        square_queries=5000,
-        eot_iter=1,
-    ),
-    "rand": dict(
-        attacks=("apgd-ce", "apgd-dlr"),
-        apgd_steps=100,
-        num_restarts=1,
-        target_classes=9,
-        fab_steps=100,
-        square_queries=5000,
-        eot_iter=20,
-    ),
-    "fast": dict(
-        attacks=("apgd-ce", "apgd-t", "square"),
-        apgd_steps=20,
-        num_restarts=1,
-        target_classes=3,
-        fab_steps=20,
-        square_queries=300,
-        eot_iter=1,
-    ),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,92 +82,11 @@ def describe(version):
     return f"sat_tf.autoattack.auto_attack(version={version!r}): {stages}{eot}"
 
 
-def stage_passes(
-    model, names, *, num_classes, epsilon, version, seed, clip_min, clip_max, jit_compile=False
-):
-    """`sat_tf.passes.Pass`es of the stages `names`, with their worst-case work per example."""
-    v = VERSIONS[version]
-    bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
-    steps = dict(num_steps=v["apgd_steps"], num_restarts=v["num_restarts"], seed=seed)
-    steps.update(eot_iter=v["eot_iter"], jit_compile=jit_compile, **bounds)
-    targets = min(v["target_classes"], num_classes - 1)  # `check_attacks` warned once.
-    # APGD: a gradient at the start, then one per step (as fra31/auto-attack's apgd counts).
-    apgd_gradients = (v["apgd_steps"] + 1) * v["num_restarts"] * v["eot_iter"]
-
-    # Pass(name, attack, gradients, queries) per stage, worst case per example. Every stage is
-    # described (nothing runs here); `names` picks those to run.
-    build = {
-        "apgd-ce": passes.Pass(
-            "apgd-ce", lambda x, y: apgd(model, x, y, loss="ce", **steps), apgd_gradients
-        ),
-        "apgd-dlr": passes.Pass(
-            "apgd-dlr", lambda x, y: apgd(model, x, y, loss="dlr", **steps), apgd_gradients
-        ),
-        "apgd-t": passes.Pass(
-            "apgd-t",
-            lambda x, y: apgd(
-                model, x, y, loss="dlr", targeted=True, target_classes=targets, **steps
-            ),
-            apgd_gradients * targets,
-        ),
-        "fab-t": passes.Pass(  # per step: one gradient and two forward passes
-            "fab-t",
-            lambda x, y: fab_targeted(
-                model,
-                x,
-                y,
-                num_steps=v["fab_steps"],
-                target_classes=targets,
-                jit_compile=jit_compile,
-                **bounds,
-            ),
-            v["fab_steps"] * targets,
-            2 * v["fab_steps"] * targets + 1,
-        ),
-        "square": passes.Pass(
-            "square",
-            lambda x, y: square(
-                model,
-                x,
-                y,
-                num_queries=v["square_queries"],
-                seed=seed,
-                jit_compile=jit_compile,
-                **bounds,
-            ),
-            0,
-            v["square_queries"] + 2,
-        ),
-    }
-    return [build[name] for name in names]
-
-
-def check_attacks(attacks, version, num_classes):
-    """The stage list to run, after checking names and the model's class count."""
-    if version not in VERSIONS:
-        raise ValueError(
-            f"version must be one of {sorted(VERSIONS)}. Received: version={version!r}"
-        )
-    names = tuple(VERSIONS[version]["attacks"] if attacks is None else attacks)
-    unknown = [name for name in names if name not in ATTACKS]
-    if unknown or not names:
-        raise ValueError(
-            f"attacks must be names from {list(ATTACKS)}. Received: attacks={attacks!r}"
-        )
-    if num_classes < 2:
-        raise ValueError(f"The model has {num_classes} output; a classifier needs >= 2 logits.")
-    for name in names:
-        if name in ("apgd-dlr", "apgd-t"):
-            check_num_classes(num_classes, loss="dlr", targeted=name == "apgd-t")
-    targets = VERSIONS[version]["target_classes"]
-    targeted = [name for name in names if name in ("apgd-t", "fab-t")]
-    if targeted and targets > num_classes - 1:
-        warnings.warn(
-            f"{', '.join(targeted)}: a {num_classes}-class model has {num_classes - 1} target "
-            f"classes, not {targets}; using {num_classes - 1}.",
-            stacklevel=3,
-        )
-    return names
+def spec(version="standard", attacks=None):
+    """The `AttackSpec` of AutoAttack `version` (its own stages, or `attacks` with its budgets)."""
+    return AttackSpec(
+        "autoattack", version=version, stages=None if attacks is None else tuple(attacks)
+    )
 
 
 def auto_attack(
@@ -228,7 +116,7 @@ def auto_attack(
         labels: [N] int true classes.
         epsilon: L-inf radius, in pixel units.
         version: "standard", "rand" or "fast" (see the module docstring).
-        attacks: None for the version's stages, or a list of names from `ATTACKS` run in that
+        attacks: None for the version's stages, or a list of names from `STAGES` run in that
             order with the version's budgets (e.g. ["apgd-ce", "fab-t", "square"] for a
             2-class model, where the DLR losses cannot run).
         seed: Seed of every stage.
@@ -236,79 +124,38 @@ def auto_attack(
         clip_min: Lowest valid pixel value.
         clip_max: Highest valid pixel value.
         jit_compile: Compile the attacks with XLA.
-        verbose: 1 shows each stage's progress (`sat_tf.progress`); 0 is silent.
+        verbose: 0 silent; 1 the work ahead, an estimate and each stage's progress
+            (`sat_tf.progress`); 2 nothing but what a resumed run would print (as `evaluate`).
 
     Returns:
         An `AutoAttackResult`.
     """
     x = np.asarray(images, np.float32)
-    y = np.asarray(labels).astype(np.int32)
-    attacks_module.require_logits(model, where="auto_attack")
-    num_classes = int(model(tf.constant(x[:1]), training=False).shape[-1])
-    job = attack_job(
+    adv = x.copy()
+    ran, record = jobs.run(
         model,
-        epsilon=epsilon,
-        version=version,
-        attacks=attacks,
-        num_classes=num_classes,
+        x,
+        labels,
+        [(spec(version, attacks), float(epsilon))],
+        where="auto_attack",
         seed=seed,
+        batch_size=batch_size,
         clip_min=clip_min,
         clip_max=clip_max,
         jit_compile=jit_compile,
+        adversarial=adv,
+        verbose=verbose,
     )
-    fooled_by = np.full(len(y), passes.ROBUST, np.int16)
-    adv = x.copy()
-    if len(y):
-        passes.run_job(
-            model,
-            job,
-            x,
-            y,
-            fooled_by=fooled_by,
-            batch_size=max(1, min(batch_size, len(y))),
-            adversarial=adv,
-            pad=jit_compile,
-            verbose=verbose,
-        )
-    accuracy = stage_accuracies(fooled_by, [p.name for p in job.passes])
+    fooled_by = record.fooled_by[0]
+    accuracy = stage_accuracies(fooled_by, [p.name for p in ran[0].passes])
     return AutoAttackResult(
         clean_accuracy=accuracy["clean"],
-        robust_accuracy=accuracy[job.passes[-1].name],
+        robust_accuracy=accuracy[ran[0].passes[-1].name],
         stages=accuracy,
         adversarial_images=adv,
         robust=fooled_by == passes.ROBUST,
         fooled_by=fooled_by,
     )
-
-
-def attack_job(
-    model,
-    *,
-    epsilon,
-    num_classes,
-    version="standard",
-    attacks=None,
-    seed=0,
-    clip_min=0.0,
-    clip_max=255.0,
-    jit_compile=False,
-):
-    """AutoAttack at one epsilon as a `sat_tf.passes.Job`: the clean pass, then the stages
-    (checked against the version and the model's `num_classes`), labelled "autoattack eps=8"."""
-    names = check_attacks(attacks, version, num_classes)
-    stages = stage_passes(
-        model,
-        names,
-        num_classes=num_classes,
-        epsilon=epsilon,
-        version=version,
-        seed=seed,
-        clip_min=clip_min,
-        clip_max=clip_max,
-        jit_compile=jit_compile,
-    )
-    label = "autoattack" if version == "standard" else f"autoattack-{version}"
-    return passes.Job(f"{label} eps={epsilon:g}", (passes.CLEAN, *stages))
 
 
 def stage_accuracies(fooled_by, names):

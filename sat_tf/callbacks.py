@@ -132,7 +132,9 @@ class Checkpointer(keras.callbacks.Callback):
             difference = _signature_difference(saved, model_signature(model))
             if difference:
                 raise ValueError(f"{latest} was written by another model: {difference}. {fix}")
-        try:  # no signature (older runs): TensorFlow's own checks, which stop at the first error
+        # TensorFlow's own checks, which stop at the first error: the only check of checkpoints
+        # written without a signature file.
+        try:
             manager.checkpoint.restore(latest).assert_existing_objects_matched()
         except (ValueError, AssertionError) as error:
             raise ValueError(
@@ -242,20 +244,28 @@ class GracefulStop(keras.callbacks.Callback):
 class AdversarialImages(keras.callbacks.Callback):
     """Writes a few clean images, their adversarial versions and the perturbation to TensorBoard.
 
+    The adversarial images are the model's own evaluation attack
+    (`AdversarialModel.adversarial_examples(..., training=False)`: its epsilon, step, steps,
+    random start and smooth-gradient phase), so they show what the logged `val_adv_` metrics
+    measure.
+
     Args:
         log_dir: TensorBoard directory.
         images: A small batch of [0, 255] pixels.
         labels: Their labels (ids or one-hot).
-        attack: `attack(model, images, labels) -> adversarial images`.
     """
 
-    def __init__(self, log_dir, images, labels, attack):
+    def __init__(self, log_dir, images, labels):
         super().__init__()
         self.writer = tf.summary.create_file_writer(str(log_dir))
-        self.images, self.labels, self.attack = images, labels, attack
+        self.images, self.labels = images, labels
+
+    def adversarial(self):
+        """The adversarial versions of the images under the model's evaluation attack."""
+        return self.model.adversarial_examples(self.images, self.labels, training=False)
 
     def on_epoch_end(self, epoch, logs=None):
-        adv = self.attack(self.model, self.images, self.labels)
+        adv = self.adversarial()
         delta = np.asarray(adv) - np.asarray(self.images)
         scale = max(float(np.abs(delta).max()), 1e-6)
         with self.writer.as_default(step=epoch):

@@ -5,89 +5,132 @@
 Units are stated once, here: `epsilon` and `step_size` are in pixels of the [0, 255] input (4 means
 4/255), learning rates are per 256 images. A run's settings are read back with
 `TrainConfig.from_json(model_dir / "config.json")`; its data and evaluation attack are resolved by
-`data_spec`, `resolved_eval_split` and `resolved_eval_epsilon`, for training and tools/eval.py.
+`data_spec`, `resolved_eval_split` and `resolved_eval_epsilon`, for training and the evaluation.
+Each field's help text (the flag's help) is its `metadata["help"]`; the allowed values of the
+choice fields are in `sat_tf.options`.
 """
 
 import dataclasses
 import typing
 
-from sat_tf import rundir
-from sat_tf.adversarial import SMOOTH_PHASES
-from sat_tf.distribute import STRATEGIES
-from sat_tf.schedules import SCHEDULES
+from sat_tf import options, rundir
+from sat_tf.options import MIXED_PRECISION, OPTIMIZERS, SCHEDULES, SMOOTH_PHASES, STRATEGIES
 
-OPTIMIZERS = ("sgd", "rmsprop")  # training.build_optimizer
-MIXED_PRECISION = ("", "float16", "bfloat16")
+
+def _field(default=dataclasses.MISSING, text=""):
+    """A dataclass field whose `metadata["help"]` is its flag's help text."""
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every knob of `sat_tf.training.run`; each field is also a flag of `tools/train.py`."""
 
-    model_dir: str
+    model_dir: str = _field(
+        text="Directory for checkpoints, TensorBoard logs, config.json and model.keras."
+    )
     # Model.
-    model: str = "small_cnn"
-    activation: str = "silu"
-    num_classes: int = 10
-    image_size: int = 16
-    init_from: str = ""  # a .keras classifier to fine-tune (its ReLUs become `activation`)
+    model: str = _field("small_cnn", "Model name from sat_tf.models.names().")
+    activation: str = _field(
+        "silu", "Activation name from sat_tf.activations.names() (relu, silu, gelu, ...)."
+    )
+    num_classes: int = _field(10, "Number of classes.")
+    image_size: int = _field(16, "Training and evaluation resolution in pixels.")
+    init_from: str = _field(
+        "", "A .keras classifier to fine-tune; its ReLUs are replaced by --activation."
+    )
     # Data: demo | tfrecord:<pattern> | tfds:<name> | folder:<dir>.
-    dataset: str = "demo"
-    train_files: str = ""  # overrides the train pattern of a tfrecord dataset
-    eval_files: str = ""
-    eval_split: str = ""  # empty: "test" for demo and tfds:cifar*, else "validation"
-    data_dir: str = ""
-    augmentation: str = "auto"  # auto | inception | cifar | none
+    dataset: str = _field("demo", "demo | tfrecord:<pattern> | tfds:<name> | folder:<dir>.")
+    train_files: str = _field(
+        "", "TFRecord pattern for training (overrides the pattern in --dataset)."
+    )
+    eval_files: str = _field("", "TFRecord pattern for evaluation.")
+    eval_split: str = _field(
+        "", "Evaluation split; empty: test for demo and tfds:cifar*, else validation."
+    )
+    data_dir: str = _field("", "TFDS data_dir (and manual_dir for imagenet2012).")
+    augmentation: str = _field("auto", "auto | inception | cifar | none.")
     # Schedule.
-    global_batch_size: int = 64
-    epochs: int = 1
-    steps_per_epoch: int = 0  # 0: one pass over the training set
-    eval_examples: int = 0  # 0: the whole evaluation set
-    optimizer: str = "sgd"
-    base_learning_rate: float = 0.1  # per 256 images: lr = base * global_batch_size / 256
-    lr_schedule: str = "step"
-    warmup_epochs: float = 0.0
-    decay_epochs: tuple = ()  # "step" schedule boundaries, in epochs
-    decay_rate: float = 0.1
-    decay_every_epochs: float = 2.4  # "exponential" schedule period
-    momentum: float = 0.9
-    ema_decay: float = 0.0  # 0: no moving average of the weights
-    weight_decay: float = 1e-4  # L2 on conv/dense kernels, as in the official code
-    label_smoothing: float = 0.1
+    global_batch_size: int = _field(64, "Batch size summed over all replicas.")
+    epochs: int = _field(1, "Training epochs.")
+    steps_per_epoch: int = _field(0, "Steps per epoch; 0 means one pass over the training set.")
+    eval_examples: int = _field(0, "Evaluation examples; 0 means the whole evaluation set.")
+    optimizer: str = _field("sgd", "sgd (Nesterov) | rmsprop.")
+    base_learning_rate: float = _field(
+        0.1, "Learning rate per 256 images (lr = base * global_batch_size / 256)."
+    )
+    lr_schedule: str = _field("step", "step | exponential | cosine (after linear warm-up).")
+    warmup_epochs: float = _field(0.0, "Epochs of linear learning-rate warm-up.")
+    decay_epochs: tuple = _field(
+        (), "Epochs at which a step schedule multiplies the rate by --decay_rate."
+    )
+    decay_rate: float = _field(0.1, "Decay factor of the step and exponential schedules.")
+    decay_every_epochs: float = _field(2.4, "Period of the exponential schedule, in epochs.")
+    momentum: float = _field(0.9, "Momentum (SGD Nesterov, RMSProp).")
+    ema_decay: float = _field(
+        0.0, "Exponential moving average of the weights (0: off; EfficientNet uses 0.9999)."
+    )
+    weight_decay: float = _field(
+        1e-4, "L2 weight decay on conv and dense kernels (coupled, as in the official code)."
+    )
+    label_smoothing: float = _field(0.1, "Label smoothing of the training loss.")
     # Training attack (pixels).
-    epsilon: float = 4.0
-    step_size: float = 4.0
-    num_steps: int = 1  # 0 with random_start=False trains on clean images
-    random_start: bool = True
-    prob_start_from_clean: float = 0.2
+    epsilon: float = _field(
+        4.0, "Training attack L-inf budget in pixels of [0, 255] (4 means 4/255)."
+    )
+    step_size: float = _field(4.0, "Training attack step in pixels.")
+    num_steps: int = _field(
+        1, "Training attack PGD steps (0 with --norandom_start trains on clean images)."
+    )
+    random_start: bool = _field(True, "Start the attack from a random point in the epsilon ball.")
+    prob_start_from_clean: float = _field(
+        0.2, "Per-example chance that the attack starts from the clean image."
+    )
     # Evaluation attack (pixels); eval_epsilon None means "same as epsilon".
-    eval_epsilon: float | None = None
-    eval_step_size: float = 1.0
-    eval_num_steps: int = 10
-    smooth_gradients: tuple = SMOOTH_PHASES
+    eval_epsilon: float | None = _field(
+        None, "Evaluation attack budget in pixels; unset or negative means --epsilon."
+    )
+    eval_step_size: float = _field(1.0, "Evaluation attack step in pixels.")
+    eval_num_steps: int = _field(10, "Evaluation attack PGD steps.")
+    smooth_gradients: tuple = _field(
+        SMOOTH_PHASES, "Phases where SmoothGradReLU uses its smooth backward: attack,update."
+    )
     # Machinery.
-    strategy: str = "default"
-    tpu: str = ""
-    mixed_precision: str = ""
-    seed: int = 0
-    deterministic: bool = False  # op determinism: same seed, bit-identical weights
-    jit_compile: bool = False  # XLA for the train step (attack included); else Keras's "auto"
-    checkpoint_every_steps: int = 200
-    overwrite: bool = False
+    strategy: str = _field("default", "default | mirrored | multi_worker | tpu.")
+    tpu: str = _field("", "TPU name or address (with --strategy=tpu).")
+    mixed_precision: str = _field("", "float16 | bfloat16 | empty for float32.")
+    seed: int = _field(0, "Random seed.")
+    deterministic: bool = _field(
+        False,
+        "Deterministic ops (tf.config.experimental.enable_op_determinism) and seeded everything: "
+        "the same command gives bit-identical weights, at some speed cost.",
+    )
+    jit_compile: bool = _field(
+        False,
+        "Compile the train step, attack included, with XLA (for GPU/TPU; on a CPU oneDNN's "
+        "convolutions are faster). Off: Keras's default (XLA only on one accelerator).",
+    )
+    checkpoint_every_steps: int = _field(
+        200, "Checkpoint every N steps (and at each epoch end); 0: epochs only."
+    )
+    overwrite: bool = _field(False, "Allow replacing a finished run in --model_dir.")
 
     @classmethod
     def from_dict(cls, values):
         """A config from `dataclasses.asdict` output, e.g. a run's config.json.
 
-        Lists become tuples, unknown keys are ignored, missing ones take their defaults, and an
-        `eval_epsilon` < 0 (how runs before the None sentinel wrote "same as epsilon") is None.
+        Lists become tuples (empty items dropped), unknown keys are ignored, missing ones take
+        their defaults, and a negative `eval_epsilon` means "same as epsilon" (None), as the flag's
+        help says; config.json files of sat_tf 0.1.0 also write it so.
         """
         names = {field.name for field in dataclasses.fields(cls)}
         values = {
-            key: tuple(value) if isinstance(value, list) else value
+            key: tuple(v for v in value if v != "") if isinstance(value, list | tuple) else value
             for key, value in values.items()
             if key in names
         }
+        if "decay_epochs" in values:
+            values["decay_epochs"] = tuple(float(e) for e in values["decay_epochs"])
         if values.get("eval_epsilon") is not None and values["eval_epsilon"] < 0:
             values["eval_epsilon"] = None
         return cls(**values)
@@ -105,11 +148,11 @@ class TrainConfig:
 
     @property
     def resolved_eval_split(self):
-        return self.eval_split or default_eval_split(self.dataset)
+        return self.eval_split or options.default_eval_split(self.dataset)
 
     @property
     def resolved_eval_epsilon(self):
-        return self.epsilon if self.eval_epsilon is None else self.eval_epsilon
+        return options.eval_epsilon(self.epsilon, self.eval_epsilon)
 
     def validate(self):
         """Raises ValueError naming the first bad flag and how to fix it."""
@@ -120,69 +163,16 @@ class TrainConfig:
         return self
 
 
-def default_eval_split(spec):
-    """The evaluation split of a data spec: "test" for demo and tfds:cifar*, else "validation"."""
-    return "test" if spec == "demo" or spec.startswith("tfds:cifar") else "validation"
+def define_flags(flag_values, cls=None):
+    """Defines one absl flag per field of `cls` (`TrainConfig` or `EvalConfig`) in
+    `flag_values`: same name, default, type and help (the field's metadata).
 
-
-HELP = {
-    "model_dir": "Directory for checkpoints, TensorBoard logs, config.json and model.keras.",
-    "model": "Model name from sat_tf.models.names().",
-    "activation": "Activation name from sat_tf.activations.names() (relu, silu, gelu, ...).",
-    "num_classes": "Number of classes.",
-    "image_size": "Training and evaluation resolution in pixels.",
-    "init_from": "A .keras classifier to fine-tune; its ReLUs are replaced by --activation.",
-    "dataset": "demo | tfrecord:<pattern> | tfds:<name> | folder:<dir>.",
-    "train_files": "TFRecord pattern for training (overrides the pattern in --dataset).",
-    "eval_files": "TFRecord pattern for evaluation.",
-    "eval_split": "Evaluation split; empty: test for demo and tfds:cifar*, else validation.",
-    "data_dir": "TFDS data_dir (and manual_dir for imagenet2012).",
-    "augmentation": "auto | inception | cifar | none.",
-    "global_batch_size": "Batch size summed over all replicas.",
-    "epochs": "Training epochs.",
-    "steps_per_epoch": "Steps per epoch; 0 means one pass over the training set.",
-    "eval_examples": "Evaluation examples; 0 means the whole evaluation set.",
-    "optimizer": "sgd (Nesterov) | rmsprop.",
-    "base_learning_rate": "Learning rate per 256 images (lr = base * global_batch_size / 256).",
-    "lr_schedule": "step | exponential | cosine (after linear warm-up).",
-    "warmup_epochs": "Epochs of linear learning-rate warm-up.",
-    "decay_epochs": "Epochs at which a step schedule multiplies the rate by --decay_rate.",
-    "decay_rate": "Decay factor of the step and exponential schedules.",
-    "decay_every_epochs": "Period of the exponential schedule, in epochs.",
-    "momentum": "Momentum (SGD Nesterov, RMSProp).",
-    "ema_decay": "Exponential moving average of the weights (0: off; EfficientNet uses 0.9999).",
-    "weight_decay": "L2 weight decay on conv and dense kernels.",
-    "label_smoothing": "Label smoothing of the training loss.",
-    "epsilon": "Training attack L-inf budget in pixels of [0, 255] (4 means 4/255).",
-    "step_size": "Training attack step in pixels.",
-    "num_steps": "Training attack PGD steps (0 with --norandom_start trains on clean images).",
-    "random_start": "Start the attack from a random point in the epsilon ball.",
-    "prob_start_from_clean": "Per-example chance that the attack starts from the clean image.",
-    "eval_epsilon": "Evaluation attack budget in pixels; unset or negative means --epsilon.",
-    "eval_step_size": "Evaluation attack step in pixels.",
-    "eval_num_steps": "Evaluation attack PGD steps.",
-    "smooth_gradients": "Phases where SmoothGradReLU uses its smooth backward: attack,update.",
-    "strategy": "default | mirrored | multi_worker | tpu.",
-    "tpu": "TPU name or address (with --strategy=tpu).",
-    "mixed_precision": "float16 | bfloat16 | empty for float32.",
-    "seed": "Random seed.",
-    "deterministic": "Deterministic ops (tf.config.experimental.enable_op_determinism) and "
-    "seeded everything: the same command gives bit-identical weights, at some speed cost.",
-    "jit_compile": "Compile the train step, attack included, with XLA (for GPU/TPU; on a CPU "
-    "oneDNN's convolutions are faster). Off: Keras's default (XLA only on one accelerator).",
-    "checkpoint_every_steps": "Checkpoint every N steps (and at each epoch end); 0: epochs only.",
-    "overwrite": "Allow replacing a finished run in --model_dir.",
-}
-
-
-def define_flags(flag_values):
-    """Defines one absl flag per `TrainConfig` field in `flag_values` (same name, default, type).
-
-    `tools/train.py` passes `absl.flags.FLAGS`; the study passes a fresh `flags.FlagValues()`.
+    `tools/train.py` and `tools/eval.py` pass `absl.flags.FLAGS`; the study passes a fresh
+    `flags.FlagValues()`.
     """
     from absl import flags
 
-    for field in dataclasses.fields(TrainConfig):
+    for field in dataclasses.fields(cls or TrainConfig):
         default = None if field.default is dataclasses.MISSING else field.default
         kind = type(default) if default is not None else typing.get_args(field.type)[:1]
         define = {
@@ -193,20 +183,124 @@ def define_flags(flag_values):
             tuple: flags.DEFINE_list,
         }.get(kind, flags.DEFINE_string)
         if isinstance(default, tuple):
-            default = list(default)
-        define(field.name, default, HELP[field.name], flag_values=flag_values)
+            default = [str(v) for v in default]
+        define(field.name, default, field.metadata["help"], flag_values=flag_values)
 
 
-def from_flags(flag_values):
-    """The `TrainConfig` of parsed flags (not yet validated); a negative --eval_epsilon is None."""
-    values = {}
-    for field in dataclasses.fields(TrainConfig):
-        value = flag_values[field.name].value
-        values[field.name] = tuple(v for v in value if v) if isinstance(value, list) else value
-    values["decay_epochs"] = tuple(float(e) for e in values["decay_epochs"])
-    if values["eval_epsilon"] is not None and values["eval_epsilon"] < 0:
-        values["eval_epsilon"] = None
-    return TrainConfig(**values)
+def from_flags(flag_values, cls=None):
+    """The config (`TrainConfig` by default) of parsed flags, not yet validated: read by the
+    class's `from_dict`."""
+    cls = cls or TrainConfig
+    return cls.from_dict({f.name: flag_values[f.name].value for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Every knob of `sat_tf.evalrun.run`; each field is also a flag of `tools/eval.py`.
+
+    Settings left unset (empty, 0, None) come from the run's config.json (`TrainConfig`) when
+    `model_dir` is given: its evaluation data, split, resolution, epsilon and PGD step.
+    """
+
+    model_dir: str = _field("", "A finished training run (model.keras + config.json).")
+    model_path: str = _field("", "Or: a .keras classifier file.")
+    # Data.
+    dataset: str = _field("", "Data spec (demo | tfrecord:<p> | tfds:<n> | folder:<d>).")
+    eval_files: str = _field("", "TFRecord pattern for evaluation (overrides --dataset).")
+    eval_split: str = _field("", "Split; default: the run's evaluation split.")
+    data_dir: str = _field("", "TFDS data_dir.")
+    image_size: int = _field(0, "Resolution; default: the run's.")
+    num_examples: int = _field(0, "Evaluate the first N examples; 0: all.")
+    # Attacks (pixels).
+    epsilons: tuple = _field((), "L-inf radii in pixels; default: the run's evaluation epsilon.")
+    step_size: float | None = _field(
+        None, "PGD step in pixels; default: the run's --eval_step_size, else 1 (official)."
+    )
+    num_steps: tuple = _field((10, 20, 50), "PGD steps K (official: 10,20,50,200).")
+    restarts: int = _field(1, "PGD random restarts (worst case over restarts).")
+    attacks: tuple = _field(
+        (), "Extra attacks (sat_tf.jobs): apgd-ce, apgd-t, fab-t, square, autoattack[-fast]."
+    )
+    protocol: str = _field("sat", "Evaluation protocol: sat | robustbench.")
+    surrogate: str = _field("", "A .keras model for the transfer-attack masking check.")
+    # Machinery.
+    output_dir: str = _field("", "Where reports go; default: <model_dir>/eval.")
+    batch_size: int = _field(128, "Examples per attack call.")
+    seed: int = _field(0, "Seed of every attack.")
+    deterministic: bool = _field(
+        False, "Deterministic ops and seeded everything: the same table every run."
+    )
+    jit_compile: bool = _field(
+        False, "Compile the attacks with XLA (GPU/TPU; on a CPU oneDNN is faster)."
+    )
+    progress: bool = _field(
+        True, "Progress bars (log lines when not a terminal) and the up-front estimate."
+    )
+    discard_state: bool = _field(
+        False, "Start afresh, discarding an unfinished evaluation's state in --output_dir."
+    )
+    # --protocol=robustbench.
+    autoattack_version: str = _field(
+        "standard", "robustbench: AutoAttack budget, standard | fast (smoke runs, not reportable)."
+    )
+    leaderboard: str = _field(
+        "", "robustbench: cifar10 | imagenet; default: from the model's classes (10 or 1000)."
+    )
+    robustbench_ids: str = _field(
+        "",
+        "robustbench, imagenet: RobustBench's imagenet_test_image_ids.txt (docs/robustbench.md).",
+    )
+
+    # Fields that only one protocol reads: set for the other one, they are an error.
+    SAT_ONLY = ("epsilons", "step_size", "num_steps", "restarts", "attacks", "surrogate")
+    ROBUSTBENCH_ONLY = ("autoattack_version", "leaderboard", "robustbench_ids")
+
+    @classmethod
+    def from_dict(cls, values):
+        """A config from flag values or a dict: lists become tuples (empty items dropped),
+        epsilons floats and num_steps ints; ValueError naming the flag when they are not."""
+        values = dict(values)
+        for name, kind, what in (("epsilons", float, "numbers"), ("num_steps", int, "integers")):
+            if name in values:
+                items = [v for v in values[name] if str(v).strip() != ""]
+                try:
+                    values[name] = tuple(kind(v) for v in items)
+                except ValueError:
+                    shown = ",".join(map(str, items))
+                    raise ValueError(f"--{name}={shown} is invalid: give {what}") from None
+        for name, value in values.items():
+            if isinstance(value, list):
+                values[name] = tuple(v for v in value if v != "")
+        return cls(**values)
+
+    def defaulted(self, name):
+        """Whether field `name` has its default value (was not set)."""
+        field = next(f for f in dataclasses.fields(self) if f.name == name)
+        return getattr(self, name) == field.default
+
+    def validate(self):
+        """Raises ValueError naming the first bad flag and how to fix it."""
+        if bool(self.model_dir) == bool(self.model_path):
+            raise ValueError("give exactly one of --model_dir or --model_path.")
+        for name, ok, hint in _eval_checks(self):
+            if not ok:
+                raise ValueError(f"--{name}={_show(getattr(self, name))} is invalid: {hint}")
+        other = self.SAT_ONLY if self.protocol == "robustbench" else self.ROBUSTBENCH_ONLY
+        given = [f"--{name}" for name in other if not self.defaulted(name)]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be used with --protocol={self.protocol}.")
+        return self
+
+
+def _eval_checks(c):
+    yield "protocol", c.protocol in ("sat", "robustbench"), "choose sat or robustbench"
+    yield "num_examples", c.num_examples >= 0, "must be >= 0 (0: all)"
+    yield "image_size", c.image_size >= 0, "must be >= 0 (0: the run's)"
+    yield "epsilons", all(e >= 0 for e in c.epsilons), "radii in pixels must be >= 0"
+    yield "step_size", c.step_size is None or c.step_size > 0, "must be > 0 (pixels)"
+    yield "num_steps", all(k >= 1 for k in c.num_steps), "steps must be >= 1"
+    yield "restarts", c.restarts >= 1, "must be >= 1"
+    yield "batch_size", c.batch_size >= 1, "must be >= 1"
 
 
 def _show(value):

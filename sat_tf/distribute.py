@@ -24,8 +24,7 @@ import keras
 import tensorflow as tf
 
 from sat_tf import _keras_compat as compat
-
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+from sat_tf.options import STRATEGIES
 
 
 def local_hosts(count):

@@ -5,7 +5,8 @@ attack at one epsilon, `sat_tf.passes`) the per-example record `fooled_by`, the 
 (pass, batches done), the seconds spent and the batches run, plus a fingerprint: digests of the
 model weights and of the examples, the attacks and every setting that changes a result (seed,
 batch size, ...). Opening the file for an evaluation with another fingerprint refuses with one
-line naming what changed, unless `restart=True` (tools/eval.py: --restart) starts afresh.
+line naming what changed, unless `discard_state=True` (tools/eval.py: --discard_state) starts
+afresh.
 """
 
 import hashlib
@@ -98,25 +99,26 @@ class EvaluationState:
         self.batches = np.zeros([num_jobs], np.int64)
 
     @classmethod
-    def open(cls, path, num_jobs, num_examples, *, restart=False, **evaluation):
+    def open(cls, path, num_jobs, num_examples, *, discard_state=False, **evaluation):
         """The state at `path` if it belongs to this evaluation, a fresh one otherwise.
 
         Args:
             path: The state file (a `Path`), or None for a state in memory only.
             num_jobs: Attacks (at each epsilon) of the evaluation.
             num_examples: Its examples.
-            restart: Start afresh even if `path` holds another evaluation's state.
+            discard_state: Start afresh even if `path` holds another evaluation's state.
             **evaluation: `fingerprint`'s arguments (only digested when `path` is given).
 
         Raises:
-            StateMismatchError: `path` holds another evaluation's state (and not `restart`).
+            StateMismatchError: `path` holds another evaluation's state (and not
+                `discard_state`).
         """
         if path is None:
             return cls(None, {}, num_jobs, num_examples)
         state = cls(path, fingerprint(**evaluation), num_jobs, num_examples)
-        if restart or not path.exists():
+        if discard_state or not path.exists():
             return state
-        hint = "start afresh with --restart (restart=True), or use another --output_dir"
+        hint = "start afresh with --discard_state (discard_state=True), or use another --output_dir"
         try:
             with np.load(path, allow_pickle=False) as saved:
                 arrays = {name: saved[name] for name in saved.files}

@@ -5,7 +5,7 @@
                        state="eval/state.npz")
     results.save("eval/")  # results.json, results.md, per_example.npz, two plots
 
-Attack specs are strings such as "pgd-50x3" or `AttackSpec`s (`sat_tf.rows` lists them).
+Attack specs are strings such as "pgd-50x3" or `AttackSpec`s (`sat_tf.jobs` lists them).
 Epsilons are L-inf radii in pixel units (0-255 images: 8 means 8/255). Besides the table, the
 evaluation runs "pgd-20" at `large_epsilon` and, when a `surrogate` model is given, a transfer
 PGD from it, for the checks in `sat_tf.masking`. An attack runs only on the examples still
@@ -14,147 +14,64 @@ the accuracy is that of attacking every example, at a fraction of the cost when 
 
 Long evaluations show their progress and an estimate of the work ahead (`verbose=1`), and with
 `state=` record every finished batch, so that the same call after a kill resumes where it was and
-ends with the same per-example results (`sat_tf.evalstate`). `tools/eval.py` is the command-line
-front end.
+ends with the same per-example results (`sat_tf.evalstate`). `sat_tf.evalrun` runs a whole
+evaluation of a run folder or .keras file (`tools/eval.py`).
 """
 
 import dataclasses
-import warnings
-from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
-from sat_tf import attacks, autoattack, evalstate, masking, passes, reporting
-from sat_tf.attacks import require_logits
-from sat_tf.rows import AttackSpec, Row, parse_attack
+from sat_tf import jobs, masking, passes, reporting
+from sat_tf.rows import AttackSpec, Row
 
-__all__ = ["AttackSpec", "Row", "attack_batch", "collect", "evaluate", "parse_attack"]
+__all__ = ["attack_batch", "collect", "evaluate"]
 
 
-def _gradient_attack(
-    source, kind, images, labels, *, epsilon, num_steps, seed, step_size=None, jit_compile=False
+def attack_batch(
+    model, spec, images, labels, *, epsilon, seed=0, surrogate=None, jit_compile=False
 ):
-    """`sat_tf.attacks` FGSM or PGD (default step 2.5 * epsilon / K, Madry et al. 2018), compiled
-    once per (model, kind, epsilon, steps, step, jit_compile) for every batch size."""
-    if step_size is None and kind == "pgd":
-        step_size = 2.5 * epsilon / num_steps
-    key = ("evaluation", kind, float(epsilon), num_steps, step_size)
-    seed = tf.constant([seed, 0], tf.int64)
-
-    def build(ref):
-        if kind == "fgsm":
-            return lambda x, y, s: attacks.fgsm(ref(), x, y, epsilon=epsilon)
-        return lambda x, y, s: attacks.pgd(
-            ref(), x, y, epsilon=epsilon, step_size=step_size, num_steps=num_steps, seed=s
-        )
-
-    attack = attacks.compiled(source, key, build, images, labels, seed, jit_compile=jit_compile)
-    return attack(images, labels, seed)
-
-
-def _job(model, spec, epsilon, *, seed, num_classes, source=None, jit_compile=False):
-    """The `passes.Job` of one attack spec at one epsilon."""
-    if spec.kind == "clean":
-        return passes.Job("clean", (passes.CLEAN,))
-    label = f"{spec.label} eps={epsilon:g}"
-    options = dict(epsilon=epsilon, seed=seed, jit_compile=jit_compile)
-    if spec.kind == "autoattack":
-        return autoattack.attack_job(
-            model, num_classes=num_classes, version=spec.version, **options
-        )
-    if spec.kind in ("fgsm", "pgd", "transfer"):
-        kind = "fgsm" if spec.kind == "fgsm" else "pgd"
-        restarts = spec.num_restarts if kind == "pgd" else 1
-        steps = 1 if kind == "fgsm" else spec.num_steps
-
-        def restart(r):
-            return lambda x, y: _gradient_attack(
-                source or model,
-                kind,
-                x,
-                y,
-                num_steps=spec.num_steps,
-                step_size=spec.step_size,
-                **(options | {"seed": seed + r}),
-            )
-
-        name = "restart" if restarts > 1 else spec.label
-        runs = [passes.Pass(name, restart(r), gradients=steps) for r in range(restarts)]
-        return passes.Job(label, (passes.CLEAN, *runs))
-    if spec.kind == "square":
-
-        def square(x, y):
-            return autoattack.square(model, x, y, num_queries=spec.num_steps, **options)
-
-        queries = spec.num_steps + 2  # the start, every query, the final check
-        return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, square, queries=queries)))
-    targeted = spec.kind == "apgd-t"
-    targets = min(9, num_classes - 1) if targeted else 1
-    if targeted and targets < 9:
-        warnings.warn(
-            f"{label}: a {num_classes}-class model has {targets} target classes, not 9; "
-            f"using {targets}.",
-            stacklevel=3,
-        )
-
-    def apgd(x, y):
-        return autoattack.apgd(
-            model,
-            x,
-            y,
-            num_steps=spec.num_steps,
-            loss="dlr" if targeted else "ce",
-            targeted=targeted,
-            target_classes=targets,
-            num_restarts=spec.num_restarts,
-            **options,
-        )
-
-    work = (spec.num_steps + 1) * spec.num_restarts * targets  # a gradient at the start, one a step
-    return passes.Job(label, (passes.CLEAN, passes.Pass(spec.label, apgd, gradients=work)))
-
-
-def _num_classes(model, images):
-    return int(model(tf.constant(images[:1], tf.float32), training=False).shape[-1])
-
-
-def attack_batch(model, spec, images, labels, *, epsilon, seed=0, source=None, jit_compile=False):
     """Per-example robustness of one batch: [B] bool, True where the model stays correct.
 
     Args:
         model: The model evaluated.
-        spec: An `AttackSpec`.
+        spec: An attack spec (`sat_tf.jobs`), string or `AttackSpec`.
         images: [B, H, W, C] pixels.
         labels: [B] int classes.
         epsilon: L-inf radius in pixel units.
         seed: Seed of the attack (restart r of PGD uses seed + r).
-        source: The model the attack computes gradients on, for kind="transfer" (else `model`).
-        jit_compile: Compile the attack with XLA (FGSM, PGD, APGD, Square).
+        surrogate: The model a "transfer" attack computes its gradients on.
+        jit_compile: Compile the attack with XLA.
     """
-    x, y = np.asarray(images, np.float32), np.asarray(labels).astype(np.int32)
-    job = _job(
+    x = np.asarray(images, np.float32)
+    _, record = jobs.run(
         model,
-        spec,
-        epsilon,
+        x,
+        labels,
+        [(spec, float(epsilon))],
+        where="attack_batch",
         seed=seed,
-        num_classes=_num_classes(model, x),
-        source=source,
+        batch_size=len(x),
+        surrogate=surrogate,
         jit_compile=jit_compile,
     )
-    fooled_by = np.full(len(y), passes.ROBUST, np.int16)
-    passes.run_job(model, job, x, y, fooled_by=fooled_by, batch_size=max(1, len(y)))
-    return fooled_by == passes.ROBUST
+    return record.fooled_by[0] == passes.ROBUST
 
 
-def collect(dataset, num_examples=None):
+def collect(data, num_examples=None):
     """(images float32 [N, H, W, C], labels int32 [N]) from arrays or a tf.data (batched or not)."""
-    if isinstance(dataset, tuple | list):
-        images, labels = (np.asarray(a) for a in dataset)
-    else:
-        parts = [(np.asarray(x), np.asarray(y)) for x, y in dataset.as_numpy_iterator()]
-        if parts and parts[0][1].ndim == 0:  # An unbatched dataset.
-            parts = [(x[None], y[None]) for x, y in parts]
+    if isinstance(data, tuple | list):
+        images, labels = (np.asarray(a) for a in data)
+    else:  # read only up to `num_examples`: a dataset may be large or repeat forever
+        parts, count = [], 0
+        for x, y in data.as_numpy_iterator():
+            x, y = np.asarray(x), np.asarray(y)
+            if y.ndim == 0:  # An unbatched dataset of class ids.
+                x, y = x[None], y[None]
+            parts.append((x, y))
+            count += len(y)
+            if num_examples is not None and count >= num_examples:
+                break
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
     if labels.ndim > 1:  # One-hot.
@@ -165,7 +82,7 @@ def collect(dataset, num_examples=None):
 
 def evaluate(
     model,
-    dataset,
+    data,
     *,
     attacks,
     epsilons,
@@ -179,14 +96,14 @@ def evaluate(
     verbose=1,
     jit_compile=False,
     state=None,
-    restart=False,
+    discard_state=False,
 ):
     """Accuracy of `model` under every attack at every epsilon, plus the masking checks.
 
     Args:
         model: Keras model mapping [0, 255] pixels to logits.
-        dataset: (images, labels) arrays, or a tf.data.Dataset of (images, labels).
-        attacks: Attack specs, strings or `AttackSpec`s (see the module docstring).
+        data: (images, labels) arrays, or a tf.data.Dataset of (images, labels).
+        attacks: Attack specs, strings or `AttackSpec`s (see `sat_tf.jobs`).
         epsilons: L-inf radii, pixel units.
         num_examples: Evaluate on the first N examples (all when None).
         batch_size: Examples per attack call.
@@ -204,7 +121,8 @@ def evaluate(
             convolutions are faster than XLA's).
         state: Path of a state file (`sat_tf.evalstate`), rewritten after every batch; a call
             finding the state of an unfinished run of the same evaluation resumes it.
-        restart: Ignore (and overwrite) a state file of another evaluation instead of refusing.
+        discard_state: Ignore (and overwrite) a state file of another evaluation instead of
+            refusing.
 
     Returns:
         A `reporting.EvaluationResults` (rows, per-epsilon worst case over attacks, checks,
@@ -214,60 +132,43 @@ def evaluate(
         evalstate.StateMismatchError: `state` holds an unfinished run of another evaluation.
     """
     verbose = int(verbose)
-    require_logits(model, where="evaluate")
-    images, labels = collect(dataset, num_examples)
-    specs = [parse_attack(a) for a in attacks]
+    images, labels = collect(data, num_examples)
+    specs = [jobs.parse_attack(a) for a in attacks]
     if pgd_step_size is not None:
         specs = [
             dataclasses.replace(a, step_size=float(pgd_step_size)) if a.kind == "pgd" else a
             for a in specs
         ]
-    entries = [(spec, eps, None) for eps in epsilons for spec in specs if spec.kind != "clean"]
-    entries = [(AttackSpec("clean"), 0.0, None)] + entries
+    entries = [(spec, float(eps)) for eps in epsilons for spec in specs if spec.kind != "clean"]
+    entries = [(AttackSpec("clean"), 0.0)] + entries
     if surrogate is not None:
-        entries += [(AttackSpec("transfer", 20), eps, surrogate) for eps in epsilons]
+        entries += [(jobs.parse_attack("transfer-20"), float(eps)) for eps in epsilons]
     if large_epsilon is not None and checks:
-        entries.append((AttackSpec("pgd", 20), float(large_epsilon), None))
-    num_classes = _num_classes(model, images)
-    jobs = [
-        _job(
-            model,
-            spec,
-            float(eps),
-            seed=seed,
-            num_classes=num_classes,
-            source=source,
-            jit_compile=jit_compile,
-        )
-        for spec, eps, source in entries
-    ]
-    batch_size = max(1, min(batch_size, len(labels)))
-    record = evalstate.EvaluationState.open(
-        Path(state) if state else None,
-        len(jobs),
-        len(labels),
-        restart=restart,
-        model=model,
-        images=images,
-        labels=labels,
-        attacks=[job.label for job in jobs],
+        entries.append((jobs.parse_attack("pgd-20"), float(large_epsilon)))
+    ran, record = jobs.run(
+        model,
+        images,
+        labels,
+        entries,
+        where="evaluate",
         seed=seed,
         batch_size=batch_size,
         surrogate=surrogate,
+        jit_compile=jit_compile,
+        state=state,
+        discard_state=discard_state,
+        verbose=verbose,
         pgd_step_size=pgd_step_size,
-        jit_compile=bool(jit_compile),
-    )
-    passes.run_jobs(
-        model, jobs, images, labels, record, batch_size=batch_size, pad=jit_compile, verbose=verbose
     )
     rows, worst = [], {}
-    for j, (spec, eps, _) in enumerate(entries):
+    for j, (spec, eps) in enumerate(entries):
         robust = record.fooled_by[j] == passes.ROBUST
         row = Row(
             attack=spec.label,
             kind=spec.kind,
-            epsilon=float(eps),
+            epsilon=eps,
             num_steps=spec.num_steps,
+            num_queries=spec.num_queries,
             num_restarts=spec.num_restarts,
             step_size=spec.step_size,
             accuracy=float(robust.mean()) if len(labels) else 0.0,
@@ -300,7 +201,7 @@ def evaluate(
         per_example=reporting.PerExample(
             labels=labels,
             fooled_by=record.fooled_by.copy(),
-            jobs=[job.label for job in jobs],
-            passes=[[p.name for p in job.passes] for job in jobs],
+            jobs=[job.label for job in ran],
+            passes=[[p.name for p in job.passes] for job in ran],
         ),
     )

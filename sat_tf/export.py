@@ -10,9 +10,8 @@ the bad images by index: `serving_default` refuses NaN/Inf pixels and pixels out
 [0, 255] by more than `PIXEL_TOLERANCE` (a client that sends [0, 65535] or mean-subtracted values
 gets an error, not a confident wrong class) and clips the small overshoot of bicubic resizing into
 [0, 255], the domain the model was trained on; `serving_bytes` names each image it cannot decode.
-The export is
-written under a temporary name and renamed to `<export_dir>/<version>` when complete: TF Serving
-(which watches numeric sub-directories) never loads a half-written model.
+The export is written under a temporary name and renamed to `<export_dir>/<version>` when
+complete: TF Serving (which watches numeric sub-directories) never loads a half-written model.
 """
 
 import json

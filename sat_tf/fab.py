@@ -146,7 +146,7 @@ def fab_targeted(
         images: [B, H, W, C] pixels in [clip_min, clip_max].
         labels: [B] int true classes.
         epsilon: L-inf radius, in pixel units.
-        num_steps: Iterations per target (two forward passes and one gradient each).
+        num_steps: Iterations per target (one gradient and one forward pass each).
         target_classes: Number of target classes.
         alpha_max: Largest weight of the step from the clean image.
         eta: Overshoot of each projection.
@@ -179,7 +179,7 @@ def fab_targeted(
     ranking = tf.argsort(logits, axis=1, direction="DESCENDING", stable=True)
     fooled = fooled_clean = tf.argmax(logits, axis=1, output_type=tf.int32) != y
     adv = u
-    for rank in range(1, min(target_classes, logits.shape[1] - 1) + 1):
+    for rank in range(1, attacks.target_classes(target_classes, logits.shape[1], who="FAB-T") + 1):
         active = tf.where(~fooled)[:, 0]
         if active.shape[0] == 0:
             break

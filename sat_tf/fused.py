@@ -154,8 +154,9 @@ def _mish_bwd(x, dy):
 
 @_kernel
 def _elu_fwd(x, alpha):
-    # exp(x) - 1, not expm1: the same values as TensorFlow's Elu kernel, which layers used
-    # before. min(x, 0) keeps the unused branch finite (an inf there makes autodiff NaN).
+    # exp(x) - 1, not expm1: the same values as TensorFlow's Elu kernel (`tf.nn.elu`), whose
+    # outputs tests/data/activations_before.npz stores. min(x, 0) keeps the unused branch finite
+    # (an inf there makes autodiff NaN).
     x32 = _f32(x)
     return tf.cast(tf.where(x32 > 0, x32, alpha * (tf.exp(tf.minimum(x32, 0.0)) - 1.0)), x.dtype)
 

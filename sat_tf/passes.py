@@ -183,7 +183,9 @@ def run_job(
     mark((len(job.passes), 0))
 
 
-def run_jobs(model, jobs, images, labels, record, *, batch_size, pad=False, verbose=0):
+def run_jobs(
+    model, jobs, images, labels, record, *, batch_size, pad=False, adversarial=None, verbose=0
+):
     """Runs every unfinished job of `record` in order, each from where it stopped.
 
     When the first job is the clean pass alone (`evaluate`'s layout), the other jobs reuse its
@@ -198,6 +200,7 @@ def run_jobs(model, jobs, images, labels, record, *, batch_size, pad=False, verb
         record: A `sat_tf.evalstate.EvaluationState` for these jobs.
         batch_size: Examples per attack call.
         pad: See `run_job`.
+        adversarial: See `run_job`.
         verbose: Keras-style: 1 the work ahead and progress, 2 the resume line only, 0 nothing.
     """
     shared = jobs[0].passes == (CLEAN,)
@@ -221,6 +224,7 @@ def run_jobs(model, jobs, images, labels, record, *, batch_size, pad=False, verb
             start=tuple(int(v) for v in record.position[j]),
             clean=record.fooled_by[0] if shared and j else None,
             checkpoint=lambda position, seconds, j=j: record.record(j, position, seconds),
+            adversarial=adversarial,
             pad=pad,
             verbose=verbose,
         )

@@ -77,7 +77,7 @@ def _check_same_config(path, config):
         raise RunError(f"--model_dir={config.model_dir}: {error}") from None
     if not saved:
         return
-    # A field that an older run did not save yet had its default value.
+    # A field missing from the saved config.json has its default value.
     fields = dataclasses.fields(config)
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     saved = json.loads(json.dumps(defaults | saved))

@@ -10,8 +10,6 @@ import numpy as np
 matplotlib.use("Agg")  # No display on servers and CI; set before pyplot is imported.
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sat_tf.rows import parse_attack  # noqa: E402
-
 
 @dataclasses.dataclass(frozen=True)
 class PerExample:
@@ -65,13 +63,14 @@ class EvaluationResults:
         return next(r.accuracy for r in self.rows if r.kind == "clean")
 
     def accuracy(self, attack, epsilon):
-        """Accuracy at `epsilon` of an attack, by spec ("apgd-ce") or label ("apgd-ce-100")."""
-        if attack not in {r.attack for r in self.rows}:
-            attack = parse_attack(attack).label
-        for row in self.rows:
-            if row.attack == attack and row.epsilon == float(epsilon):
-                return row.accuracy
-        raise KeyError(f"No row for attack={attack!r}, epsilon={epsilon!r}")
+        """Accuracy at `epsilon` of an attack, by label ("apgd-ce-100", any case) or by name
+        ("apgd-ce") when one row of that name is at that epsilon."""
+        name = str(attack).strip().lower()
+        found = [r for r in self.rows if r.epsilon == float(epsilon)]
+        found = [r for r in found if r.attack == name] or [r for r in found if r.kind == name]
+        if len(found) != 1:
+            raise KeyError(f"No single row for attack={attack!r}, epsilon={epsilon!r}")
+        return found[0].accuracy
 
     def to_dict(self):
         return {

@@ -26,12 +26,11 @@ Where this differs from RobustBench's own run (every result lists what applies i
 """
 
 import dataclasses
-from pathlib import Path
 
 import keras
 import numpy as np
 
-from sat_tf import attacks, autoattack, evalstate, passes, reporting
+from sat_tf import autoattack, jobs, reporting
 from sat_tf.rows import Row
 
 
@@ -40,14 +39,14 @@ class Protocol:
     """One RobustBench L-inf leaderboard.
 
     Attributes:
-        dataset: RobustBench's name, "cifar10" or "imagenet".
+        leaderboard: RobustBench's name of the dataset, "cifar10" or "imagenet".
         epsilon: RobustBench's "eps" field: the radius as a fraction of the [0, 1] range.
         num_examples: examples of the full protocol.
         image_size: input side of RobustBench's default preprocessing.
         num_classes: classes of the dataset.
     """
 
-    dataset: str
+    leaderboard: str
     epsilon: str
     num_examples: int
     image_size: int
@@ -143,9 +142,9 @@ class Result:
             found.append(f"first {self.num_examples} of the protocol's {p.num_examples} examples")
         if self.version != "standard":
             found.append(f'AutoAttack version "{self.version}", not "standard"')
-        if p.dataset == "cifar10" and self.image_size != p.image_size:
+        if p.leaderboard == "cifar10" and self.image_size != p.image_size:
             found.append(f"{self.image_size}-pixel images, not CIFAR-10's {p.image_size}")
-        if p.dataset == "imagenet":
+        if p.leaderboard == "imagenet":
             found.append("TF central-crop preprocessing, not torchvision Resize(256)+CenterCrop")
         return found
 
@@ -157,7 +156,7 @@ class Result:
         """
         entry = _INFO_DEFAULTS | self.model_info
         entry |= {
-            "dataset": self.protocol.dataset,
+            "dataset": self.protocol.leaderboard,
             "eps": self.protocol.epsilon,
             "clean_acc": f"{100 * self.clean_accuracy:.2f}",
             "autoattack_acc": f"{100 * self.robust_accuracy:.2f}",
@@ -184,7 +183,7 @@ class Result:
         attack = "autoattack" if self.version == "standard" else f"autoattack-{self.version}"
         return {
             "protocol": "robustbench",
-            "robustbench_dataset": self.protocol.dataset,
+            "robustbench_dataset": self.protocol.leaderboard,
             "dataset": self.source,
             "num_examples": self.num_examples,
             "threat_model": {
@@ -211,7 +210,7 @@ def benchmark(
     images,
     labels,
     *,
-    dataset,
+    leaderboard,
     num_examples=None,
     version="standard",
     batch_size=128,
@@ -220,15 +219,15 @@ def benchmark(
     source="",
     verbose=0,
     state=None,
-    restart=False,
+    discard_state=False,
 ):
-    """Clean and AutoAttack accuracy under RobustBench's L-inf protocol for `dataset`.
+    """Clean and AutoAttack accuracy under RobustBench's L-inf protocol for `leaderboard`.
 
     Args:
         model: Keras classifier taking [0, 255] pixels, returning logits.
         images: [N, S, S, 3] pixels in [0, 255] (uint8 or float), in the protocol's order.
         labels: [N] int classes.
-        dataset: "cifar10" (epsilon 8/255 = 8 pixels) or "imagenet" (4/255 = 4 pixels).
+        leaderboard: "cifar10" (epsilon 8/255 = 8 pixels) or "imagenet" (4/255 = 4 pixels).
         num_examples: evaluate the first this many; None: the protocol's full count.
         version: AutoAttack version, "standard" (the protocol) or "fast" (smoke runs).
         batch_size: examples per attack call.
@@ -236,10 +235,11 @@ def benchmark(
         model_info: RobustBench fields to fill in (architecture, name, link, authors, venue,
             additional_data, number_forward_passes, reported, footnote); not measured ones.
         source: where the images came from, in words, for the records.
-        verbose: 1 prints the work ahead, a time estimate and each stage's progress.
+        verbose: 0 silent; 1 the work ahead, a time estimate and each stage's progress; 2 the
+            resume line only (as `sat_tf.evaluation.evaluate`).
         state: path of a state file (`sat_tf.evalstate`) rewritten after every batch; the same
             call after a kill resumes from it and gives the same per-example results.
-        restart: overwrite a state file of another evaluation instead of refusing.
+        discard_state: overwrite a state file of another evaluation instead of refusing.
 
     Returns:
         A `Result`.
@@ -247,7 +247,7 @@ def benchmark(
     Raises:
         evalstate.StateMismatchError: `state` holds an unfinished run of another evaluation.
     """
-    protocol = _protocol(dataset)
+    protocol = _protocol(leaderboard)
     n = protocol.num_examples if num_examples is None else int(num_examples)
     if not 0 < n <= min(protocol.num_examples, len(labels)):
         raise ValueError(
@@ -263,27 +263,20 @@ def benchmark(
         raise ValueError(f"model_info cannot set measured fields. Received: {clashes}")
     x, y = images[:n], np.asarray(labels[:n]).astype(np.int32)
     _check_pixels(x)
-    attacks.require_logits(model, where="benchmark")
-    num_classes = int(model(np.asarray(x[:1], np.float32), training=False).shape[-1])
-    job = autoattack.attack_job(
-        model, epsilon=protocol.epsilon_pixels, num_classes=num_classes, version=version, seed=seed
-    )
-    batch_size = max(1, min(batch_size, n))
-    record = evalstate.EvaluationState.open(
-        Path(state) if state else None,
-        1,
-        n,
-        restart=restart,
-        model=model,
-        images=x,
-        labels=y,
-        attacks=[job.label],
+    ran, record = jobs.run(
+        model,
+        x,
+        y,
+        [(autoattack.spec(version), protocol.epsilon_pixels)],
+        where="benchmark",
         seed=seed,
         batch_size=batch_size,
-        protocol=protocol.dataset,
+        state=state,
+        discard_state=discard_state,
+        verbose=verbose,
+        protocol=protocol.leaderboard,
     )
-    passes.run_jobs(model, [job], x, y, record, batch_size=batch_size, verbose=verbose)
-    names = [p.name for p in job.passes]
+    names = [p.name for p in ran[0].passes]
     stages = autoattack.stage_accuracies(record.fooled_by[0], names)
     return Result(
         protocol=protocol,
@@ -300,16 +293,18 @@ def benchmark(
         per_example=reporting.PerExample(
             labels=y,
             fooled_by=record.fooled_by.copy(),
-            jobs=[job.label],
+            jobs=[ran[0].label],
             passes=[names],
         ),
     )
 
 
-def _protocol(dataset):
-    if dataset not in PROTOCOLS:
-        raise ValueError(f"dataset must be one of {sorted(PROTOCOLS)}. Received: {dataset!r}")
-    return PROTOCOLS[dataset]
+def _protocol(leaderboard):
+    if leaderboard not in PROTOCOLS:
+        raise ValueError(
+            f"leaderboard must be one of {sorted(PROTOCOLS)}. Received: {leaderboard!r}"
+        )
+    return PROTOCOLS[leaderboard]
 
 
 def _check_pixels(images):

@@ -1,40 +1,26 @@
-"""The schema of an evaluation: an attack spec, its parser, and one row of results.
+"""The schema of an evaluation: an attack spec and one row of results.
 
-`sat_tf.evaluation` writes `Row`s; `sat_tf.masking`, `sat_tf.reporting`, `sat_tf.card`,
-`sat_tf.robustbench` and the study read them. This module imports nothing from sat_tf, so every
-one of them can import it without a cycle.
-
-Attack specs are strings `name[-budget][xrestarts]` or `AttackSpec`s:
-    "clean"                  no attack.
-    "fgsm"                   one signed-gradient step of size epsilon.
-    "pgd-K", "pgd-KxR"       PGD, K steps of 2.5 * epsilon / K (Madry et al. 2018), random start;
-                             R restarts, an example counts as robust only if it survives all R.
-    "apgd-ce[-K]"            APGD on cross-entropy, K steps (default 100).
-    "apgd-t[-K]"             APGD on the targeted DLR loss, 9 target classes, K steps (default 100).
-    "square[-Q]"             Square Attack, Q queries (default 5000).
-    "autoattack[-fast|-rand]" the AutoAttack ensemble, "standard" (default), "fast", or "rand" (for
-                             randomized models: APGD-CE and APGD-DLR with EOT).
+`sat_tf.jobs` parses and runs specs; `sat_tf.evaluation` writes `Row`s; `sat_tf.masking`,
+`sat_tf.reporting`, `sat_tf.card`, `sat_tf.robustbench` and the study read them. This module
+imports nothing from sat_tf, so every one of them can import it without a cycle.
 """
 
 import dataclasses
-import re
-
-_PATTERN = re.compile(
-    r"^(clean|fgsm|pgd|apgd-ce|apgd-t|square|autoattack)(?:-(\d+|fast|standard|rand))?(?:x(\d+))?$"
-)
-_DEFAULT_BUDGET = {"pgd": 10, "apgd-ce": 100, "apgd-t": 100, "square": 5000}
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
-    """One attack of the table.
+    """One attack of an evaluation (the names and the string form: `sat_tf.jobs`).
 
     Attributes:
-        kind: "clean", "fgsm", "pgd", "apgd-ce", "apgd-t", "square", "autoattack" or "transfer".
-        num_steps: Steps (PGD, APGD) or queries (Square); None where it does not apply.
+        kind: A name of `sat_tf.jobs.ATTACKS` ("pgd", "apgd-t", "square", "autoattack", ...).
+        num_steps: Steps (FGSM/PGD/APGD/FAB); None where it does not apply.
+        num_queries: Queries (Square); None where it does not apply.
         num_restarts: Random restarts (PGD, APGD).
-        version: AutoAttack version, "standard" or "fast".
+        version: AutoAttack version, "standard", "fast" or "rand".
         step_size: PGD step in pixels; None for Madry's 2.5 * epsilon / num_steps.
+        eot_iter: Gradients averaged per APGD step (AutoAttack "rand").
+        stages: AutoAttack stages to run (names of `sat_tf.jobs.STAGES`); None: the version's.
     """
 
     kind: str
@@ -42,30 +28,18 @@ class AttackSpec:
     num_restarts: int = 1
     version: str = "standard"
     step_size: float | None = None
+    num_queries: int | None = None
+    eot_iter: int = 1
+    stages: tuple | None = None
 
     @property
     def label(self):
         if self.kind == "autoattack":
             return "autoattack" if self.version == "standard" else f"autoattack-{self.version}"
-        budget = f"-{self.num_steps}" if self.num_steps is not None else ""
+        budget = self.num_queries if self.num_queries is not None else self.num_steps
+        budget = f"-{budget}" if budget is not None else ""
         restarts = f"x{self.num_restarts}" if self.num_restarts > 1 else ""
         return f"{self.kind}{budget}{restarts}"
-
-
-def parse_attack(spec):
-    """An `AttackSpec` from a string such as "pgd-50x3" (or an `AttackSpec`, returned as is)."""
-    if isinstance(spec, AttackSpec):
-        return spec
-    match = _PATTERN.match(str(spec).strip().lower())
-    if not match:
-        raise ValueError(f"Unknown attack spec. Received: {spec!r}; see sat_tf.rows's docstring.")
-    kind, budget, restarts = match.groups()
-    if kind == "autoattack":
-        return AttackSpec("autoattack", version=budget or "standard")
-    if budget is not None and not budget.isdigit():
-        raise ValueError(f"Only autoattack takes a version. Received: {spec!r}")
-    steps = int(budget) if budget else _DEFAULT_BUDGET.get(kind)
-    return AttackSpec(kind, steps, int(restarts or 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +51,11 @@ class Row:
         kind: The spec's kind ("clean", "pgd", "apgd-ce", "square", "transfer", ...).
         epsilon: L-inf radius in pixels (0 for "clean").
         accuracy: Fraction of the examples still classified correctly.
-        num_steps: Steps or queries; None where it does not apply.
+        num_steps: Steps; None where it does not apply.
         num_restarts: Random restarts.
         step_size: PGD step in pixels; None for the attack's default.
         seconds: Wall time of the attack.
+        num_queries: Queries (Square); None where it does not apply.
     """
 
     attack: str
@@ -91,9 +66,19 @@ class Row:
     num_restarts: int = 1
     step_size: float | None = None
     seconds: float = 0.0
+    num_queries: int | None = None
 
-    # The JSON key order of the files already written (results.json, cards, the study).
-    KEYS = ("attack", "kind", "epsilon", "num_steps", "num_restarts", "step_size", "accuracy")
+    # The JSON key order of results.json, cards and the study's result files.
+    KEYS = (
+        "attack",
+        "kind",
+        "epsilon",
+        "num_steps",
+        "num_queries",
+        "num_restarts",
+        "step_size",
+        "accuracy",
+    )
 
     def to_dict(self, keys=KEYS + ("seconds",)):
         """The row as JSON-ready dict with `keys`, in that order."""
@@ -101,6 +86,10 @@ class Row:
 
     @classmethod
     def from_dict(cls, values):
-        """A row from `to_dict`'s output (missing optional keys take their defaults)."""
+        """A row from `to_dict`'s output (missing optional keys take their defaults; a Square
+        row without "num_queries", as sat_tf 0.1.0 wrote it, has its queries in "num_steps")."""
         names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in names})
+        values = {key: value for key, value in values.items() if key in names}
+        if values.get("kind") == "square" and "num_queries" not in values:
+            values["num_queries"] = values.pop("num_steps", None)
+        return cls(**values)

@@ -9,7 +9,7 @@ iteration counter) continues on the same curve.
 import keras
 from keras import ops
 
-SCHEDULES = ("step", "exponential", "cosine")  # the `kind`s of `WarmupDecay`
+from sat_tf.options import SCHEDULES
 
 
 @keras.saving.register_keras_serializable(package="sat_tf")

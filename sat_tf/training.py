@@ -25,19 +25,18 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from sat_tf import attacks, card, data, distribute, models, rundir, saving, schedules
 from sat_tf import callbacks as callbacks_lib
+from sat_tf import card, data, distribute, models, rundir, saving, schedules
 from sat_tf.adversarial import AdversarialModel
 from sat_tf.atomic import atomic_path, write_json
 from sat_tf.config import TrainConfig
-from sat_tf.preflight import (  # noqa: F401  (RunError, min_image_size: public here too)
-    RunError,
+from sat_tf.preflight import (
+    RunError,  # what `run` raises, named here for its callers
     check_first_batches,
     check_model_dir,
     check_names,
     clear_finished_run,
     data_error,
-    min_image_size,
 )
 
 
@@ -157,7 +156,10 @@ def check_inputs(config):
     Returns:
         `(strategy, model_dir, train, evaluation, steps_per_epoch)`.
     """
-    config.validate()
+    try:
+        config.validate()
+    except ValueError as error:
+        raise RunError(str(error)) from None
     check_names(config)
     strategy = distribute.get_strategy(config.strategy, tpu=config.tpu or None)
     if config.global_batch_size % strategy.num_replicas_in_sync:
@@ -274,7 +276,7 @@ def build_model(config, steps_per_epoch):
         num_steps=config.num_steps,
         random_start=config.random_start,
         prob_start_from_clean=config.prob_start_from_clean,
-        eval_epsilon=config.resolved_eval_epsilon,
+        eval_epsilon=config.eval_epsilon,
         eval_step_size=config.eval_step_size,
         eval_num_steps=config.eval_num_steps,
         smooth_gradients=config.smooth_gradients,
@@ -295,25 +297,12 @@ def build_model(config, steps_per_epoch):
 def _callbacks(config, model_dir, checkpointer, evaluation, command):
     hint = f"Re-run the same command to resume: {command}" if command else "Re-run to resume."
     images, labels = next(iter(evaluation.dataset.take(1)))[:2]
-
-    def attack(model, x, y):
-        return attacks.pgd(
-            model.classifier,
-            x,
-            y,
-            epsilon=config.resolved_eval_epsilon,
-            step_size=config.eval_step_size,
-            num_steps=config.eval_num_steps,
-        )
-
     return [
         callbacks_lib.StopOnNonFinite(),  # before the checkpointer: never save a NaN state
         checkpointer,
         callbacks_lib.GracefulStop(checkpointer, resume_hint=hint),
         keras.callbacks.TensorBoard(model_dir / rundir.LOGS, update_freq="epoch"),
-        callbacks_lib.AdversarialImages(
-            model_dir / rundir.LOGS / "images", images[:4], labels[:4], attack
-        ),
+        callbacks_lib.AdversarialImages(model_dir / rundir.LOGS / "images", images[:4], labels[:4]),
     ]
 
 

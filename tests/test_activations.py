@@ -224,6 +224,20 @@ def test_keras_round_trip_with_non_default_arguments(layer, tmp_path):
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_layers_keep_the_input_shape_and_mask(name):
+    make, ref = CASES[name]
+    layer = make()
+    assert layer.compute_output_shape((None, 3, 2)) == (None, 3, 2)
+    # A masked time step (all zeros) must stay out of the masked average after the activation.
+    inputs = keras.Input((3, 2))
+    pooled = keras.layers.GlobalAveragePooling1D()(layer(keras.layers.Masking(0.0)(inputs)))
+    model = keras.Model(inputs, pooled)
+    x = np.array([[[1.0, -2.0], [0.0, 0.0], [0.5, 3.0]]], np.float32)
+    expected = ref(x[:, [0, 2]].astype(np.float64)).mean(axis=1)
+    np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -259,3 +259,50 @@ def test_save_and_load_keep_classifier_and_attack_settings(tmp_path):
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError, match="Received"):
         AdversarialModel(mlp(), **kwargs)
+
+
+# ---- The training callback's adversarial images: the model's own evaluation attack. ----
+
+
+def _input_gradient(params, x, y, smooth):
+    """d(cross-entropy)/dx of the MLP (float64), with the smooth or the step ReLU gradient."""
+    w1, b1, w2, b2 = params
+    z = x @ w1 + b1
+    logits = np.maximum(z, 0) @ w2 + b2
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d_h = (p - np.eye(3)[y]) @ w2.T
+    d_z = d_h * (1 / (1 + np.exp(-ALPHA * z)) if smooth else (z > 0))
+    return d_z @ w1.T
+
+
+@pytest.mark.parametrize("phases", [(), ("attack",), ("update",)])
+def test_adversarial_images_callback_runs_the_models_eval_attack(phases, tmp_path):
+    from sat_tf import callbacks
+
+    keras.utils.set_random_seed(3)
+    classifier = mlp()
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.5, 2.0, (16, 4)).astype("float32")  # moderate logits: no saturation
+    y = rng.integers(0, 3, 16)
+    params = [w.numpy().astype(np.float64) for w in classifier.weights]
+    model = AdversarialModel(
+        classifier,
+        epsilon=2.0,
+        eval_epsilon=0.25,
+        eval_step_size=0.25,
+        eval_num_steps=1,
+        random_start=False,
+        smooth_gradients=phases,
+    )
+    images = callbacks.AdversarialImages(tmp_path, x, y)
+    images.set_model(model)
+    # Reference: one signed step of the evaluation attack from the clean point (no random
+    # start), with the smooth gradient only where the model's phases say "attack".
+    gradient = _input_gradient(params, x.astype(np.float64), y, "attack" in phases)
+    expected = np.clip(x + 0.25 * np.sign(gradient), 0, 255)
+    np.testing.assert_allclose(np.asarray(images.adversarial()), expected, atol=1e-3)
+
+    clean = AdversarialModel(classifier, eval_num_steps=0, random_start=False)
+    images.set_model(clean)  # no steps, no random start: the images themselves
+    np.testing.assert_array_equal(np.asarray(images.adversarial()), x)

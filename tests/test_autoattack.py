@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sat_tf import attacks, autoattack
+from sat_tf import attacks, autoattack, jobs
 
 NUM_CLASSES, SIZE = 5, 8
 EPSILON = 32.0  # pixels; the tiny model below is partly robust at this radius.
@@ -278,9 +278,14 @@ def test_two_classes_get_a_clear_error_and_the_fix_runs(batch):
 
 def test_fewer_classes_than_targets_warns_and_uses_k_minus_1(model, batch):
     images, labels = batch
-    with pytest.warns(UserWarning, match="has 4 target classes, not 9; using 4"):
-        autoattack.check_attacks(None, "standard", NUM_CLASSES)
-    with pytest.warns(UserWarning, match="only 4; using 4"):
+    context = jobs.Context(model, NUM_CLASSES)
+    with pytest.warns(
+        UserWarning, match="apgd-t, fab-t: a 5-class model has 4 target classes, not 9"
+    ):
+        jobs.job(autoattack.spec("standard"), EPSILON, context)
+    with pytest.warns(UserWarning, match="apgd-t-100 eps=2: a 5-class model has 4 target"):
+        jobs.job("apgd-t", 2, context)
+    with pytest.warns(UserWarning, match="APGD-T: a 5-class model has 4 target classes, not 9"):
         autoattack.apgd(
             model, images[:8], labels[:8], epsilon=EPSILON, num_steps=2, loss="dlr",
             targeted=True, target_classes=9,

@@ -73,6 +73,26 @@ def test_parse_example_offset_and_bbox():
         np.testing.assert_allclose(parsed["bbox"].numpy(), [[0.1, 0.2, 0.3, 0.4]])
 
 
+def test_to_example_types_each_key_by_the_format():
+    # The hand-written record above (example()) is the reference for the two keys it writes.
+    values = {"image/encoded": b"abc", "image/class/label": 7}
+    assert tfrecord.to_example(values).SerializeToString() == example(b"abc", 7)
+    boxes = {"image/object/bbox/ymin": [0.1, 0.5], "image/height": 20, "image/format": b"JPEG"}
+    parsed = tf.io.parse_single_example(
+        tfrecord.to_example(boxes).SerializeToString(), tfrecord.features(*boxes)
+    )
+    np.testing.assert_allclose(parsed["image/object/bbox/ymin"].values.numpy(), [0.1, 0.5])
+    assert int(parsed["image/height"]) == 20 and parsed["image/format"].numpy() == b"JPEG"
+    with pytest.raises(KeyError, match="image/label"):
+        tfrecord.to_example({"image/label": 1})
+
+
+def test_absent_keys_parse_to_their_defaults():
+    parsed = tf.io.parse_single_example(example(b"abc", 3), tfrecord.FEATURES)
+    assert parsed["image/filename"].numpy() == b"" and int(parsed["image/width"]) == 0
+    assert parsed["image/object/bbox/xmax"].values.shape == (0,)
+
+
 def test_eval_order_labels_shapes_and_pixels(shards):
     dataset = tfrecord.build_dataset(shards, training=False, global_batch_size=6, image_size=8)
     batches = list(dataset)

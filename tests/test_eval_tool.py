@@ -76,9 +76,9 @@ def test_eval_reads_the_runs_eval_files(records, tmp_path):
     (run / "eval" / "eval_state.npz").write_text("not a state")  # e.g. another program's file
     refused = evaluate(f"--model_dir={run}", "--num_steps=1", "--batch_size=5")
     assert refused.returncode != 0 and "is not a readable sat_tf evaluation state" in refused.stderr
-    assert "--restart" in refused.stderr
+    assert "--discard_state" in refused.stderr
     quiet = evaluate(
-        f"--model_dir={run}", "--num_steps=1", "--batch_size=5", "--noprogress", "--restart"
+        f"--model_dir={run}", "--num_steps=1", "--batch_size=5", "--noprogress", "--discard_state"
     )
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "Work ahead" not in quiet.stdout and "10/10 examples" not in quiet.stdout
@@ -142,3 +142,70 @@ def test_check_writable_refuses_a_read_only_folder(tmp_path, monkeypatch):
         f"Could not write the reports in {tmp_path} (Read-only file system). Kept: everything, "
         "unchanged: nothing was run. Make it writable, then re-run."
     )
+
+
+def test_evalrun_is_the_library_call_behind_the_tool(tmp_path, capsys):
+    from sat_tf import evalrun
+    from sat_tf.config import EvalConfig
+
+    path = classifier(tmp_path / "m.keras", 10)
+    out = tmp_path / "reports"
+    config = EvalConfig(
+        model_path=str(path),
+        dataset="demo",
+        image_size=16,
+        num_examples=24,
+        epsilons=(8.0,),
+        num_steps=(2,),
+        attacks=("fgsm",),
+        batch_size=12,
+        output_dir=str(out),
+        progress=False,
+    )
+    summary = evalrun.run(config, command="test")
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == summary and set(summary) == {"clean", "epsilon", "pgd-2", "fgsm"}
+    assert summary["epsilon"] == 8.0 and 0 <= summary["pgd-2"] <= summary["clean"] <= 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_examples"] == 24
+    assert [r["attack"] for r in results["rows"]][:3] == ["clean", "pgd-2", "fgsm"]
+    assert results["rows"][1]["step_size"] == 1.0  # a bare file: the official 1-pixel step
+    entry = card.read(tmp_path)["evaluations"][-1]
+    assert entry["command"] == "test" and entry["num_examples"] == 24
+    assert not (out / evalrun.STATE).exists()  # finished: the state is removed
+    assert "Reports in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_path=""), "exactly one of --model_dir or --model_path"),
+        (dict(step_size=0.0), "--step_size=0.0 is invalid: must be > 0"),
+        (dict(restarts=0), "--restarts=0 is invalid"),
+        (dict(num_steps=(10, 0)), "--num_steps=10,0 is invalid"),
+        (dict(epsilons=(-1.0,)), "--epsilons=-1.0 is invalid"),
+        (dict(protocol="robustbench"), "--epsilons cannot be used with --protocol=robustbench"),
+        (dict(attacks=("pgd-5", "cw")), "--attacks=pgd-5,cw: Unknown attack"),
+        (dict(leaderboard="cifar10"), "--leaderboard cannot be used with --protocol=sat"),
+    ],
+)
+def test_evalrun_refuses_bad_settings_in_one_line_before_any_work(change, message, tmp_path):
+    from sat_tf import evalrun
+    from sat_tf.config import EvalConfig
+
+    path = classifier(tmp_path / "m.keras", 10)
+    base = dict(model_path=str(path), dataset="demo", image_size=16, epsilons=(4.0,))
+    config = EvalConfig(**(base | change))
+    with pytest.raises(evalrun.EvalError) as info:
+        evalrun.run(config)
+    assert message in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())
+
+
+def test_eval_config_reads_flag_strings():
+    from sat_tf.config import EvalConfig
+
+    config = EvalConfig.from_dict({"epsilons": ["2", "4", ""], "num_steps": ["10", "20"]})
+    assert config.epsilons == (2.0, 4.0) and config.num_steps == (10, 20)
+    with pytest.raises(ValueError, match="--epsilons=a is invalid: give numbers"):
+        EvalConfig.from_dict({"epsilons": ["a"]})

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sat_tf import evaluation, masking
-from sat_tf.rows import Row
+from sat_tf import evaluation, jobs, masking
+from sat_tf.rows import AttackSpec, Row
 
 NUM_CLASSES, SIZE = 5, 8
 
@@ -52,12 +52,14 @@ class Quantized(keras.Model):
 
 
 def test_parse_attack():
-    spec = evaluation.parse_attack
-    assert spec("pgd-50x3") == evaluation.AttackSpec("pgd", 50, 3)
-    assert spec("PGD") == evaluation.AttackSpec("pgd", 10, 1)
-    assert spec("apgd-t") == evaluation.AttackSpec("apgd-t", 100, 1)
-    assert spec("square-1000").num_steps == 1000
-    assert spec("autoattack-fast") == evaluation.AttackSpec("autoattack", version="fast")
+    spec = jobs.parse_attack
+    assert spec("pgd-50x3") == AttackSpec("pgd", 50, 3)
+    assert spec("PGD") == AttackSpec("pgd", 10, 1)
+    assert spec("apgd-t") == AttackSpec("apgd-t", 100, 1)
+    assert spec("fab-t-20") == AttackSpec("fab-t", 20)
+    assert spec("square-1000").num_queries == 1000 and spec("square").num_steps is None
+    assert spec("square-1000").label == "square-1000"
+    assert spec("autoattack-fast") == AttackSpec("autoattack", version="fast")
     assert spec("clean").label == "clean" and spec("pgd-50x3").label == "pgd-50x3"
     for bad in ("pgd-", "cw", "pgd-fast", "square-10x"):
         with pytest.raises(ValueError, match="Received"):
@@ -132,7 +134,7 @@ def test_logits_and_determinism_checks(model, data):
     assert masking.check_deterministic(model, images).passed
     randomized = masking.check_deterministic(noisy, images)
     assert randomized.passed is False and "version='rand'" in randomized.message
-    assert evaluation.parse_attack("autoattack-rand").version == "rand"
+    assert jobs.parse_attack("autoattack-rand").version == "rand"
 
 
 def _row(attack, kind, epsilon, accuracy, steps=10, restarts=1):
@@ -214,17 +216,18 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
     labels = np.where(np.arange(len(labels)) < 8, (labels + 1) % NUM_CLASSES, labels)  # 8 wrong
     eps = 24.0
     # FGSM is deterministic: attacking survivors only must give exactly the full attack's answer.
-    fgsm = evaluation.AttackSpec("fgsm")
+    fgsm = AttackSpec("fgsm")
     full = evaluation.attack_batch(model, fgsm, images, labels, epsilon=eps)
     _, robust = run_one(model, fgsm, images, labels, epsilon=eps, batch_size=16)
     np.testing.assert_array_equal(robust, full)
 
-    sizes, attack = [], evaluation._gradient_attack
-    monkeypatch.setattr(
-        evaluation,
-        "_gradient_attack",
-        lambda source, kind, x, *a, **k: sizes.append(len(x)) or attack(source, kind, x, *a, **k),
-    )
+    sizes, original = [], jobs._gradient_attack
+
+    def counting(*args):
+        attack = original(*args)
+        return lambda x, y: sizes.append(len(x)) or attack(x, y)
+
+    monkeypatch.setattr(jobs, "_gradient_attack", counting)
     row, robust = run_one(model, "pgd-5x3", images, labels, epsilon=eps, batch_size=16)
     correct = np.argmax(model(images, training=False), axis=1) == labels
     assert 0 < robust.sum() < correct.sum() < len(labels)  # the attack does something here
@@ -236,7 +239,7 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
 
 def test_padded_last_chunk_counts_nowhere(model, data):
     images, labels = data
-    fgsm = evaluation.AttackSpec("fgsm")  # deterministic: same answer whatever the batching
+    fgsm = AttackSpec("fgsm")  # deterministic: same answer whatever the batching
     _, whole = run_one(model, fgsm, images, labels, epsilon=24.0, batch_size=64)
     # 64 = 2 * 25 + 14: under XLA the last chunk is padded with 11 repeats of its own examples.
     row, ragged = run_one(
@@ -275,9 +278,21 @@ def test_jit_compiled_attacks_agree_with_the_default_path(model, data):
     images, labels = data[0][:24], data[1][:24]
     kwargs = dict(epsilon=24.0, seed=0)
     for spec in ("pgd-5", "apgd-ce-10", "square-50"):
-        spec = evaluation.parse_attack(spec)
+        spec = jobs.parse_attack(spec)
         plain = evaluation.attack_batch(model, spec, images, labels, **kwargs)
         xla = evaluation.attack_batch(model, spec, images, labels, jit_compile=True, **kwargs)
         # XLA may round the logits differently; at most one borderline example may flip.
         assert np.sum(plain != xla) <= 1, spec
         assert spec.kind != "pgd" or plain.sum() < len(labels)  # the attack does something
+
+
+def test_every_registered_attack_parses_to_itself():
+    for name, entry in jobs.ATTACKS.items():
+        spec = jobs.parse_attack(name)
+        assert spec.kind == name
+        if entry.budget is not None:
+            budget = spec.num_queries if entry.queries else spec.num_steps
+            assert budget == entry.budget
+    assert set(jobs.STAGES) < set(jobs.ATTACKS)
+    for version in jobs.VERSIONS.values():  # AutoAttack's stages are registry names
+        assert set(version["attacks"]) <= set(jobs.STAGES)

@@ -1,5 +1,6 @@
-"""House rules that code review alone would miss: Keras internals stay in one module, and the
-modules of sat_tf import each other without a cycle."""
+"""House rules that code review alone would miss: Keras internals stay in one module, the
+modules of sat_tf import each other without a cycle, and sat_tf imports nothing of the repository
+outside itself (tools/, benchmarks/, study/ import sat_tf, never the other way)."""
 
 import ast
 import re
@@ -12,6 +13,8 @@ from sat_tf import _keras_compat
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sat_tf"
 COMPAT = PACKAGE / "_keras_compat.py"
+# The repository's scripts and research beside the package: not installed, so not for sat_tf.
+OUTSIDE = ("tools", "benchmarks", "study")
 
 
 def _sources(*folders):
@@ -41,7 +44,7 @@ def test_no_keras_internals_outside_the_compat_module():
     assert {"_compile_metrics", "_flatten_layers", "_symbolic_build"} <= private
     attribute = re.compile(r"\.(_[A-Za-z]\w*)\b")
     found = []
-    for path in _sources("sat_tf", "tools", "benchmarks"):
+    for path in _sources("sat_tf", *OUTSIDE):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             where = f"{path.relative_to(ROOT)}:{number}"
             if "keras.src" in line:
@@ -92,3 +95,27 @@ def test_sat_tf_has_no_import_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name)
+
+
+def _absolute_imports(path):
+    """(line, module) for every absolute import in `path`, anywhere in the file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+
+
+def test_sat_tf_imports_nothing_outside_the_package():
+    tool = {name for _, name in _absolute_imports(ROOT / "tools" / "study.py")}
+    assert {"study", "study.protocol"} <= tool  # the walk sees the imports it must forbid below
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: import {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line, name in _absolute_imports(path)
+        if name.split(".")[0] in OUTSIDE
+    ]
+    assert not found, (
+        f"sat_tf imports {'/, '.join(OUTSIDE)}/ (not installed; they import sat_tf, not the "
+        "other way): move what it needs into sat_tf\n" + "\n".join(found)
+    )

@@ -74,7 +74,7 @@ def _assert_matches(model, images, reference_file):
     reference = np.load(OFFICIAL / reference_file)
     logits = model(images, training=False).numpy()
     relative = np.abs(logits - reference).max() / np.abs(reference).max()
-    assert relative < 1e-4, relative
+    assert relative < 1e-5, relative
     np.testing.assert_array_equal(logits.argmax(1), reference.argmax(1))
 
 

@@ -97,7 +97,7 @@ def test_a_different_evaluation_refuses_the_state_and_names_the_change(
     monkeypatch.undo()
     before = path.read_bytes()
     other_seed = OPTIONS | {"seed": 4}
-    with pytest.raises(evalstate.StateMismatchError, match=r"the seed \(3 -> 4\).*--restart"):
+    with pytest.raises(evalstate.StateMismatchError, match=r"the seed \(3 -> 4\).*--discard_state"):
         evaluation.evaluate(model, data, **other_seed, verbose=0, state=path)
     fewer = (data[0][:30], data[1][:30])
     with pytest.raises(evalstate.StateMismatchError, match=r"the examples \(40 examples"):
@@ -109,7 +109,9 @@ def test_a_different_evaluation_refuses_the_state_and_names_the_change(
         evaluation.evaluate(other, data, **OPTIONS, verbose=0, state=path)
     assert path.read_bytes() == before  # a refusal loses nothing
 
-    fresh = evaluation.evaluate(model, data, **other_seed, verbose=0, state=path, restart=True)
+    fresh = evaluation.evaluate(
+        model, data, **other_seed, verbose=0, state=path, discard_state=True
+    )
     assert np.load(path)["batches"].sum() > 3 and fresh.rows[0].kind == "clean"
     path.write_text("not a state")
     with pytest.raises(evalstate.StateMismatchError, match="not a readable"):

@@ -84,7 +84,7 @@ def test_protocol_on_a_model_with_known_robust_accuracy(dataset, robust_percent)
         mean_threshold_model(),
         constant_images(values),
         labels,
-        dataset=dataset,
+        leaderboard=dataset,
         num_examples=16,
         version="fast",
         batch_size=16,
@@ -127,11 +127,11 @@ def test_evaluate_refuses_what_would_misstate_the_protocol():
     labels = np.zeros(4, np.int32)
 
     def run(x=images, **kwargs):
-        options = dict(dataset="cifar10", num_examples=4, version="fast") | kwargs
+        options = dict(leaderboard="cifar10", num_examples=4, version="fast") | kwargs
         return robustbench.benchmark(model, x, labels, **options)
 
-    with pytest.raises(ValueError, match="dataset must be one of"):
-        run(dataset="mnist")
+    with pytest.raises(ValueError, match="leaderboard must be one of"):
+        run(leaderboard="mnist")
     with pytest.raises(ValueError, match="num_examples"):
         run(num_examples=5)  # More than the images given.
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -353,7 +353,7 @@ def test_eval_tool_robustbench_end_to_end_and_resumed_after_a_kill(tmp_path):
 
     changed = tool("eval", *again, "--seed=1")
     assert changed.returncode != 0 and "the seed (0 -> 1)" in changed.stderr
-    assert "--restart" in changed.stderr and state.exists()  # refused; nothing lost
+    assert "--discard_state" in changed.stderr and state.exists()  # refused; nothing lost
 
     resumed = tool("eval", *again)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""sat_tf.study (run by tools/study.py): the queue (seed-major, skip finished, stop), the row
-configs and the report."""
+"""The study package (study/, run by tools/study.py): the queue (seed-major, skip finished,
+stop), the row configs and the report."""
 
 import json
 import os
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from sat_tf import study
-from sat_tf.study import arrays as study_arrays
-from sat_tf.study import paths as study_paths
-from sat_tf.study import protocol as study_protocol
-from sat_tf.study import report as study_report
+import study
+from study import arrays as study_arrays
+from study import paths as study_paths
+from study import protocol as study_protocol
+from study import report as study_report
 
 
 def _write_result(folder, row, seed, clean, pgd20, activation="relu", version=None):

@@ -1,9 +1,9 @@
 """Converts an image folder (or a TFDS split) into sharded ImageNet-format TFRecords.
 
 Input: `<input_dir>/<split>/<class or wnid>/<image>`. Output: `<output_dir>/<split>-00000-of-00016`
-... in the standard format (image/encoded, image/format, image/height, image/width,
-image/class/label, image/class/synset, image/filename), plus `<output_dir>/<split>.json` with the
-example and class counts that `sat_tf.data.load("tfrecord:<output_dir>", ...)` reads.
+... in the standard format (`sat_tf.data.tfrecord.FEATURES`, every key but the optional boxes),
+plus `<output_dir>/<split>.json` with the example and class counts that
+`sat_tf.data.load("tfrecord:<output_dir>", ...)` reads.
 
 Labels are 1-based, 0 being "background", as in the standard ImageNet TFRecords, so the pipeline's
 default `label_offset=1` gives 0-based labels:
@@ -38,6 +38,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from sat_tf.atomic import atomic_path, atomic_write  # noqa: E402
+from sat_tf.data import tfrecord  # noqa: E402
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -107,22 +108,17 @@ def to_rgb_jpeg(data):
 def make_example(data, label, synset, filename):
     """A `tf.train.Example` in the standard ImageNet format (re-encoding PNG/CMYK first)."""
     encoded, height, width = to_rgb_jpeg(data)
-
-    def feature(value):
-        if isinstance(value, int):
-            return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    features = {
-        "image/encoded": feature(encoded),
-        "image/format": feature(b"JPEG"),
-        "image/height": feature(height),
-        "image/width": feature(width),
-        "image/class/label": feature(int(label)),
-        "image/class/synset": feature(synset.encode()),
-        "image/filename": feature(filename.encode()),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=features))
+    return tfrecord.to_example(
+        {
+            "image/encoded": encoded,
+            "image/format": b"JPEG",
+            "image/height": height,
+            "image/width": width,
+            "image/class/label": int(label),
+            "image/class/synset": synset.encode(),
+            "image/filename": filename.encode(),
+        }
+    )
 
 
 def shard_path(config, index):

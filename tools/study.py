@@ -6,8 +6,9 @@
     python tools/study.py --report [--arm=digits]   # docs/study.md + docs/study_*.png
     python tools/study.py --run --autoattack_standard --rows=relu,silu   # the AutoAttack check
 
-The study itself is `sat_tf.study` (rows, protocol, jobs, runs, report); this file parses the
-command line. Several `--run` queues may run at once; they split the runs between them.
+The study itself is the `study/` package beside `sat_tf/` (rows, protocol, jobs, runs, report;
+not installed, it is this repository's research, not library code); this file parses the command
+line. Several `--run` queues may run at once; they split the runs between them.
 `--autoattack_standard` queues another pass over finished runs: standard AutoAttack on the same
 subset, from the saved model, into `results/study/autoattack_standard/` (the protocol's own
 AutoAttack is the fast version, which only bounds standard AutoAttack from above).
@@ -19,10 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+# The repository root, for `study` (never installed) and for sat_tf when it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sat_tf.study import jobs, paths, report, runs  # noqa: E402
-from sat_tf.study.protocol import ARMS, ROWS, SEEDS, STANDARD_AA  # noqa: E402
+from study import jobs, paths, report, runs  # noqa: E402
+from study.protocol import ARMS, ROWS, SEEDS, STANDARD_AA  # noqa: E402
 
 
 def parse_args(argv):

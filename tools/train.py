@@ -31,10 +31,7 @@ from sat_tf import config as config_lib  # noqa: E402
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        config = config_lib.from_flags(flags.FLAGS).validate()
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    config = config_lib.from_flags(flags.FLAGS)  # checked by training.run, before any work
     logging.set_verbosity(logging.WARNING)
     from sat_tf import training
 

@@ -38,6 +38,7 @@ __all__ = [
     "parse_example",
     "preprocess_for_eval",
     "preprocess_for_train",
+    "tfrecord_pattern",
 ]
 
 
@@ -149,12 +150,19 @@ def load(
     )
 
 
+def tfrecord_pattern(location, split):
+    """The file pattern of `split` in a `tfrecord:` location: `{split}` replaced, and a folder
+    read as its `<split>-*` files (as tools/build_tfrecords.py writes them)."""
+    pattern = location.replace("{split}", split)
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, f"{split}-*")
+    return pattern
+
+
 def _load_tfrecord(target, common, num_classes, checked):
     """Resolves the pattern for the split and reads `<split>.json` beside the files if present."""
     split = common.pop("split")
-    pattern = target.replace("{split}", split)
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, f"{split}-*")
+    pattern = tfrecord_pattern(target, split)
     info_path = os.path.join(os.path.dirname(pattern), f"{split}.json")
     info = {}
     if tf.io.gfile.exists(info_path):

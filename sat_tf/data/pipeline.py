@@ -58,7 +58,7 @@ def build_from_sources(
     Returns:
         The batched `tf.data.Dataset`.
     """
-    preprocessing._check_augmentation(augmentation)
+    preprocessing.check_augmentation(augmentation)
     if cache and training and augmentation == "inception":
         raise ValueError("cache=True would freeze the random Inception crops; use cache=False.")
     num_sources = len(sources[0])

@@ -154,7 +154,7 @@ def preprocess_for_train(encoded, image_size, *, bbox=None, augmentation="incept
     Returns:
         float32 `[image_size, image_size, 3]` in [0, 255].
     """
-    _check_augmentation(augmentation)
+    check_augmentation(augmentation)
     if augmentation == "inception":
         height, width = image_shape(encoded)
         image = decode_crop(encoded, *random_crop_window(height, width, bbox))
@@ -174,7 +174,7 @@ def preprocess_for_eval(encoded, image_size, *, augmentation="inception"):
     Returns:
         float32 `[image_size, image_size, 3]` in [0, 255].
     """
-    _check_augmentation(augmentation)
+    check_augmentation(augmentation)
     if augmentation == "inception":
         height, width = image_shape(encoded)
         image = decode_crop(encoded, *center_crop_window(height, width, image_size))
@@ -183,7 +183,8 @@ def preprocess_for_eval(encoded, image_size, *, augmentation="inception"):
     return resize(image, image_size)
 
 
-def _check_augmentation(augmentation):
+def check_augmentation(augmentation):
+    """Raises ValueError unless `augmentation` is one of `AUGMENTATIONS`."""
     if augmentation not in AUGMENTATIONS:
         raise ValueError(
             f"augmentation must be one of {AUGMENTATIONS}. Received: augmentation={augmentation!r}"

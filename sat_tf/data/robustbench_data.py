@@ -91,12 +91,9 @@ def imagenet_from_tfrecord(file_pattern, image_ids, *, image_size=224, label_off
     table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(names, tf.range(len(names), dtype=tf.int64)), -1
     )
-    spec = {
-        "image/filename": tf.io.FixedLenFeature([], tf.string, ""),
-        "image/class/synset": tf.io.FixedLenFeature([], tf.string, ""),
-        "image/encoded": tf.io.FixedLenFeature([], tf.string, ""),
-        "image/class/label": tf.io.FixedLenFeature([], tf.int64, -1),
-    }
+    spec = tfrecord.features(
+        "image/filename", "image/class/synset", "image/encoded", "image/class/label"
+    )
 
     def parse(serialized):
         f = tf.io.parse_single_example(serialized, spec)

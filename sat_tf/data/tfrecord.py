@@ -1,9 +1,8 @@
-"""ImageNet-format TFRecords: parsing and the train/eval `tf.data` pipeline.
+"""ImageNet-format TFRecords: the format, writing and parsing, the train/eval `tf.data` pipeline.
 
 The record format is the one written by the TPU/Model Garden ImageNet tools (and by
-tools/build_tfrecords.py): `image/encoded`, `image/format`, `image/height`, `image/width`,
-`image/class/label`, `image/class/synset`, `image/filename` and optional
-`image/object/bbox/{xmin,ymin,xmax,ymax}`. Labels in those files run 1..1000 with 0 reserved for
+tools/build_tfrecords.py, through `to_example`); `FEATURES` is its one definition, and each reader
+parses the subset it uses (`features(...)`). Labels in those files run 1..1000 with 0 reserved for
 "background", hence `label_offset=1` by default: the pipeline yields `label - label_offset`, so
 0-based labels 0..999.
 
@@ -17,13 +16,48 @@ import tensorflow as tf
 
 from sat_tf.data import checks, pipeline
 
-_BOX_KEYS = ("ymin", "xmin", "ymax", "xmax")
+_BOX_KEYS = tuple(f"image/object/bbox/{k}" for k in ("ymin", "xmin", "ymax", "xmax"))
+# The ImageNet TFRecord format: every key, its type and the value a record without it parses to
+# (converters differ in what they write; `checks.validate` reports a missing image or label).
+# The boxes are optional, one entry per box.
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "image/format": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "image/height": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    "image/width": tf.io.FixedLenFeature([], tf.int64, default_value=0),
     "image/class/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-    **{f"image/object/bbox/{k}": tf.io.VarLenFeature(tf.float32) for k in _BOX_KEYS},
+    "image/class/synset": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    **{key: tf.io.VarLenFeature(tf.float32) for key in _BOX_KEYS},
 }
 _READ_BUFFER = 8 << 20  # 8 MiB per file, as the legacy ImageNet input function.
+
+
+def features(*keys):
+    """The parsing spec of `keys` only, taken from `FEATURES`: a reader parses what it uses."""
+    return {key: FEATURES[key] for key in keys}
+
+
+_PIPELINE_FEATURES = features("image/encoded", "image/class/label", *_BOX_KEYS)
+
+
+def to_example(values):
+    """A `tf.train.Example` of `values` (`{key: value or list}`), typed by each key's `FEATURES`.
+
+    Raises:
+        KeyError: for a key that `FEATURES` does not define.
+    """
+
+    def feature(key, value):
+        value = list(value) if isinstance(value, list | tuple) else [value]
+        if FEATURES[key].dtype == tf.int64:
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=value))
+        if FEATURES[key].dtype == tf.float32:
+            return tf.train.Feature(float_list=tf.train.FloatList(value=value))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=value))
+
+    feature_map = {key: feature(key, value) for key, value in values.items()}
+    return tf.train.Example(features=tf.train.Features(feature=feature_map))
 
 
 def list_files(file_pattern):
@@ -73,11 +107,11 @@ def parse_example(serialized, label_offset=1):
         dict with `encoded` (image bytes, "" when absent), `label` (int64, -1 - label_offset when
         absent) and `bbox` (float32 `[N, 4]` boxes `(ymin, xmin, ymax, xmax)`, N >= 0).
     """
-    features = tf.io.parse_single_example(serialized, FEATURES)
-    coords = [features[f"image/object/bbox/{k}"].values for k in _BOX_KEYS]
+    parsed = tf.io.parse_single_example(serialized, _PIPELINE_FEATURES)
+    coords = [parsed[key].values for key in _BOX_KEYS]
     return {
-        "encoded": features["image/encoded"],
-        "label": features["image/class/label"] - label_offset,
+        "encoded": parsed["image/encoded"],
+        "label": parsed["image/class/label"] - label_offset,
         "bbox": tf.stack(coords, axis=1),
     }
 

@@ -56,11 +56,10 @@ def standard_aa_markdown(standard, rows, base="relu"):
     records = [r for runs in standard.values() for r in runs]
     if all("fab-t" in r.get("stages", {}) for r in records):
         title, column = "Standard AutoAttack", "AutoAttack standard"
-    else:  # Results written before sat_tf.autoattack ran FAB-T and AutoAttack's Square schedule.
+    else:  # Result files whose stages have no FAB-T: run without it, Square's p schedule rescaled.
         title = (
             "AutoAttack with the standard budgets but without FAB-T and with Square's p schedule "
-            "rescaled to 10,000 queries (the project's former 'standard'; not the reference "
-            "ensemble)"
+            "rescaled to 10,000 queries (not the reference ensemble)"
         )
         column = "AutoAttack std. budgets, no FAB-T"
     lines = [

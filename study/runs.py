@@ -11,9 +11,9 @@ from pathlib import Path
 
 from sat_tf import rundir
 from sat_tf.atomic import atomic_write
-from sat_tf.study import arrays, paths, protocol
-from sat_tf.study.jobs import result_path
-from sat_tf.study.protocol import CIFAR10, SUMMARY
+from study import arrays, paths, protocol
+from study.jobs import result_path
+from study.protocol import CIFAR10, SUMMARY
 
 
 def load_config(row, seed, *, cache=None, arm=CIFAR10):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from sat_tf.atomic import atomic_path
-from sat_tf.study import paths
-from sat_tf.study.protocol import CIFAR10
+from study import paths
+from study.protocol import CIFAR10
 
 
 def ensure_data(config):

@@ -6,7 +6,7 @@ Read at call time (`paths.CACHE`), so tests and callers may point them elsewhere
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/study/, results/, docs/
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/study/, results/, docs/
 RESULTS = Path(os.environ.get("SAT_TF_STUDY_RESULTS") or ROOT / "results" / "study")
 CACHE = Path(os.environ.get("SAT_TF_CACHE", "/tmp/sat_tf_cache"))  # runs, claims, test arrays
 TARBALL = Path(

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from sat_tf.study import paths
-from sat_tf.study.protocol import CIFAR10, STANDARD_AA
+from study import paths
+from study.protocol import CIFAR10, STANDARD_AA
 
 
 def queue(rows, seeds):

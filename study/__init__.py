@@ -1,7 +1,8 @@
 """The CPU-scale SAT study: every activation row x seeds, trained and evaluated alike.
 
-`python tools/study.py --help` is the command line (docs/study.md: the protocol and results). The
-package, one job a module:
+`python tools/study.py --help` is the command line (docs/study.md: the protocol and results). This
+is the repository's own research, not library code: it lives beside `sat_tf/`, is not installed,
+and uses sat_tf as any user would (sat_tf never imports it). The package, one job a module:
 
     protocol.py   the rows, seeds, arms and the fixed evaluation protocol (`EVAL`), and
                   `evaluate_model`, the protocol run on one model
@@ -17,8 +18,8 @@ skipped; a killed run resumes from the checkpoints of `training.run` in
 `<cache>/runs/<row>_s<seed>` (outside the repository).
 """
 
-from sat_tf.study.arrays import ensure_data, eval_arrays
-from sat_tf.study.jobs import (
+from study.arrays import ensure_data, eval_arrays
+from study.jobs import (
     claim,
     is_current,
     next_utc_time,
@@ -27,8 +28,8 @@ from sat_tf.study.jobs import (
     result_path,
     run_queue,
 )
-from sat_tf.study.paths import ROOT
-from sat_tf.study.protocol import (
+from study.paths import ROOT
+from study.protocol import (
     ARMS,
     CIFAR10,
     EVAL,
@@ -40,7 +41,7 @@ from sat_tf.study.protocol import (
     Arm,
     evaluate_model,
 )
-from sat_tf.study.runs import load_config, run_one, run_standard_autoattack
+from study.runs import load_config, run_one, run_standard_autoattack
 
 __all__ = [
     "ARMS",

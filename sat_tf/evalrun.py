@@ -1,0 +1,340 @@
+"""One evaluation from an `EvalConfig`: the model, its data, the attacks, the reports and card.
+
+`tools/eval.py` is the command-line face of `run`, as tools/train.py is of `sat_tf.training.run`.
+What is evaluated is a run folder (`model_dir`: its model.keras, and from its config.json the
+evaluation data, split, resolution, epsilon and PGD step) or a bare .keras file (`model_path`).
+
+Protocol "sat" (the official SAT evaluation): clean, then untargeted L-inf PGD with random start
+for each K of `num_steps`, plus `attacks`, at each epsilon in pixels. It writes results.json,
+results.md, per_example.npz, plots and summary.json to the output folder (default
+`<model_dir>/eval`). Protocol "robustbench" (`sat_tf.robustbench`): standard AutoAttack at the
+leaderboard's epsilon on its examples; it writes robustbench_<leaderboard>_Linf.json (a
+RobustBench model_info entry) and its per-example record. Both append an entry to the
+robustness card beside the model.
+
+While it runs, every finished batch is recorded in the output folder (eval_state.npz, or
+robustbench_<leaderboard>_Linf_state.npz): the same call after a kill resumes there; the record
+is removed once the reports are written.
+"""
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import tensorflow as tf
+
+from sat_tf import atomic, card, data, evalstate, options, rundir, saving
+from sat_tf.config import EvalConfig, TrainConfig
+
+STATE = "eval_state.npz"  # protocol "sat"; robustbench: robustbench_<leaderboard>_Linf_state.npz
+SUMMARY = "summary.json"
+
+
+class EvalError(Exception):
+    """A bad input or a failed write of an evaluation, as one line naming the flag or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What is evaluated: the .keras file, its run's settings (None for a bare file), and where
+    the reports go."""
+
+    path: Path
+    run: TrainConfig | None
+    output: Path
+
+    def data_spec(self, config):
+        """--eval_files, else --dataset, else the run's evaluation data (its --eval_files too)."""
+        if config.eval_files:
+            return f"tfrecord:{config.eval_files}"
+        spec = config.dataset or (self.run.data_spec(training=False) if self.run else "")
+        if not spec:
+            raise EvalError(
+                "--dataset (or --eval_files) is needed with a model that has no config.json."
+            )
+        return spec
+
+    def split(self, config, default):
+        return config.eval_split or (self.run.eval_split if self.run else "") or default
+
+    def data_dir(self, config):
+        return config.data_dir or (self.run.data_dir if self.run else "") or None
+
+    def image_size(self, config, default=None):
+        size = config.image_size or (self.run.image_size if self.run else 0) or default
+        if not size:
+            raise EvalError("--image_size is needed with a model that has no config.json.")
+        return size
+
+
+def run(config: EvalConfig, *, command=""):
+    """Evaluates what `config` names and writes the reports; returns the summary.
+
+    Every input is checked before any attack runs: the flags, the model file, the run's
+    config.json, and that the reports and the card can be written. A run folder is locked
+    while it is evaluated (`sat_tf.rundir`).
+
+    Returns:
+        Protocol "sat": the summary written to summary.json (clean accuracy, the epsilon, each
+        attack's accuracy at it). Protocol "robustbench": the RobustBench entry.
+
+    Raises:
+        EvalError: one line naming the bad flag or file, or what is saved after a failure or
+            an interruption (Ctrl-C) and how to resume.
+    """
+    try:
+        config.validate()
+    except ValueError as error:
+        raise EvalError(str(error)) from None
+    target = _resolve(config)
+    run_dir = target.path.parent
+    try:  # evaluating a run writes into it: one process at a time (sat_tf.rundir)
+        with rundir.locked(run_dir, "evaluation") if config.model_dir else contextlib.nullcontext():
+            if config.model_dir and rundir.listed(run_dir) and target.output.parent == run_dir:
+                rundir.record(run_dir, target.output.name)
+            return _evaluate(config, target, command)
+    except (rundir.RunDirError, rundir.RunWriteError, evalstate.StateMismatchError) as error:
+        raise EvalError(str(error)) from None
+    except KeyboardInterrupt:
+        raise EvalError(
+            f"interrupted; every finished batch is saved in {target.output}: run the same "
+            "command again to resume (--discard_state starts afresh)."
+        ) from None
+
+
+def _resolve(config):
+    """The `Target` of the config; checks that its files exist and its folders are writable."""
+    model_dir = Path(config.model_dir) if config.model_dir else None
+    path = model_dir / rundir.FINAL_MODEL if model_dir else Path(config.model_path)
+    if not path.is_file():
+        raise EvalError(
+            f"{path} not found; train first (tools/train.py) or fix --model_dir/--model_path."
+        )
+    try:
+        saved = rundir.read_config(path.parent)  # one clear line when not a JSON object
+    except rundir.RunDirError as error:
+        raise EvalError(str(error)) from None
+    run_config = TrainConfig.from_dict(saved) if saved else None
+    output = Path(config.output_dir) if config.output_dir else path.parent / rundir.EVAL
+    try:  # before any attack runs: an evaluation must be able to save what it finds
+        rundir.check_writable(output, "the reports (--output_dir)")
+        rundir.check_writable(path.parent, f"the robustness card ({path.parent.name or '.'})")
+    except rundir.RunWriteError as error:
+        raise EvalError(str(error)) from None
+    return Target(path, run_config, output)
+
+
+def _evaluate(config, target, command):
+    from sat_tf import training
+
+    training.seed_everything(config.seed, deterministic=config.deterministic)
+    try:  # checks the archive first, always safe_mode=True
+        model = saving.load_model(target.path)
+        surrogate = saving.load_model(config.surrogate) if config.surrogate else None
+    except saving.ModelFileError as error:
+        raise EvalError(str(error)) from None
+    if config.protocol == "robustbench":
+        return _robustbench(config, target, model, command)
+    return _sat(config, target, model, surrogate, command)
+
+
+def _verbose(config):
+    """Keras-style verbosity: 1 progress and the estimate, 2 (--noprogress) the results only."""
+    return 1 if config.progress else 2
+
+
+def _add_to_card(target, entry, saved):
+    try:
+        card.add_evaluation(target.path.parent, entry, saved=saved)
+    except card.CardWriteError as error:
+        raise EvalError(str(error)) from None
+
+
+def _sat(config, target, model, surrogate, command):
+    from sat_tf import evaluation, jobs, preflight
+
+    restarts = f"x{config.restarts}" if config.restarts > 1 else ""
+    attacks = ["clean", *(f"pgd-{k}{restarts}" for k in config.num_steps), *config.attacks]
+    try:  # names checked before any data is read
+        for attack in attacks:
+            jobs.parse_attack(attack)
+    except ValueError as error:
+        raise EvalError(f"--attacks={','.join(config.attacks)}: {error}") from None
+    epsilons = list(config.epsilons)
+    if not epsilons:  # the run's evaluation epsilon; the paper's 4 for a bare file
+        epsilons = [target.run.resolved_eval_epsilon if target.run else 4.0]
+    step_size = config.step_size
+    if step_size is None:  # the run's evaluation step; the official 1 pixel for a bare file
+        step_size = target.run.eval_step_size if target.run else 1.0
+    spec = target.data_spec(config)
+    try:
+        dataset = data.load(
+            spec,
+            split=target.split(config, options.default_eval_split(spec)),
+            global_batch_size=config.batch_size,
+            image_size=target.image_size(config),
+            data_dir=target.data_dir(config),
+            num_classes=int(model.output_shape[-1]),  # labels outside the outputs are errors
+        ).dataset
+    except (ValueError, FileNotFoundError) as error:
+        raise EvalError(str(error)) from None
+    output = target.output
+    try:
+        results = evaluation.evaluate(
+            model,
+            dataset,
+            attacks=attacks,
+            epsilons=epsilons,
+            num_examples=config.num_examples or None,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            surrogate=surrogate,
+            pgd_step_size=step_size,
+            jit_compile=config.jit_compile,
+            verbose=_verbose(config),
+            state=output / STATE,
+            discard_state=config.discard_state,
+        )
+    except tf.errors.InvalidArgumentError as error:  # a bad record, named by sat_tf.data
+        problem = preflight.data_problem(error)
+        if problem is None:
+            raise
+        raise EvalError(
+            f"{spec}: {problem}. Fix or remove that file (tools/build_tfrecords.py)."
+        ) from None
+    output.mkdir(parents=True, exist_ok=True)
+    results.save(output)
+    primary = epsilons[0]
+    summary = {"clean": results.clean_accuracy, "epsilon": primary}
+    summary |= {a: results.accuracy(a, primary) for a in attacks if a != "clean"}
+    atomic.write_json(output / SUMMARY, summary)
+    entry = card.evaluation_entry(
+        results, protocol="sat", command=command, dataset=spec, step_size=step_size
+    )
+    print((output / "results.md").read_text())
+    _add_to_card(target, entry, output)
+    (output / STATE).unlink(missing_ok=True)  # finished: the same command evaluates afresh
+    print(f"Reports in {output}; card: {target.path.parent / rundir.CARD}")
+    return summary
+
+
+def _robustbench(config, target, model, command):
+    from sat_tf import jobs, robustbench
+
+    if config.autoattack_version not in jobs.VERSIONS:
+        raise EvalError(
+            f"--autoattack_version={config.autoattack_version} is invalid: choose one of "
+            f"{', '.join(jobs.VERSIONS)}."
+        )
+    run_config = target.run
+    num_classes = int(model.output_shape[-1])
+    by_classes = {p.num_classes: name for name, p in robustbench.PROTOCOLS.items()}
+    name = config.leaderboard or by_classes.get(
+        (run_config.num_classes if run_config else None) or num_classes
+    )
+    if name not in robustbench.PROTOCOLS:
+        raise EvalError(
+            "--leaderboard=cifar10|imagenet is needed: the model has neither 10 nor 1000 classes."
+            if name is None
+            else f"--leaderboard={name} is invalid: choose cifar10 or imagenet."
+        )
+    protocol = robustbench.PROTOCOLS[name]
+    if config.num_examples > protocol.num_examples:
+        raise EvalError(
+            f"--num_examples={config.num_examples}: {name} has {protocol.num_examples}."
+        )
+    state = target.output / f"robustbench_{name}_Linf_state.npz"
+    try:
+        images, labels, source = _robustbench_data(config, target, protocol, num_classes)
+        architecture = f"{run_config.model} ({run_config.activation})" if run_config else model.name
+        result = robustbench.benchmark(
+            model,
+            images,
+            labels,
+            leaderboard=name,
+            num_examples=min(config.num_examples or protocol.num_examples, len(labels)),
+            version=config.autoattack_version,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            model_info={"architecture": architecture},
+            source=source,
+            verbose=_verbose(config),
+            state=state,
+            discard_state=config.discard_state,
+        )
+    except evalstate.StateMismatchError:
+        raise
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        raise EvalError(str(error)) from None
+    target.output.mkdir(parents=True, exist_ok=True)
+    entry_path = target.output / f"robustbench_{name}_Linf.json"
+    entry = result.model_info_entry()
+    atomic.write_json(entry_path, entry)
+    result.per_example.save(target.output / f"robustbench_{name}_Linf_per_example.npz")
+    _add_to_card(target, result.card_entry(command), entry_path)
+    state.unlink(missing_ok=True)  # finished: the same command evaluates afresh
+    print(
+        f"RobustBench {name} Linf {protocol.epsilon} ({protocol.epsilon_pixels:g} pixels), "
+        f"AutoAttack {result.version}, {result.num_examples} examples: clean "
+        f"{100 * result.clean_accuracy:.2f}%, AutoAttack {100 * result.robust_accuracy:.2f}%"
+    )
+    for deviation in result.deviations:
+        print(f"  differs from RobustBench: {deviation}")
+    print(f"Entry: {entry_path}; card: {target.path.parent / rundir.CARD}")
+    return entry
+
+
+def _robustbench_data(config, target, protocol, num_classes):
+    """`(images, labels, source)`: the protocol's first --num_examples examples, in its order."""
+    from sat_tf import evaluation
+    from sat_tf.data import robustbench_data
+
+    spec = target.data_spec(config)
+    n = config.num_examples or protocol.num_examples
+    image_size = target.image_size(config, default=protocol.image_size)
+    if protocol.leaderboard == "imagenet":
+        return _robustbench_imagenet(config, target, spec, n, image_size)
+    if spec == "tfds:cifar10":
+        images, labels = robustbench_data.cifar10_from_tfds(
+            num_examples=n, data_dir=target.data_dir(config)
+        )
+        return images, labels, "tfds:cifar10 test, original order (TFDS id)"
+    split = target.split(config, "test")
+    loaded = data.load(
+        spec,
+        split=split,
+        global_batch_size=config.batch_size,
+        image_size=image_size,
+        data_dir=target.data_dir(config),
+        num_classes=num_classes,
+        training=False,
+    )
+    images, labels = evaluation.collect(loaded.dataset, n)
+    return images, labels, f"{spec} split {split}: the first {len(labels)} in the pipeline's order"
+
+
+def _robustbench_imagenet(config, target, spec, n, image_size):
+    """RobustBench's ImageNet subset (the first n of --robustbench_ids) from tfrecord:/folder:."""
+    from sat_tf.data import robustbench_data
+
+    if not config.robustbench_ids:
+        raise EvalError(
+            f"--robustbench_ids=<file> is needed for imagenet; download {robustbench_data.IDS_URL}"
+        )
+    ids, sha256 = robustbench_data.read_image_ids(config.robustbench_ids)
+    split = target.split(config, "validation")
+    known = "" if sha256 == robustbench_data.IDS_SHA256 else ", not RobustBench's published list"
+    source = f"{spec} split {split}: the first {min(n, len(ids))} of RobustBench's ids"
+    source += f" (sha256 {sha256[:12]}{known})"
+    scheme, _, location = spec.partition(":")
+    if scheme == "folder":
+        images, labels = robustbench_data.imagenet_from_folder(
+            location, ids[:n], split=split, image_size=image_size
+        )
+    elif scheme == "tfrecord":
+        images, labels = robustbench_data.imagenet_from_tfrecord(
+            data.tfrecord_pattern(location, split), ids[:n], image_size=image_size
+        )
+    else:
+        raise EvalError(f"imagenet needs tfrecord:<pattern> or folder:<dir> data. Received: {spec}")
+    return images, labels, source

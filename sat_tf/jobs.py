@@ -1,0 +1,431 @@
+"""Every attack an evaluation can run, by name, and the one path that runs them.
+
+An attack spec is a string `name[-budget][xrestarts]` (`parse_attack`) or a
+`sat_tf.rows.AttackSpec`; its name is a key of `ATTACKS`, the registry:
+
+    "clean"                   no attack.
+    "fgsm"                    one signed-gradient step of size epsilon.
+    "pgd-K", "pgd-KxR"        PGD, K steps (default 10) of 2.5 * epsilon / K (Madry et al. 2018)
+                              or of `step_size`, random start; R restarts: an example counts
+                              as robust only if it survives all R.
+    "apgd-ce[-K][xR]"         APGD on cross-entropy, K steps (default 100).
+    "apgd-dlr[-K][xR]"        APGD on the DLR loss (>= 3 classes).
+    "apgd-t[-K][xR]"          APGD, targeted DLR loss, `TARGET_CLASSES` targets (>= 4 classes).
+    "fab-t[-K]"               FAB-T, K steps (default 100), `TARGET_CLASSES` targets.
+    "square[-Q]"              Square Attack, Q queries (default 5000).
+    "autoattack[-fast|-rand]" the AutoAttack ensemble, version "standard" (default), "fast" or
+                              "rand": the stages of `VERSIONS`, built by the entries above.
+    "transfer[-K]"            PGD-K (default 20) computed on a surrogate model, checked on the
+                              model (the transfer check of `sat_tf.masking`).
+
+`job(spec, epsilon, context)` makes one attack at one epsilon a `sat_tf.passes.Job`: the clean
+pass, then the attack's passes (one per PGD restart, one per AutoAttack stage), each with its
+worst-case work per example for the estimate. `run` is the one path of every evaluation
+(`sat_tf.evaluation.evaluate`, `sat_tf.autoattack.auto_attack`, `sat_tf.robustbench.benchmark`):
+the logits check, the class count, the jobs, the resumable state and the loop.
+
+AutoAttack's versions and budgets follow fra31/auto-attack (`autoattack.py`, `set_version`).
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from sat_tf import attacks, evalstate, passes
+from sat_tf.apgd import apgd, check_num_classes
+from sat_tf.attacks import target_classes
+from sat_tf.fab import fab_targeted
+from sat_tf.rows import AttackSpec
+from sat_tf.square import square
+
+TARGET_CLASSES = 9  # targets of APGD-T and FAB-T, as in AutoAttack's standard version
+
+VERSIONS = {
+    "standard": dict(
+        attacks=("apgd-ce", "apgd-t", "fab-t", "square"),
+        apgd_steps=100,
+        num_restarts=1,
+        target_classes=9,
+        fab_steps=100,
+        square_queries=5000,
+        eot_iter=1,
+    ),
+    "rand": dict(
+        attacks=("apgd-ce", "apgd-dlr"),
+        apgd_steps=100,
+        num_restarts=1,
+        target_classes=9,
+        fab_steps=100,
+        square_queries=5000,
+        eot_iter=20,
+    ),
+    "fast": dict(
+        attacks=("apgd-ce", "apgd-t", "square"),
+        apgd_steps=20,
+        num_restarts=1,
+        target_classes=3,
+        fab_steps=20,
+        square_queries=300,
+        eot_iter=1,
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every attack of one evaluation shares.
+
+    Attributes:
+        model: The model evaluated (logits).
+        num_classes: Its number of classes.
+        seed: Seed of every attack (restart r of PGD uses seed + r).
+        jit_compile: Compile the attacks with XLA.
+        clip_min: Lowest valid pixel value.
+        clip_max: Highest valid pixel value.
+        surrogate: The model a transfer attack computes its gradients on.
+    """
+
+    model: object
+    num_classes: int
+    seed: int = 0
+    jit_compile: bool = False
+    clip_min: float = 0.0
+    clip_max: float = 255.0
+    surrogate: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """An entry of `ATTACKS`.
+
+    Attributes:
+        build: `build(spec, epsilon, context, targets)` -> the attack's `passes.Pass`es (the
+            clean pass excluded); `targets` is the resolved number of target classes.
+        budget: The default steps (or queries, with `queries=True`) of the spec's budget.
+        queries: The budget counts queries (`AttackSpec.num_queries`), not steps.
+        targeted: Takes target classes (`target_classes` resolves their number).
+        dlr: Uses the DLR loss (needs 3 classes, 4 when targeted).
+    """
+
+    build: object
+    budget: int | None = None
+    queries: bool = False
+    targeted: bool = False
+    dlr: bool = False
+
+
+def _gradient_attack(source, kind, epsilon, spec, seed, jit_compile):
+    """`sat_tf.attacks` FGSM or PGD on one batch (default step 2.5 * epsilon / K, Madry et al.
+    2018), compiled once per (model, kind, epsilon, steps, step, jit_compile) for every batch."""
+    step_size = spec.step_size
+    if step_size is None and kind == "pgd":
+        step_size = 2.5 * epsilon / spec.num_steps
+    key = ("evaluation", kind, float(epsilon), spec.num_steps, step_size)
+    seed = tf.constant([seed, 0], tf.int64)
+
+    def build(ref):
+        if kind == "fgsm":
+            return lambda x, y, s: attacks.fgsm(ref(), x, y, epsilon=epsilon)
+        return lambda x, y, s: attacks.pgd(
+            ref(), x, y, epsilon=epsilon, step_size=step_size, num_steps=spec.num_steps, seed=s
+        )
+
+    def attack(x, y):
+        run = attacks.compiled(source, key, build, x, y, seed, jit_compile=jit_compile)
+        return run(x, y, seed)
+
+    return attack
+
+
+def _fgsm(spec, epsilon, c, targets):
+    attack = _gradient_attack(c.model, "fgsm", epsilon, spec, c.seed, c.jit_compile)
+    return [passes.Pass(spec.label, attack, gradients=1)]
+
+
+def _pgd(spec, epsilon, c, targets, source=None):
+    restarts = spec.num_restarts
+    name = "restart" if restarts > 1 else spec.label
+    return [
+        passes.Pass(
+            name,
+            _gradient_attack(source or c.model, "pgd", epsilon, spec, c.seed + r, c.jit_compile),
+            gradients=spec.num_steps,
+        )
+        for r in range(restarts)
+    ]
+
+
+def _transfer(spec, epsilon, c, targets):
+    if c.surrogate is None:
+        raise ValueError("A transfer attack needs a surrogate model. Received: surrogate=None")
+    return _pgd(dataclasses.replace(spec, num_restarts=1), epsilon, c, targets, c.surrogate)
+
+
+def _apgd(loss, targeted=False):
+    def build(spec, epsilon, c, targets):
+        targets = targets if targeted else 1
+
+        def attack(x, y):
+            return apgd(
+                c.model,
+                x,
+                y,
+                epsilon=epsilon,
+                num_steps=spec.num_steps,
+                loss=loss,
+                targeted=targeted,
+                num_restarts=spec.num_restarts,
+                target_classes=targets,
+                eot_iter=spec.eot_iter,
+                seed=c.seed,
+                clip_min=c.clip_min,
+                clip_max=c.clip_max,
+                jit_compile=c.jit_compile,
+            )
+
+        # A gradient at the start, then one a step (as fra31/auto-attack's apgd counts).
+        work = (spec.num_steps + 1) * spec.num_restarts * targets * spec.eot_iter
+        return [passes.Pass(spec.label, attack, gradients=work)]
+
+    return build
+
+
+def _fab_t(spec, epsilon, c, targets):
+    def attack(x, y):
+        return fab_targeted(
+            c.model,
+            x,
+            y,
+            epsilon=epsilon,
+            num_steps=spec.num_steps,
+            target_classes=targets,
+            clip_min=c.clip_min,
+            clip_max=c.clip_max,
+            jit_compile=c.jit_compile,
+        )
+
+    # Per step and target: one gradient and one forward pass; plus the clean logits and the
+    # final check.
+    work = spec.num_steps * targets
+    return [passes.Pass(spec.label, attack, gradients=work, queries=work + 2)]
+
+
+def _square(spec, epsilon, c, targets):
+    def attack(x, y):
+        return square(
+            c.model,
+            x,
+            y,
+            epsilon=epsilon,
+            num_queries=spec.num_queries,
+            seed=c.seed,
+            clip_min=c.clip_min,
+            clip_max=c.clip_max,
+            jit_compile=c.jit_compile,
+        )
+
+    # The start, every query, the final check.
+    return [passes.Pass(spec.label, attack, queries=spec.num_queries + 2)]
+
+
+def stage_spec(version, name):
+    """The `AttackSpec` of AutoAttack stage `name` (one of `STAGES`) with `version`'s budget."""
+    v = VERSIONS[version]
+    apgd_budget = dict(num_steps=v["apgd_steps"], num_restarts=v["num_restarts"])
+    budgets = {
+        "apgd-ce": apgd_budget | dict(eot_iter=v["eot_iter"]),
+        "apgd-dlr": apgd_budget | dict(eot_iter=v["eot_iter"]),
+        "apgd-t": apgd_budget | dict(eot_iter=v["eot_iter"]),
+        "fab-t": dict(num_steps=v["fab_steps"]),
+        "square": dict(num_queries=v["square_queries"]),
+    }
+    return AttackSpec(name, **budgets[name])
+
+
+def _autoattack(spec, epsilon, c, targets):
+    """The stages of `spec.version` (or `spec.stages`, with the version's budgets), checked
+    against the model's class count; the targeted stages share one number of targets."""
+    if spec.version not in VERSIONS:
+        raise ValueError(
+            f"version must be one of {sorted(VERSIONS)}. Received: version={spec.version!r}"
+        )
+    stages = VERSIONS[spec.version]["attacks"] if spec.stages is None else spec.stages
+    if not stages or any(name not in STAGES for name in stages):
+        raise ValueError(
+            f"attacks must be names from {list(STAGES)}. Received: attacks={spec.stages!r}"
+        )
+    for name in stages:
+        if ATTACKS[name].dlr:
+            check_num_classes(c.num_classes, loss="dlr", targeted=ATTACKS[name].targeted)
+    targeted = [name for name in stages if ATTACKS[name].targeted]
+    requested = VERSIONS[spec.version]["target_classes"]
+    targets = target_classes(requested, c.num_classes, who=", ".join(targeted)) if targeted else 0
+    found = []
+    for name in stages:  # each stage's pass is named by the stage ("apgd-ce", "fab-t", ...)
+        built = ATTACKS[name].build(stage_spec(spec.version, name), epsilon, c, targets)
+        found += [dataclasses.replace(p, name=name) for p in built]
+    return found
+
+
+ATTACKS = {
+    "clean": Attack(lambda spec, epsilon, c, targets: []),
+    "fgsm": Attack(_fgsm),
+    "pgd": Attack(_pgd, budget=10),
+    "apgd-ce": Attack(_apgd("ce"), budget=100),
+    "apgd-dlr": Attack(_apgd("dlr"), budget=100, dlr=True),
+    "apgd-t": Attack(_apgd("dlr", targeted=True), budget=100, targeted=True, dlr=True),
+    "fab-t": Attack(_fab_t, budget=100, targeted=True),
+    "square": Attack(_square, budget=5000, queries=True),
+    "autoattack": Attack(_autoattack),
+    "transfer": Attack(_transfer, budget=20),
+}
+# The attacks AutoAttack runs as stages (`auto_attack(attacks=...)` picks among them).
+STAGES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+
+_SPEC = re.compile(r"^([a-z-]+?)(?:-(\d+|standard|fast|rand))?(?:x(\d+))?$")
+
+
+def parse_attack(spec):
+    """An `AttackSpec` from a string such as "pgd-50x3" (an `AttackSpec` is returned as is)."""
+    if isinstance(spec, AttackSpec):
+        return spec
+    text = str(spec).strip().lower()
+    match = _SPEC.match(text)
+    name, budget, restarts = match.groups() if match else (text, None, None)
+    if name not in ATTACKS:
+        raise ValueError(
+            f"Unknown attack. Received: {spec!r}; the names are {', '.join(ATTACKS)}, as "
+            "name[-budget][xR] (e.g. pgd-50x3, apgd-t-100, square-1000, autoattack-fast)."
+        )
+    if name == "autoattack":
+        if restarts or (budget and budget.isdigit()):
+            raise ValueError(f"autoattack takes a version only. Received: {spec!r}")
+        return AttackSpec("autoattack", version=budget or "standard")
+    if budget is not None and not budget.isdigit():
+        raise ValueError(f"Only autoattack takes a version. Received: {spec!r}")
+    entry = ATTACKS[name]
+    amount = int(budget) if budget else entry.budget
+    if amount is not None and amount < 1:
+        raise ValueError(f"An attack's budget must be >= 1. Received: {spec!r}")
+    return AttackSpec(
+        name,
+        num_steps=None if entry.queries else amount,
+        num_queries=amount if entry.queries else None,
+        num_restarts=int(restarts or 1),
+    )
+
+
+def job(spec, epsilon, context):
+    """The `passes.Job` of one attack spec at one epsilon: the clean pass, then its passes."""
+    spec = parse_attack(spec)
+    if spec.kind == "clean":
+        return passes.Job("clean", (passes.CLEAN,))
+    entry = ATTACKS[spec.kind]
+    label = f"{spec.label} eps={epsilon:g}"
+    if entry.dlr:
+        check_num_classes(context.num_classes, loss="dlr", targeted=entry.targeted)
+    targets = 0
+    if entry.targeted:
+        targets = target_classes(TARGET_CLASSES, context.num_classes, who=label)
+    return passes.Job(label, (passes.CLEAN, *entry.build(spec, float(epsilon), context, targets)))
+
+
+def count_classes(model, images):
+    """The model's number of classes, from one forward pass on the first example."""
+    x = tf.constant(np.asarray(images[:1], np.float32))
+    return int(model(x, training=False).shape[-1])
+
+
+def run(
+    model,
+    images,
+    labels,
+    attacks_at,
+    *,
+    where,
+    seed=0,
+    batch_size=128,
+    jit_compile=False,
+    surrogate=None,
+    clip_min=0.0,
+    clip_max=255.0,
+    state=None,
+    discard_state=False,
+    adversarial=None,
+    verbose=0,
+    **settings,
+):
+    """Runs attacks on examples: the one path of every evaluation.
+
+    Checks that `model` returns logits, counts its classes, builds a job per (spec, epsilon),
+    opens the state (resuming a killed run of the same evaluation) and runs every unfinished
+    job (`passes.run_jobs`).
+
+    Args:
+        model: The model evaluated.
+        images: [N, H, W, C] pixels (NumPy, uint8 or float).
+        labels: [N] int classes.
+        attacks_at: (spec, epsilon) pairs, one job each, in order; a first "clean" job is
+            shared by the others as their clean pass.
+        where: The caller's name, for the logits check's error.
+        seed: Seed of every attack.
+        batch_size: Examples per attack call.
+        jit_compile: Compile the attacks with XLA (and pad the last batch of each pass).
+        surrogate: The model transfer attacks compute gradients on.
+        clip_min: Lowest valid pixel value.
+        clip_max: Highest valid pixel value.
+        state: Path of the state file (`sat_tf.evalstate`), or None to keep it in memory.
+        discard_state: Start afresh, overwriting a state file of another evaluation.
+        adversarial: Optional [N, H, W, C] array each fooling image is written into.
+        verbose: 0 silent; 1 the work ahead, an estimate and a progress bar per pass; 2 the
+            resume line only.
+        **settings: Further settings that change results, for the state's fingerprint.
+
+    Returns:
+        `(jobs, record)`: the `passes.Job`s and the `evalstate.EvaluationState` with their
+        per-example `fooled_by`, positions and seconds.
+    """
+    attacks.require_logits(model, where=where)
+    labels = np.asarray(labels).astype(np.int32)
+    context = Context(
+        model,
+        count_classes(model, images),
+        seed=int(seed),
+        jit_compile=bool(jit_compile),
+        clip_min=float(clip_min),
+        clip_max=float(clip_max),
+        surrogate=surrogate,
+    )
+    jobs = [job(spec, epsilon, context) for spec, epsilon in attacks_at]
+    batch_size = max(1, min(int(batch_size), len(labels)))
+    settings["jit_compile"] = bool(jit_compile)
+    if surrogate is not None:
+        settings["surrogate"] = surrogate
+    record = evalstate.EvaluationState.open(
+        Path(state) if state else None,
+        len(jobs),
+        len(labels),
+        discard_state=discard_state,
+        model=model,
+        images=images,
+        labels=labels,
+        attacks=[j.label for j in jobs],
+        seed=seed,
+        batch_size=batch_size,
+        **settings,
+    )
+    passes.run_jobs(
+        model,
+        jobs,
+        images,
+        labels,
+        record,
+        batch_size=batch_size,
+        pad=bool(jit_compile),
+        adversarial=adversarial,
+        verbose=int(verbose),
+    )
+    return jobs, record
