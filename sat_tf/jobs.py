@@ -96,6 +96,12 @@ class Context:
     clip_max: float = 255.0
     surrogate: object = None
 
+    @property
+    def common(self):
+        """The keyword arguments every attack function of `sat_tf.apgd`, `sat_tf.fab` and
+        `sat_tf.square` takes from the context."""
+        return dict(clip_min=self.clip_min, clip_max=self.clip_max, jit_compile=self.jit_compile)
+
 
 @dataclasses.dataclass(frozen=True)
 class Attack:
@@ -181,9 +187,7 @@ def _apgd(loss, targeted=False):
                 target_classes=targets,
                 eot_iter=spec.eot_iter,
                 seed=c.seed,
-                clip_min=c.clip_min,
-                clip_max=c.clip_max,
-                jit_compile=c.jit_compile,
+                **c.common,
             )
 
         # A gradient at the start, then one a step (as fra31/auto-attack's apgd counts).
@@ -202,9 +206,7 @@ def _fab_t(spec, epsilon, c, targets):
             epsilon=epsilon,
             num_steps=spec.num_steps,
             target_classes=targets,
-            clip_min=c.clip_min,
-            clip_max=c.clip_max,
-            jit_compile=c.jit_compile,
+            **c.common,
         )
 
     # Per step and target: one gradient and one forward pass; plus the clean logits and the
@@ -222,9 +224,7 @@ def _square(spec, epsilon, c, targets):
             epsilon=epsilon,
             num_queries=spec.num_queries,
             seed=c.seed,
-            clip_min=c.clip_min,
-            clip_max=c.clip_max,
-            jit_compile=c.jit_compile,
+            **c.common,
         )
 
     # The start, every query, the final check.
