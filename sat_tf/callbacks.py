@@ -7,18 +7,22 @@ leaves the previous checkpoint as the latest one, never a half-written file that
 """
 
 import contextlib
-import json
+import glob
 import math
 import os
+import re
 import signal
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from sat_tf import rundir
 from sat_tf.atomic import write_json
 
 SIGNATURE = "model_signature.json"  # beside the checkpoints: what they fit (model_signature)
+INDEX = "checkpoint"  # TensorFlow's index of the checkpoints: names the latest one
+MAX_INDEX_BYTES = 2**20  # a real index is a few hundred bytes; TensorFlow reads it whole
 
 
 def global_step(model):
@@ -64,11 +68,37 @@ def _signature_difference(saved, current):
     return ""
 
 
-def _read_json(path):
-    if not os.path.exists(path):
+def _is_signature(saved):
+    """Whether `saved` has the shape `model_signature` writes: lists of [path, shape] pairs."""
+
+    def pairs(entries):
+        return isinstance(entries, list) and all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[1], list) for e in entries
+        )
+
+    return isinstance(saved, dict) and all(
+        pairs(saved.get(k, [])) for k in ("weights", "optimizer")
+    )
+
+
+def _read_small(path, fix, *, limit=rundir.MAX_JSON_BYTES, parse=True):
+    """The JSON in `path` (or its bytes), None when absent; ValueError naming the file and `fix`
+    when it is forged or damaged (over `limit`, not a regular file, not JSON)."""
+    try:
+        return rundir.read_json(path, limit) if parse else rundir.read_small(path, limit)
+    except FileNotFoundError:
         return None
-    with open(path) as f:
-        return json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{path} {error}. {fix}") from None
+
+
+def _numbered(directory):
+    """The `ckpt-<step>` names of the checkpoints in `directory`, newest first."""
+    steps = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.index")):
+        found = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(path))
+        steps += [int(found.group(1))] if found else []
+    return [f"ckpt-{step}" for step in sorted(steps, reverse=True)]
 
 
 class CheckpointWriteError(Exception):
@@ -122,12 +152,25 @@ class Checkpointer(keras.callbacks.Callback):
                 first variable that differs), instead of restoring part of the weights.
         """
         self.set_model(model)
+        fix = f"Use a new --model_dir, or delete {self.directory} to train this model from scratch."
+        index = os.path.join(self.directory, INDEX)
+        _read_small(index, fix, limit=MAX_INDEX_BYTES, parse=False)  # before TensorFlow reads it
         manager = self._get_manager()
         latest = manager.latest_checkpoint
+        found = _numbered(self.directory)
+        if latest is None and found:  # TensorFlow would start from step 0 and save over them
+            raise ValueError(
+                f"{index} is missing or damaged, but {self.directory} holds {found[0]} (the "
+                f"newest of {len(found)} checkpoints): training would start again from step 0 "
+                f'and replace them. Write the line model_checkpoint_path: "{found[0]}" into '
+                f"{index} to resume from it, or use a new --model_dir."
+            )
         if latest is None:
             return 0
-        fix = f"Use a new --model_dir, or delete {self.directory} to train this model from scratch."
-        saved = _read_json(os.path.join(self.directory, SIGNATURE))
+        saved = _read_small(os.path.join(self.directory, SIGNATURE), fix)
+        if saved is not None and not _is_signature(saved):
+            path = os.path.join(self.directory, SIGNATURE)
+            raise ValueError(f"{path} is not a model signature (damaged or not ours). {fix}")
         if saved is not None:
             difference = _signature_difference(saved, model_signature(model))
             if difference:

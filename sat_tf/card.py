@@ -7,9 +7,9 @@ it, so a reader can check a robustness claim without asking. `training.run` writ
 SavedModel's `assets.extra/`.
 """
 
-import json
 from pathlib import Path
 
+from sat_tf import rundir
 from sat_tf.atomic import write_json
 from sat_tf.rundir import CARD
 
@@ -84,13 +84,46 @@ def evaluation_entry(results, *, protocol, command, dataset, step_size=None):
         "worst_case": payload["worst_case"],
         "gradient_masking_checks": payload["checks"],
         "command": command,
+        "evaluation_id": results.evaluation_id,
     }
 
 
+class CardError(ValueError):
+    """A card that cannot be read: damaged, not a card, or forged (too large, not a file).
+
+    Attributes:
+        path: The card file.
+        reason: What is wrong, a phrase that follows the path ("is not valid JSON (...)").
+    """
+
+    def __init__(self, path, reason):
+        super().__init__(
+            f"{path} {reason}; it is the model's robustness card (sat_tf.card). Restore it from "
+            "a copy, or remove it to start a new one."
+        )
+        self.path, self.reason = path, reason
+
+
 def read(directory):
-    """The card in `directory`, or None."""
+    """The card in `directory`, or None when there is none.
+
+    Read as `sat_tf.rundir.read_json` reads: at most `rundir.MAX_JSON_BYTES`, regular files only.
+
+    Raises:
+        CardError: one line naming the file, what is wrong and the fix.
+    """
     path = Path(directory) / CARD
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        card = rundir.read_json(path)
+    except ValueError as error:
+        raise CardError(path, str(error)) from None
+    if not isinstance(card, dict):
+        raise CardError(path, "is not a JSON object")
+    if not isinstance(card.get("evaluations", []), list):
+        raise CardError(path, "has evaluations that are not a list")
+    return card
 
 
 def write(directory, card):
@@ -105,6 +138,10 @@ class CardWriteError(Exception):
 def add_evaluation(directory, entry, *, saved=None):
     """Appends an evaluation to the card in `directory` (creating a minimal card if none).
 
+    An entry with the `evaluation_id` of one already there replaces it: recording the same
+    finished evaluation twice (a kill between the card write and the removal of its state,
+    then the same command again) leaves one entry.
+
     Args:
         directory: The folder of the model (and its card).
         entry: From `evaluation_entry`.
@@ -112,14 +149,24 @@ def add_evaluation(directory, entry, *, saved=None):
             error so that a failed card write never hides them.
 
     Raises:
-        CardWriteError: one line naming the card, the cause and what is saved.
+        CardWriteError: one line naming the card, the cause and what is saved (also when the
+            card on disk cannot be read: it is then left as it is).
     """
-    card = read(directory) or {"format": "sat_tf.robustness_card/1", "evaluations": []}
-    card.setdefault("evaluations", []).append(entry)
+    kept = f"its reports are saved in {saved}" if saved else "nothing else was written"
+    try:
+        card = read(directory) or {"format": "sat_tf.robustness_card/1", "evaluations": []}
+    except CardError as error:  # never replaced: what it holds may be restored
+        raise CardWriteError(
+            f"The evaluation finished and {kept}, but the card {error.path} {error.reason}, so "
+            "it was left as it is. Restore it from a copy (or remove it), then re-run the "
+            "evaluation to record it there."
+        ) from None
+    same = entry.get("evaluation_id")
+    entries = [e for e in card.get("evaluations", []) if not same or e.get("evaluation_id") != same]
+    card["evaluations"] = [*entries, entry]
     try:
         return write(directory, card)
     except OSError as error:
-        kept = f"its reports are saved in {saved}" if saved else "nothing else was written"
         raise CardWriteError(
             f"The evaluation finished and {kept}, but the card {Path(directory) / CARD} "
             f"could not be updated ({error.strerror or error}). Make {directory} writable and "

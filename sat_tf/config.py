@@ -11,6 +11,7 @@ choice fields are in `sat_tf.options`.
 """
 
 import dataclasses
+import math
 import typing
 
 from sat_tf import options, rundir
@@ -25,6 +26,13 @@ def _field(default=dataclasses.MISSING, text=""):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every knob of `sat_tf.training.run`; each field is also a flag of `tools/train.py`."""
+
+    # What a training run can hold, whatever the flags ask (`validate`); every recipe is far inside.
+    MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a 2048-wide head of 100,000 is 800 MB
+    MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096  # one 4096x4096 RGB image is 200 MB of float32
+    MAX_GLOBAL_BATCH_SIZE = 65_536  # the largest published ImageNet batch (64k)
+    MAX_PIXELS = 255.0  # epsilons are pixels of the [0, 255] input: 255 is the whole range
+    MAX_SEED = 2**32 - 1  # NumPy's seed range
 
     model_dir: str = _field(
         text="Directory for checkpoints, TensorBoard logs, config.json and model.keras."
@@ -130,7 +138,13 @@ class TrainConfig:
             if key in names
         }
         if "decay_epochs" in values:
-            values["decay_epochs"] = tuple(float(e) for e in values["decay_epochs"])
+            try:
+                values["decay_epochs"] = tuple(float(e) for e in values["decay_epochs"])
+            except (TypeError, ValueError):
+                shown = ",".join(map(str, values["decay_epochs"]))
+                raise ValueError(
+                    f"--decay_epochs={shown} is invalid: give epochs as numbers, e.g. 30,60,80"
+                ) from None
         if values.get("eval_epsilon") is not None and values["eval_epsilon"] < 0:
             values["eval_epsilon"] = None
         return cls(**values)
@@ -296,10 +310,10 @@ def _eval_checks(c):
     yield "protocol", c.protocol in ("sat", "robustbench"), "choose sat or robustbench"
     yield "num_examples", c.num_examples >= 0, "must be >= 0 (0: all)"
     yield "image_size", c.image_size >= 0, "must be >= 0 (0: the run's)"
-    yield "epsilons", all(e >= 0 for e in c.epsilons), "radii in pixels must be >= 0"
-    yield "step_size", c.step_size is None or c.step_size > 0, "must be > 0 (pixels)"
+    yield "epsilons", all(0 <= e < math.inf for e in c.epsilons), "radii must be finite, >= 0"
+    yield "step_size", c.step_size is None or 0 < c.step_size < math.inf, "must be finite, > 0"
     yield "num_steps", all(k >= 1 for k in c.num_steps), "steps must be >= 1"
-    yield "restarts", c.restarts >= 1, "must be >= 1"
+    yield "restarts", 1 <= c.restarts <= options.MAX_RESTARTS, "must be in [1, 1000]"
     yield "batch_size", c.batch_size >= 1, "must be >= 1"
 
 
@@ -308,33 +322,72 @@ def _show(value):
 
 
 def _checks(c):
+    def finite(value, low, high=math.inf):  # NaN and the infinities fail
+        return math.isfinite(value) and low <= value <= high
+
+    positive = "must be a finite number > 0"
+    pixels = f"must be in [0, {c.MAX_PIXELS:g}]"
     yield "model_dir", bool(c.model_dir), "give a directory for checkpoints, logs and the model"
-    yield "num_classes", c.num_classes >= 2, "needs at least 2 classes"
-    yield "image_size", c.image_size >= 8, "use at least 8 pixels"
-    yield "global_batch_size", c.global_batch_size >= 1, "must be >= 1"
+    yield (
+        "num_classes",
+        2 <= c.num_classes <= c.MAX_CLASSES,
+        f"must be in [2, {c.MAX_CLASSES}] (the classifier's head grows with it)",
+    )
+    yield (
+        "image_size",
+        c.MIN_IMAGE_SIZE <= c.image_size <= c.MAX_IMAGE_SIZE,
+        f"must be in [{c.MIN_IMAGE_SIZE}, {c.MAX_IMAGE_SIZE}] pixels (at least "
+        f"{c.MIN_IMAGE_SIZE}; one {c.MAX_IMAGE_SIZE}-pixel image is 200 MB of float32)",
+    )
+    yield (
+        "global_batch_size",
+        1 <= c.global_batch_size <= c.MAX_GLOBAL_BATCH_SIZE,
+        f"must be in [1, {c.MAX_GLOBAL_BATCH_SIZE}] (the largest published ImageNet batch)",
+    )
     yield "epochs", c.epochs >= 1, "must be >= 1"
     yield "steps_per_epoch", c.steps_per_epoch >= 0, "must be >= 0 (0: one pass over the data)"
     yield "eval_examples", c.eval_examples >= 0, "must be >= 0 (0: all)"
     yield "optimizer", c.optimizer in OPTIMIZERS, f"choose one of {', '.join(OPTIMIZERS)}"
-    yield "base_learning_rate", c.base_learning_rate > 0, "must be > 0"
+    yield (
+        "base_learning_rate",
+        finite(c.base_learning_rate, 0) and c.base_learning_rate > 0,
+        positive,
+    )
     yield "lr_schedule", c.lr_schedule in SCHEDULES, f"choose one of {', '.join(SCHEDULES)}"
-    yield "warmup_epochs", c.warmup_epochs >= 0, "must be >= 0"
+    yield "warmup_epochs", finite(c.warmup_epochs, 0), "must be a finite number >= 0"
+    yield (
+        "decay_epochs",
+        all(finite(e, 0) for e in c.decay_epochs),
+        "epochs must be finite numbers >= 0, e.g. 30,60,80",
+    )
     yield "decay_rate", 0 < c.decay_rate <= 1, "must be in (0, 1]"
-    yield "decay_every_epochs", c.decay_every_epochs > 0, "must be > 0"
+    yield (
+        "decay_every_epochs",
+        finite(c.decay_every_epochs, 0) and c.decay_every_epochs > 0,
+        positive,
+    )
     yield "momentum", 0 <= c.momentum < 1, "must be in [0, 1)"
     yield "ema_decay", 0 <= c.ema_decay < 1, "must be in [0, 1) (0 turns it off)"
-    yield "weight_decay", c.weight_decay >= 0, "must be >= 0"
+    yield "weight_decay", finite(c.weight_decay, 0), "must be a finite number >= 0"
     yield "label_smoothing", 0 <= c.label_smoothing < 1, "must be in [0, 1)"
-    yield "epsilon", c.epsilon >= 0, "the L-inf budget in pixels must be >= 0 (e.g. 4 for 4/255)"
-    yield "step_size", c.step_size > 0, "the attack step in pixels must be > 0 (e.g. 4)"
+    yield (
+        "epsilon",
+        finite(c.epsilon, 0, c.MAX_PIXELS),
+        f"{pixels}: the L-inf budget in pixels of the [0, 255] input (e.g. 4 for 4/255)",
+    )
+    yield "step_size", finite(c.step_size, 0) and c.step_size > 0, f"{positive} (pixels, e.g. 4)"
     yield "num_steps", c.num_steps >= 0, "must be >= 0 (0 with --norandom_start: clean training)"
     yield "prob_start_from_clean", 0 <= c.prob_start_from_clean <= 1, "must be in [0, 1]"
     yield (
         "eval_epsilon",
-        c.eval_epsilon is None or c.eval_epsilon >= 0,
-        "must be >= 0 pixels, or unset for --epsilon",
+        c.eval_epsilon is None or finite(c.eval_epsilon, 0, c.MAX_PIXELS),
+        f"{pixels} pixels, or unset (or negative) for --epsilon",
     )
-    yield "eval_step_size", c.eval_step_size > 0, "must be > 0 (e.g. 1)"
+    yield (
+        "eval_step_size",
+        finite(c.eval_step_size, 0) and c.eval_step_size > 0,
+        f"{positive} (e.g. 1)",
+    )
     yield "eval_num_steps", c.eval_num_steps >= 0, "must be >= 0"
     yield (
         "smooth_gradients",
@@ -348,4 +401,5 @@ def _checks(c):
         c.mixed_precision in MIXED_PRECISION,
         "choose float16, bfloat16, or leave it empty for float32",
     )
+    yield "seed", 0 <= c.seed <= c.MAX_SEED, f"must be in [0, {c.MAX_SEED}]"
     yield "checkpoint_every_steps", c.checkpoint_every_steps >= 0, "must be >= 0"

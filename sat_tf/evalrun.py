@@ -28,6 +28,31 @@ from sat_tf.config import EvalConfig, TrainConfig
 
 STATE = "eval_state.npz"  # protocol "sat"; robustbench: robustbench_<leaderboard>_Linf_state.npz
 SUMMARY = "summary.json"
+# What an evaluation writes into its output folder (protocol "sat": `reporting.EvaluationResults
+# .save` and this module; a bare model's card too), listed in the folder's manifest when the
+# folder is not the run's own eval/.
+OUTPUT_FILES = (
+    "results.json",
+    "results.md",
+    "accuracy_vs_epsilon.png",
+    "accuracy_vs_steps.png",
+    "per_example.npz",
+    SUMMARY,
+    STATE,
+    rundir.CARD,
+)
+
+
+# The entries of a run folder an evaluation's reports must not go into.
+_RUN_ENTRIES = (*rundir.TRAINING_FILES, rundir.EXPORT, rundir.MANIFEST, rundir.LOCK)
+
+
+def _robustbench_files():
+    """The names the RobustBench protocol writes, for every leaderboard."""
+    from sat_tf.robustbench import PROTOCOLS
+
+    names = [f"robustbench_{name}_Linf" for name in PROTOCOLS]
+    return [f"{n}{end}" for n in names for end in (".json", "_per_example.npz", "_state.npz")]
 
 
 class EvalError(Exception):
@@ -36,12 +61,25 @@ class EvalError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What is evaluated: the .keras file, its run's settings (None for a bare file), and where
-    the reports go."""
+    """What is evaluated: the .keras file, its run's settings (None for a bare file), where the
+    reports go, and the folder of the robustness card (the run folder; for a bare file, the
+    output folder: nothing is written beside a file that is not in a run of ours)."""
 
     path: Path
     run: TrainConfig | None
     output: Path
+    card_dir: Path
+
+    @property
+    def output_is_separate(self):
+        """The output folder is not inside the run folder (or there is none, for a bare file):
+        it is checked, listed and locked as a folder of ours (`sat_tf.rundir`) on its own."""
+        return self.run_dir is None or self.output.parent != self.run_dir
+
+    @property
+    def run_dir(self):
+        """The run folder, or None for a bare .keras file (whose card is in the output)."""
+        return None if self.card_dir == self.output else self.card_dir
 
     def data_spec(self, config):
         """--eval_files, else --dataset, else the run's evaluation data (its --eval_files too)."""
@@ -71,8 +109,10 @@ def run(config: EvalConfig, *, command=""):
     """Evaluates what `config` names and writes the reports; returns the summary.
 
     Every input is checked before any attack runs: the flags, the model file, the run's
-    config.json, and that the reports and the card can be written. A run folder is locked
-    while it is evaluated (`sat_tf.rundir`).
+    config.json and card, and that the reports and the card can be written. A run folder is
+    locked while it is evaluated, and so is an output folder outside it, which must be new,
+    empty or one of ours (`sat_tf.rundir`); a bare .keras file (`model_path`) is evaluated into
+    `output_dir` only, its card there too.
 
     Returns:
         Protocol "sat": the summary written to summary.json (clean accuracy, the epsilon, each
@@ -88,10 +128,17 @@ def run(config: EvalConfig, *, command=""):
         raise EvalError(str(error)) from None
     target = _resolve(config)
     run_dir = target.path.parent
-    try:  # evaluating a run writes into it: one process at a time (sat_tf.rundir)
-        with rundir.locked(run_dir, "evaluation") if config.model_dir else contextlib.nullcontext():
-            if config.model_dir and rundir.listed(run_dir) and target.output.parent == run_dir:
-                rundir.record(run_dir, target.output.name)
+    try:  # evaluating writes into the run and the output folder: one process at a time each
+        with contextlib.ExitStack() as held:
+            if config.model_dir:
+                held.enter_context(rundir.locked(run_dir, "evaluation"))
+                if rundir.listed(run_dir) and not target.output_is_separate:
+                    rundir.record(run_dir, target.output.name)
+            if target.output_is_separate:
+                rundir.check_ours(target.output, "--output_dir")
+                held.enter_context(rundir.locked(target.output, "evaluation"))
+                rundir.check_ours(target.output, "--output_dir")  # again, under the lock
+                rundir.record(target.output, *OUTPUT_FILES, *_robustbench_files())
             return _evaluate(config, target, command)
     except (rundir.RunDirError, rundir.RunWriteError, evalstate.StateMismatchError) as error:
         raise EvalError(str(error)) from None
@@ -110,18 +157,45 @@ def _resolve(config):
         raise EvalError(
             f"{path} not found; train first (tools/train.py) or fix --model_dir/--model_path."
         )
-    try:
-        saved = rundir.read_config(path.parent)  # one clear line when not a JSON object
-    except rundir.RunDirError as error:
+    if not (model_dir or config.output_dir):
+        raise EvalError(
+            f"--output_dir is needed with --model_path: a bare model file's reports and card go "
+            f"there, never beside {path.name} (or give its run folder as --model_dir)."
+        )
+    run_config = None
+    if model_dir:
+        try:
+            saved = rundir.read_config(model_dir)  # one clear line when not a JSON object
+            run_config = TrainConfig.from_dict(saved) if saved else None
+        except (rundir.RunDirError, TypeError) as error:
+            raise EvalError(f"{model_dir / rundir.CONFIG}: {error}") from None
+    output = Path(config.output_dir) if config.output_dir else model_dir / rundir.EVAL
+    card_dir = model_dir or output
+    if model_dir and (
+        output.resolve() == model_dir.resolve()
+        or (output.parent.resolve() == model_dir.resolve() and output.name in _RUN_ENTRIES)
+    ):
+        raise EvalError(
+            f"--output_dir={output} is the run folder or one of its own entries: the reports "
+            f"would overwrite or mix with the run's files. Use {model_dir / rundir.EVAL} "
+            "(the default) or another folder."
+        )
+    target = Target(path, run_config, output, card_dir)
+    if target.output_is_separate:  # before anything is written there, even a probe
+        try:
+            rundir.check_ours(output, "--output_dir")
+        except rundir.RunDirError as error:
+            raise EvalError(str(error)) from None
+    try:  # read before any attack runs: a damaged card would fail only after all of them
+        card.read(card_dir)
+    except card.CardError as error:
         raise EvalError(str(error)) from None
-    run_config = TrainConfig.from_dict(saved) if saved else None
-    output = Path(config.output_dir) if config.output_dir else path.parent / rundir.EVAL
     try:  # before any attack runs: an evaluation must be able to save what it finds
         rundir.check_writable(output, "the reports (--output_dir)")
-        rundir.check_writable(path.parent, f"the robustness card ({path.parent.name or '.'})")
+        rundir.check_writable(card_dir, f"the robustness card ({card_dir.name or '.'})")
     except rundir.RunWriteError as error:
         raise EvalError(str(error)) from None
-    return Target(path, run_config, output)
+    return target
 
 
 def _evaluate(config, target, command):
@@ -145,7 +219,7 @@ def _verbose(config):
 
 def _add_to_card(target, entry, saved):
     try:
-        card.add_evaluation(target.path.parent, entry, saved=saved)
+        card.add_evaluation(target.card_dir, entry, saved=saved)
     except card.CardWriteError as error:
         raise EvalError(str(error)) from None
 
@@ -156,10 +230,16 @@ def _sat(config, target, model, surrogate, command):
     restarts = f"x{config.restarts}" if config.restarts > 1 else ""
     attacks = ["clean", *(f"pgd-{k}{restarts}" for k in config.num_steps), *config.attacks]
     try:  # names checked before any data is read
-        for attack in attacks:
-            jobs.parse_attack(attack)
+        labels = [jobs.parse_attack(attack).label for attack in attacks]
     except ValueError as error:
         raise EvalError(f"--attacks={','.join(config.attacks)}: {error}") from None
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise EvalError(
+            f"--attacks={','.join(config.attacks)} with --num_steps="
+            f"{','.join(map(str, config.num_steps))} runs {', '.join(repeated)} twice; "
+            "list each attack once."
+        )
     epsilons = list(config.epsilons)
     if not epsilons:  # the run's evaluation epsilon; the paper's 4 for a bare file
         epsilons = [target.run.resolved_eval_epsilon if target.run else 4.0]
@@ -167,14 +247,16 @@ def _sat(config, target, model, surrogate, command):
     if step_size is None:  # the run's evaluation step; the official 1 pixel for a bare file
         step_size = target.run.eval_step_size if target.run else 1.0
     spec = target.data_spec(config)
+    image_size = _image_size(config, target, model)
     try:
         dataset = data.load(
             spec,
             split=target.split(config, options.default_eval_split(spec)),
             global_batch_size=config.batch_size,
-            image_size=target.image_size(config),
+            image_size=image_size,
             data_dir=target.data_dir(config),
             num_classes=int(model.output_shape[-1]),  # labels outside the outputs are errors
+            training=False,  # also for a "train" split: no shuffling, augmentation or repeat
         ).dataset
     except (ValueError, FileNotFoundError) as error:
         raise EvalError(str(error)) from None
@@ -194,6 +276,7 @@ def _sat(config, target, model, surrogate, command):
             verbose=_verbose(config),
             state=output / STATE,
             discard_state=config.discard_state,
+            settings={"deterministic": config.deterministic},
         )
     except tf.errors.InvalidArgumentError as error:  # a bad record, named by sat_tf.data
         problem = preflight.data_problem(error)
@@ -214,7 +297,7 @@ def _sat(config, target, model, surrogate, command):
     print((output / "results.md").read_text())
     _add_to_card(target, entry, output)
     (output / STATE).unlink(missing_ok=True)  # finished: the same command evaluates afresh
-    print(f"Reports in {output}; card: {target.path.parent / rundir.CARD}")
+    print(f"Reports in {output}; card: {target.card_dir / rundir.CARD}")
     return summary
 
 
@@ -245,7 +328,7 @@ def _robustbench(config, target, model, command):
         )
     state = target.output / f"robustbench_{name}_Linf_state.npz"
     try:
-        images, labels, source = _robustbench_data(config, target, protocol, num_classes)
+        images, labels, source = _robustbench_data(config, target, protocol, model)
         architecture = f"{run_config.model} ({run_config.activation})" if run_config else model.name
         result = robustbench.benchmark(
             model,
@@ -261,10 +344,11 @@ def _robustbench(config, target, model, command):
             verbose=_verbose(config),
             state=state,
             discard_state=config.discard_state,
+            settings={"deterministic": config.deterministic},
         )
     except evalstate.StateMismatchError:
         raise
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         raise EvalError(str(error)) from None
     target.output.mkdir(parents=True, exist_ok=True)
     entry_path = target.output / f"robustbench_{name}_Linf.json"
@@ -280,18 +364,32 @@ def _robustbench(config, target, model, command):
     )
     for deviation in result.deviations:
         print(f"  differs from RobustBench: {deviation}")
-    print(f"Entry: {entry_path}; card: {target.path.parent / rundir.CARD}")
+    print(f"Entry: {entry_path}; card: {target.card_dir / rundir.CARD}")
     return entry
 
 
-def _robustbench_data(config, target, protocol, num_classes):
+def _image_size(config, target, model, default=None):
+    """The evaluation resolution: --image_size, the run's, or `default`; it must be the one the
+    model takes when its input has a fixed size."""
+    size = target.image_size(config, default)
+    fixed = tuple(model.input_shape[1:3])
+    if None not in fixed and fixed != (size, size):
+        flag = f"--image_size={size}" if config.image_size else f"the run's image_size {size}"
+        raise EvalError(
+            f"{flag} does not fit the model, which takes {fixed[0]}x{fixed[1]} images; "
+            f"use --image_size={fixed[0]}."
+        )
+    return size
+
+
+def _robustbench_data(config, target, protocol, model):
     """`(images, labels, source)`: the protocol's first --num_examples examples, in its order."""
     from sat_tf import evaluation
     from sat_tf.data import robustbench_data
 
     spec = target.data_spec(config)
     n = config.num_examples or protocol.num_examples
-    image_size = target.image_size(config, default=protocol.image_size)
+    image_size = _image_size(config, target, model, default=protocol.image_size)
     if protocol.leaderboard == "imagenet":
         return _robustbench_imagenet(config, target, spec, n, image_size)
     if spec == "tfds:cifar10":
@@ -306,7 +404,7 @@ def _robustbench_data(config, target, protocol, num_classes):
         global_batch_size=config.batch_size,
         image_size=image_size,
         data_dir=target.data_dir(config),
-        num_classes=num_classes,
+        num_classes=int(model.output_shape[-1]),
         training=False,
     )
     images, labels = evaluation.collect(loaded.dataset, n)

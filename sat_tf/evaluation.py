@@ -97,6 +97,7 @@ def evaluate(
     jit_compile=False,
     state=None,
     discard_state=False,
+    settings=None,
 ):
     """Accuracy of `model` under every attack at every epsilon, plus the masking checks.
 
@@ -123,6 +124,8 @@ def evaluate(
             finding the state of an unfinished run of the same evaluation resumes it.
         discard_state: Ignore (and overwrite) a state file of another evaluation instead of
             refusing.
+        settings: Further settings that change results, e.g. {"deterministic": True}: part of
+            the state's fingerprint, so a resume under other settings is refused.
 
     Returns:
         A `reporting.EvaluationResults` (rows, per-epsilon worst case over attacks, checks,
@@ -159,6 +162,7 @@ def evaluate(
         discard_state=discard_state,
         verbose=verbose,
         pgd_step_size=pgd_step_size,
+        **(settings or {}),
     )
     rows, worst = [], {}
     for j, (spec, eps) in enumerate(entries):
@@ -204,4 +208,5 @@ def evaluate(
             jobs=[job.label for job in ran],
             passes=[[p.name for p in job.passes] for job in ran],
         ),
+        evaluation_id=record.evaluation_id,
     )

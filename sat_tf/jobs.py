@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from sat_tf import attacks, evalstate, passes
+from sat_tf import attacks, evalstate, options, passes
 from sat_tf.apgd import apgd, check_num_classes
 from sat_tf.attacks import target_classes
 from sat_tf.fab import fab_targeted
@@ -307,6 +307,8 @@ def parse_attack(spec):
     if budget is not None and not budget.isdigit():
         raise ValueError(f"Only autoattack takes a version. Received: {spec!r}")
     entry = ATTACKS[name]
+    if restarts and not 1 <= int(restarts) <= options.MAX_RESTARTS:
+        raise ValueError(f"Restarts must be in [1, {options.MAX_RESTARTS}]. Received: {spec!r}")
     amount = int(budget) if budget else entry.budget
     if amount is not None and amount < 1:
         raise ValueError(f"An attack's budget must be >= 1. Received: {spec!r}")
@@ -406,7 +408,7 @@ def run(
         settings["surrogate"] = surrogate
     record = evalstate.EvaluationState.open(
         Path(state) if state else None,
-        len(jobs),
+        [len(j.passes) for j in jobs],
         len(labels),
         discard_state=discard_state,
         model=model,

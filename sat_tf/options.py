@@ -12,6 +12,9 @@ MIXED_PRECISION = ("", "float16", "bfloat16")  # "" is float32
 # The phases in which SmoothGradReLU uses its smooth backward pass (the paper's ablation): the
 # attacker's input gradient and the weight update.
 SMOOTH_PHASES = ("attack", "update")
+# Random restarts of one attack: each is a pass over the examples (`sat_tf.passes`), numbered in
+# an int16 per-example record; far more than any evaluation protocol uses (PGD-50 x 10 at most).
+MAX_RESTARTS = 1000
 
 
 def eval_epsilon(epsilon, eval_epsilon):

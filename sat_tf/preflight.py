@@ -3,7 +3,7 @@
 Each check raises `RunError` with one line that names the flag or file and the fix, and none of
 them changes `model_dir` (a finished run is cleared by `clear_finished_run` only after every
 input has been checked), so a bad command never damages what an earlier run wrote. A folder that
-is not a run of ours (`sat_tf.rundir`) is never written into.
+is not a run of ours (`sat_tf.rundir`) is never written into, nor anything through a link.
 """
 
 import dataclasses
@@ -16,9 +16,12 @@ import keras
 import tensorflow as tf
 
 from sat_tf import activations, models, rundir, saving
+from sat_tf.data import demo
 from sat_tf.models import cifar, efficientnet, resnet
 
 MIN_FREE_BYTES = 200 * 2**20
+# The demo pipeline holds every digit at --image_size (1,797 x 256 x 256 x 3 float32: 1.4 GiB).
+DEMO_MAX_IMAGE_SIZE = 256
 
 
 class RunError(Exception):
@@ -35,9 +38,7 @@ def check_model_dir(config):
         raise RunError(str(error)) from None
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
-        probe = model_dir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
+        rundir.probe(model_dir)  # a fresh name: never through a link planted in the folder
     except OSError as error:
         raise RunError(
             f"--model_dir={model_dir} is not writable ({error}). Fix its permissions or choose "
@@ -63,7 +64,8 @@ def check_model_dir(config):
 def clear_finished_run(model_dir):
     """`--overwrite`: removes a finished run's outputs (called once every input is checked).
 
-    Only what the run's manifest lists is removed (inside `checkpoints/`, only checkpoint files).
+    Only what the run's manifest lists is removed (inside `checkpoints/`, only checkpoint files),
+    and nothing when one of them is a symbolic link (`rundir.RunDirError`).
     """
     if not (model_dir / rundir.FINAL_MODEL).exists():
         return
@@ -117,6 +119,26 @@ def check_names(config):
             f"downsamples {smallest}x, so its last stages would see 1x1 maps of padding. Use "
             f"--image_size={smallest} or more, or a CIFAR-size model "
             f"({', '.join(sorted(cifar.CONFIGS))}, small_cnn)."
+        )
+    specs = {config.data_spec(training=True), config.data_spec(training=False)}
+    if "demo" in specs and config.image_size > DEMO_MAX_IMAGE_SIZE:
+        held = demo.NUM_EXAMPLES * config.image_size**2 * 3 * 4 / 2**30
+        raise RunError(
+            f"--image_size={config.image_size} is too large for --dataset=demo: the demo holds "
+            f"all {demo.NUM_EXAMPLES} digits in memory at that size ({held:.1f} GiB of 8x8 "
+            f"digits scaled up). Use --image_size={DEMO_MAX_IMAGE_SIZE} or less."
+        )
+
+
+def check_batch_fits(config, train):
+    """A training batch larger than the training split (when its size is known) would repeat
+    the split inside every batch and hold that many images in memory: refused."""
+    if train.num_examples is not None and config.global_batch_size > train.num_examples:
+        raise RunError(
+            f"--global_batch_size={config.global_batch_size} is larger than the "
+            f"{train.num_examples} examples of the training split of "
+            f"--dataset={config.data_spec(training=True)}: every batch would repeat them and "
+            f"hold {config.global_batch_size} images in memory. Use {train.num_examples} or less."
         )
 
 

@@ -50,6 +50,8 @@ class EvaluationResults:
         checks: `sat_tf.masking.Check`s.
         num_examples: Number of evaluated examples.
         per_example: A `PerExample`, or None.
+        evaluation_id: `sat_tf.evalstate.EvaluationState.evaluation_id` of a resumable
+            evaluation, or None.
     """
 
     rows: list
@@ -57,6 +59,7 @@ class EvaluationResults:
     checks: list
     num_examples: int
     per_example: PerExample | None = None
+    evaluation_id: str | None = None
 
     @property
     def clean_accuracy(self):

@@ -118,6 +118,7 @@ class Result:
         source: where the images came from, in words.
         model_info: user fields of the RobustBench entry (architecture, name, link, ...).
         per_example: a `sat_tf.reporting.PerExample` (the stage that fooled each example).
+        evaluation_id: the resumable evaluation's id (`sat_tf.evalstate`), or None.
     """
 
     protocol: Protocol
@@ -132,6 +133,7 @@ class Result:
     source: str = ""
     model_info: dict = dataclasses.field(default_factory=dict)
     per_example: reporting.PerExample | None = None
+    evaluation_id: str | None = None
 
     @property
     def deviations(self):
@@ -202,6 +204,7 @@ class Result:
             "seed": self.seed,
             "seconds": round(self.seconds, 1),
             "command": command,
+            "evaluation_id": self.evaluation_id,
         }
 
 
@@ -220,6 +223,7 @@ def benchmark(
     verbose=0,
     state=None,
     discard_state=False,
+    settings=None,
 ):
     """Clean and AutoAttack accuracy under RobustBench's L-inf protocol for `leaderboard`.
 
@@ -240,6 +244,8 @@ def benchmark(
         state: path of a state file (`sat_tf.evalstate`) rewritten after every batch; the same
             call after a kill resumes from it and gives the same per-example results.
         discard_state: overwrite a state file of another evaluation instead of refusing.
+        settings: further settings that change results, e.g. {"deterministic": True}: part of
+            the state's fingerprint, so a resume under other settings is refused.
 
     Returns:
         A `Result`.
@@ -275,6 +281,7 @@ def benchmark(
         discard_state=discard_state,
         verbose=verbose,
         protocol=protocol.leaderboard,
+        **(settings or {}),
     )
     names = [p.name for p in ran[0].passes]
     stages = autoattack.stage_accuracies(record.fooled_by[0], names)
@@ -296,6 +303,7 @@ def benchmark(
             jobs=[ran[0].label],
             passes=[names],
         ),
+        evaluation_id=record.evaluation_id,
     )
 
 

@@ -9,6 +9,12 @@
   holder dies, so a lock left behind by a killed process is taken over, never waited for.
 - `RunWriteError`: a write that fails (disk full, read-only folder) becomes one line saying what
   could not be written, where, what is kept and how to resume.
+- Nothing outside the run folder is changed through it: the lock is opened without following a
+  link and must be a file of its own (one name, no hard links); every process that holds the lock
+  first checks that the run's folders (`RUN_FOLDERS`, everything under them) and the temporaries of
+  atomic writes are no symbolic links (`check_no_links`), and `--overwrite` checks what it removes.
+  Write probes get fresh names, created exclusively. The run's small JSON files are read with a
+  size limit (`read_json`), and only when they are regular files (a FIFO would block the reader).
 """
 
 import contextlib
@@ -18,10 +24,12 @@ import json
 import os
 import shutil
 import socket
+import stat
+import tempfile
 import time
 from pathlib import Path
 
-from sat_tf.atomic import write_json
+from sat_tf.atomic import PREFIX, write_json
 
 MANIFEST = ".sat_tf_run.json"
 LOCK = ".sat_tf_run.lock"
@@ -36,6 +44,7 @@ CHECKPOINTS = "checkpoints"  # model + optimizer state, to resume training
 LOGS = "logs"  # TensorBoard
 EVAL = "eval"  # tools/eval.py's reports (default --output_dir)
 EXPORT = "export"  # tools/export.py's SavedModels (default --export_dir)
+RUN_FOLDERS = (CHECKPOINTS, LOGS, EVAL, EXPORT)  # written into in place: never through a link
 TRAINING_FILES = (CONFIG, CHECKPOINTS, LOGS, CARD, FINAL_MODEL, RESULTS)  # tools/train.py
 IMPORTED_FILES = (CONFIG, CARD, FINAL_MODEL)  # tools/import_official.py
 # What `--overwrite` removes of a finished run before training it again.
@@ -43,6 +52,9 @@ REPLACED_FILES = (CHECKPOINTS, FINAL_MODEL, RESULTS, CONFIG, CARD)
 # What `--overwrite` may remove inside a listed `checkpoints/` (TensorFlow's CheckpointManager
 # files and our signature); anything else a user put there stays.
 CHECKPOINT_FILES = ("checkpoint", "ckpt-*", "model_signature.json*", ".partial-*")
+# The run's JSON files (flags, manifest, card, checkpoint signature) are kilobytes; a larger one
+# is forged or damaged, and is refused without being read whole.
+MAX_JSON_BYTES = 16 * 2**20
 
 
 class RunDirError(Exception):
@@ -78,7 +90,7 @@ OLDER_RUN_KEYS = {"model_dir", "model", "activation", "epsilon", "step_size", "n
 
 def _older_run(model_dir):
     try:
-        config = json.loads((Path(model_dir) / CONFIG).read_text())
+        config = read_json(Path(model_dir) / CONFIG)
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and set(config) >= OLDER_RUN_KEYS
@@ -89,14 +101,15 @@ def listed(model_dir):
     path = Path(model_dir) / MANIFEST
     if not path.exists():
         return []
+    fix = "it says which files are the run's. Restore it, or use a new --model_dir."
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
+    except ValueError as error:
+        raise RunDirError(f"{path} {error}; {fix}") from None
+    try:
         return [str(name) for name in manifest["files"]]
-    except (ValueError, KeyError, TypeError) as error:
-        raise RunDirError(
-            f"{path} is damaged ({error}); it says which files are the run's. Restore it, or use "
-            "a new --model_dir."
-        ) from None
+    except (KeyError, TypeError) as error:
+        raise RunDirError(f"{path} is damaged ({error!r}); {fix}") from None
 
 
 def record(model_dir, *names):
@@ -115,11 +128,14 @@ def remove_listed(model_dir, names):
     `CHECKPOINT_FILES`. Returns what was removed."""
     model_dir = Path(model_dir)
     ours = set(listed(model_dir))
+    present = [n for n in names if n in ours and os.path.lexists(model_dir / n)]
+    check_no_links(model_dir)  # the run's folders and everything under them
+    for name in present:  # and the listed files themselves: none is removed through a link
+        if (model_dir / name).is_symlink():
+            raise RunDirError(_link_message(model_dir / name))
     removed = []
-    for name in names:
+    for name in present:
         path = model_dir / name
-        if name not in ours or not (path.exists() or path.is_symlink()):
-            continue
         if path.is_dir() and name == CHECKPOINTS:
             for pattern in CHECKPOINT_FILES:
                 for item in path.glob(pattern):
@@ -144,45 +160,170 @@ def read_json_object(path):
     """The JSON object in `path` as a dict; `RunDirError` naming the file when it is not one."""
     path = Path(path)
     try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        config = error
-    if not isinstance(config, dict):
-        what = f"not valid JSON ({config})" if isinstance(config, Exception) else "not an object"
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise ValueError("is not an object")
+    except ValueError as error:
         raise RunDirError(
-            f"{path} is {what}; it is written by tools/train.py as a JSON object of the run's "
+            f"{path} {error}; it is written by tools/train.py as a JSON object of the run's "
             "flags. Restore it from a copy, or use a new --model_dir."
-        )
+        ) from None
     return config
+
+
+def read_json(path, limit=MAX_JSON_BYTES):
+    """The JSON value in the regular file `path`, reading at most `limit` bytes of it.
+
+    Raises:
+        FileNotFoundError: there is no file at `path`.
+        ValueError: why it is not read, as a phrase that follows the path in a message: "is a
+            directory, not a file", "is not a regular file", "is over 16 MiB", "is not valid
+            JSON (...)", "cannot be read (...)".
+    """
+    data = read_small(path, limit)
+    try:
+        return json.loads(data)
+    except ValueError as error:  # UnicodeDecodeError too
+        raise ValueError(f"is not valid JSON ({str(error).splitlines()[0][:200]})") from None
+    except RecursionError:  # "[[[[...": small, and deeper than the parser goes
+        raise ValueError("is not valid JSON (nested too deeply)") from None
+
+
+def read_small(path, limit):
+    """The bytes of the regular file `path`, at most `limit` of them (see `read_json`).
+
+    Opened without blocking, so a FIFO planted under the name is refused instead of waited on,
+    and read only up to the limit, so a forged file that claims gigabytes costs nothing.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ValueError(f"cannot be read ({error.strerror or error})") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise ValueError("is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise ValueError("is not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(descriptor, min(2**20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(descriptor)
+    if size > limit:
+        raise ValueError(f"is over {_size(limit)}")
+    return b"".join(chunks)
+
+
+def _size(limit):
+    return f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit} bytes"
+
+
+def check_no_links(model_dir):
+    """Raises `RunDirError` naming the first symbolic link among the run's folders
+    (`RUN_FOLDERS`), anything under them, and the temporaries of atomic writes (`.partial-*`).
+
+    Those are written into in place or removed by `--overwrite`: through a link, files outside
+    the run folder would change. Called by every process that holds the lock (`locked`), before
+    it writes, and by `remove_listed`.
+    """
+    model_dir = Path(model_dir)
+    for entry in _entries(model_dir):
+        if entry.is_symlink():
+            raise RunDirError(_link_message(entry))
+
+
+def _entries(model_dir):
+    if model_dir.is_dir():
+        yield from (p for p in model_dir.iterdir() if p.name.startswith(PREFIX))
+    for name in RUN_FOLDERS:
+        folder = model_dir / name
+        yield folder
+        if folder.is_dir() and not folder.is_symlink():
+            for root, folders, files in os.walk(folder):  # never descends into a link
+                yield from (Path(root) / entry for entry in folders + files)
+
+
+def _link_message(path):
+    return (
+        f"{path} is a symbolic link (to {os.readlink(path)}): sat_tf never writes or removes "
+        "through a link, so that nothing outside the run folder changes; nothing was changed. "
+        "Replace it with a real folder or file, then re-run."
+    )
 
 
 @contextlib.contextmanager
 def locked(model_dir, purpose):
     """Holds the exclusive lock of `model_dir` (created if needed) for `purpose` ("training").
 
+    The run's folders are checked for links (`check_no_links`) once the lock is held.
+
     Raises:
-        RunDirError: another live process holds it (naming its pid, host and purpose).
+        RunDirError: another live process holds it (naming its pid, host and purpose); the lock
+            is not a file of its own (a symbolic or hard link, a folder); or a run folder is a link.
         RunWriteError: the lock file cannot be created (read-only folder, disk full).
     """
     model_dir = Path(model_dir)
     path = model_dir / LOCK
+    handle = _take_lock(model_dir, path, purpose)
+    try:
+        check_no_links(model_dir)
+        handle.seek(0)
+        previous = _shown(handle.read(512))
+        if previous:  # the file outlived its holder: killed before it could remove it
+            print(
+                f"Taking over the stale lock {path} of {previous}: no longer running.", flush=True
+            )
+        handle.seek(0)
+        handle.truncate()
+        host = socket.gethostname()
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        handle.write(f"pid {os.getpid()} on host {host} ({purpose}, since {started})")
+        handle.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # before the unlock: a waiter then retries on a fresh file
+        handle.close()
+
+
+def _take_lock(model_dir, path, purpose):
+    """The open lock file of `model_dir`, locked; see `locked`."""
     while True:
         try:
             model_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")  # noqa: SIM115  (held for the whole block)
-        except OSError as error:  # a read-only folder: say so before any work
-            raise write_failure(
+            # Never through a link: the file is truncated and written below.
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+            descriptor = os.open(path, flags, 0o644)
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EISDIR):
+                what = "a symbolic link" if path.is_symlink() else "not a regular file"
+                raise RunDirError(_foreign_lock(path, what, purpose)) from None
+            raise write_failure(  # a read-only folder: say so before any work
                 f"the lock file {LOCK}",
                 model_dir,
                 "everything, unchanged",
                 f"re-run {purpose}",
                 error,
             ) from None
+        handle = os.fdopen(descriptor, "r+", errors="replace")  # the content may be forged
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:  # 0: removed, retried below
+            handle.close()
+            regular = stat.S_ISREG(status.st_mode)
+            what = "a hard link (the file has other names)" if regular else "not a regular file"
+            raise RunDirError(_foreign_lock(path, what, purpose))
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = _shown(handle.read(512)) or "another process"
             handle.close()
             if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
@@ -192,36 +333,47 @@ def locked(model_dir, purpose):
             ) from None
         # The previous holder may have removed the file between our open and flock: then we
         # hold a lock on an orphan, so try again on the file now at `path`.
-        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(path).st_ino == status.st_ino:
+                return handle
         handle.close()
-    handle.seek(0)
-    previous = handle.read().strip()
-    if previous:  # the file outlived its holder: killed before it could remove it
-        print(f"Taking over the stale lock {path} of {previous}: no longer running.", flush=True)
-    handle.seek(0)
-    handle.truncate()
-    host = socket.gethostname()
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    handle.write(f"pid {os.getpid()} on host {host} ({purpose}, since {started})")
-    handle.flush()
+
+
+def _foreign_lock(path, what, purpose):
+    return (
+        f"{path} is {what}: not a lock file sat_tf made, so it was left as it is (and whatever it "
+        f"points to) and nothing was written. Check who put it there, remove {path}, then re-run "
+        f"the {purpose}."
+    )
+
+
+def _shown(text):
+    """The first line of a lock's content, short and printable (the file may be forged)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return "".join(c for c in line[:200] if c.isprintable())
+
+
+def probe(directory):
+    """Creates, writes and removes a new file in `directory`; OSError when that fails.
+
+    The file gets a fresh random name and is created exclusively (`tempfile.mkstemp`), so a link
+    planted under a predictable name is never followed.
+    """
+    descriptor, name = tempfile.mkstemp(dir=directory, prefix=".write_probe-")
+    os.close(descriptor)
     try:
-        yield
+        Path(name).write_text("ok")  # the file just made: a full disk fails here
     finally:
-        with contextlib.suppress(OSError):
-            path.unlink()  # before the unlock: a waiter then retries on a fresh file
-        handle.close()
+        os.unlink(name)
 
 
 def check_writable(directory, what):
     """Raises `RunWriteError` unless a file can be created in `directory` (made if missing):
     called before long work whose results go there."""
     directory = Path(directory)
-    probe = directory / f".write_probe-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        probe(directory)
     except OSError as error:
         raise write_failure(
             what, directory, "everything, unchanged: nothing was run", "re-run", error

@@ -5,10 +5,12 @@ layers, pickled functions), but its errors for a damaged or foreign file are mis
 truncated zip is "File not found", a file from a newer Keras fails deep in deserialization.
 `load_model` checks the archive first and names the file, the Keras versions and the fix.
 
-The check runs within a fixed memory and time budget whatever the file declares: the JSON members
-are read with a size limit (never whole), and a member that declares far more bytes than it
-stores (a decompression bomb) is refused from the zip directory before anything is decompressed.
-Its config is scanned for objects from outside Keras and sat_tf before Keras sees it.
+The check runs within a fixed memory and time budget whatever the file declares: before anything
+is decompressed, the zip directory alone must show at most `MAX_MEMBERS` members declaring at most
+`MAX_TOTAL_BYTES` in all, and no member, nor all of them together, may declare more than
+`MAX_EXPANSION` times what it stores beyond `BOMB_FLOOR_BYTES` (a decompression bomb). The CRC
+pass then reads at most `MAX_TOTAL_BYTES`, and the JSON members are read with a size limit (never
+whole). Its config is scanned for objects from outside Keras and sat_tf before Keras sees it.
 """
 
 import json
@@ -26,6 +28,11 @@ MAX_JSON_BYTES = {"metadata.json": 2**20, "config.json": 64 * 2**20}
 # the same ratio with a 4 GiB floor; ours is lower because the CRC check reads every member).
 BOMB_FLOOR_BYTES = 64 * 2**20
 MAX_EXPANSION = 100
+# A Keras file has 3 members (metadata.json, config.json, model.weights.h5) plus one per asset.
+MAX_MEMBERS = 1_000
+# The zoo's largest classifier, efficientnet_l1 (272.6 M parameters), is 1.1 GB of float32
+# weights, 4.4 GB with two optimizer slots and an EMA copy saved too.
+MAX_TOTAL_BYTES = 8 * 2**30
 # Module roots a config may name; anything else (os, subprocess, ...) is code, not a layer.
 SAFE_MODULES = ("keras", "sat_tf")
 
@@ -83,8 +90,16 @@ def check_file(path):
 
 
 def _check_sizes(path, archive):
-    """Refuses oversized JSON members and decompression bombs from the zip directory alone."""
-    for info in archive.infolist():
+    """Refuses too many members, oversized ones and decompression bombs from the zip directory
+    alone (before the CRC pass reads them)."""
+    members = archive.infolist()
+    if len(members) > MAX_MEMBERS:
+        raise ModelFileError(
+            f"{path} holds {len(members)} members (a .keras file has 3, plus one per asset; at "
+            f"most {MAX_MEMBERS} are read): refused without reading them. The file was padded "
+            "or damaged: re-export it from its training run."
+        )
+    for info in members:
         limit = MAX_JSON_BYTES.get(info.filename)
         if limit is not None and info.file_size > limit:
             raise ModelFileError(
@@ -100,6 +115,20 @@ def _check_sizes(path, archive):
                 f"{info.compress_size / 2**20:.2f} MiB (more than {MAX_EXPANSION}x): refused as "
                 "a decompression bomb without decompressing it. Re-export the model."
             )
+    declared = sum(info.file_size for info in members)
+    stored = sum(info.compress_size for info in members)
+    if declared > MAX_TOTAL_BYTES:
+        raise ModelFileError(
+            f"{path}: its {len(members)} members declare {declared / 2**20:.0f} MiB in all, more "
+            f"than the {MAX_TOTAL_BYTES // 2**20} MiB a .keras file of this project may hold: "
+            "refused without reading them. Re-export the model."
+        )
+    if declared > BOMB_FLOOR_BYTES and declared > MAX_EXPANSION * max(stored, 1):
+        raise ModelFileError(
+            f"{path}: its {len(members)} members declare {declared / 2**20:.0f} MiB but store "
+            f"{stored / 2**20:.2f} MiB (more than {MAX_EXPANSION}x together): refused as a "
+            "decompression bomb without decompressing it. Re-export the model."
+        )
 
 
 def _read_json(path, archive, name):
@@ -111,7 +140,7 @@ def _read_json(path, archive, name):
         raise ModelFileError(f"{path}: {name} is over {limit // 2**20} MiB; refused.")
     try:
         value = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         value = None
     if not isinstance(value, dict):
         raise ModelFileError(

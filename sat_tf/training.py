@@ -32,6 +32,7 @@ from sat_tf.atomic import atomic_path, write_json
 from sat_tf.config import TrainConfig
 from sat_tf.preflight import (
     RunError,  # what `run` raises, named here for its callers
+    check_batch_fits,
     check_first_batches,
     check_model_dir,
     check_names,
@@ -44,8 +45,9 @@ def run(config: TrainConfig, *, command=""):
     """Trains (or resumes) the run described by `config`; returns the final results dict.
 
     Every input is checked before anything in `model_dir` changes: flags, names, the strategy's
-    replicas, the directory (writable, free space, finished run, same config), and the first
-    batch of each data split. Only then does `--overwrite` clear a finished run.
+    replicas, the directory (writable, free space, finished run, same config), the batch against
+    the training split's size, and the first batch of each data split; under the lock, that no
+    run folder is a link. Only then does `--overwrite` clear a finished run.
 
     Returns:
         The summary written to `results.json`, or `{"stopped": True, "signal": ..., "step": ...}`
@@ -56,7 +58,6 @@ def run(config: TrainConfig, *, command=""):
         FloatingPointError: the loss became NaN or Inf (the last good checkpoint is kept).
     """
     started = time.time()
-    seed_everything(config.seed, deterministic=config.deterministic)  # before the data's shuffle
     strategy, model_dir, train, evaluation, steps_per_epoch = check_inputs(config)
     try:
         with rundir.locked(model_dir, "training"):
@@ -151,7 +152,8 @@ def seed_everything(seed, *, deterministic=False):
 
 
 def check_inputs(config):
-    """Every check that needs no model, in order; changes nothing in `model_dir`.
+    """Every check that needs no model, in order; changes nothing in `model_dir`. Seeds
+    everything once the flags are valid, before the data's shuffle.
 
     Returns:
         `(strategy, model_dir, train, evaluation, steps_per_epoch)`.
@@ -160,6 +162,7 @@ def check_inputs(config):
         config.validate()
     except ValueError as error:
         raise RunError(str(error)) from None
+    seed_everything(config.seed, deterministic=config.deterministic)
     check_names(config)
     strategy = distribute.get_strategy(config.strategy, tpu=config.tpu or None)
     if config.global_batch_size % strategy.num_replicas_in_sync:
@@ -170,6 +173,7 @@ def check_inputs(config):
         )
     model_dir = check_model_dir(config)
     train, evaluation = load_data(config)
+    check_batch_fits(config, train)
     steps_per_epoch = config.steps_per_epoch or train.steps_per_epoch
     if not steps_per_epoch:
         raise RunError(

@@ -102,7 +102,7 @@ def refused(finished, match, **overrides):
         (dict(model="resnet9000"), ["--model=resnet9000", "Valid names:", "small_cnn"]),
         (dict(activation="relu7"), ["--activation=relu7", "relu7"]),
         (dict(strategy="gpu_magic"), ["--strategy=gpu_magic", "choose one of default"]),
-        (dict(epsilon=-1.0), ["--epsilon=-1.0 is invalid", ">= 0"]),
+        (dict(epsilon=-1.0), ["--epsilon=-1.0 is invalid", "[0, 255]"]),
         (dict(step_size=0.0), ["--step_size=0.0 is invalid", "> 0"]),
         (dict(step_size=-4.0), ["--step_size=-4.0 is invalid", "> 0"]),
         (dict(num_steps=-1), ["--num_steps=-1 is invalid", ">= 0"]),
@@ -113,6 +113,21 @@ def refused(finished, match, **overrides):
         ),
         (dict(model="efficientnet_b0", image_size=24), ["--model=efficientnet_b0", "32"]),
         (dict(global_batch_size=15, strategy="mirrored"), ["--global_batch_size=15", "2 replicas"]),
+        # Flags that cannot fit, refused before the data or the run folder is touched.
+        (
+            dict(global_batch_size=2000),
+            ["--global_batch_size=2000 is larger than the 1437 examples", "Use 1437 or less"],
+        ),
+        (dict(global_batch_size=10**6), ["--global_batch_size=1000000 is invalid", "65536"]),
+        (dict(num_classes=10**8), ["--num_classes=100000000 is invalid", "100000"]),
+        (dict(image_size=20000), ["--image_size=20000 is invalid", "4096"]),
+        (dict(image_size=257), ["--image_size=257 is too large for --dataset=demo", "256"]),
+        (dict(epsilon=float("inf")), ["--epsilon=inf is invalid", "[0, 255]"]),
+        (dict(epsilon=float("nan")), ["--epsilon=nan is invalid", "[0, 255]"]),
+        (dict(step_size=float("inf")), ["--step_size=inf is invalid", "finite"]),
+        (dict(base_learning_rate=float("nan")), ["--base_learning_rate=nan is invalid", "finite"]),
+        (dict(decay_epochs=(1.0, float("inf"))), ["--decay_epochs=1.0,inf is invalid", "finite"]),
+        (dict(seed=-1), ["--seed=-1 is invalid", "4294967295"]),
     ],
 )
 def test_bad_flag_is_refused_before_any_work(finished, overrides, match):

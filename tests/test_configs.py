@@ -14,6 +14,7 @@ EfficientNet/efficientnet_builder.py), not read back from the configs.
 import dataclasses
 import json
 import pathlib
+import re
 import shlex
 import typing
 
@@ -403,3 +404,61 @@ def test_a_runs_saved_settings_resolve_as_training_resolved_them(tmp_path):
     assert TrainConfig.from_dict({**saved, "eval_epsilon": 4.0}).resolved_eval_epsilon == 4.0
     with pytest.raises(ValueError, match="--eval_epsilon=-2"):
         dataclasses.replace(run, eval_epsilon=-2.0).validate()
+
+
+# Every float flag, with the values that make no sense for it: NaN and the infinities (a
+# negative eval_epsilon means "same as --epsilon", as its help says, so -inf is not listed there).
+FLOAT_FIELDS = [name for name, field in FIELDS.items() if field.type in (float, float | None)]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_non_finite_float_flags_are_refused_naming_the_flag(name, value):
+    if name == "eval_epsilon" and value < 0:
+        pytest.skip("negative eval_epsilon means --epsilon")
+    config = dataclasses.replace(TrainConfig(model_dir="r"), **{name: value})
+    with pytest.raises(ValueError) as info:
+        config.validate()
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"--{name}={value} is invalid")
+    assert re.search(r"finite|must be in [\[(]", message), message  # the rule names the range
+
+
+def test_float_fields_are_the_ones_the_test_above_covers():
+    assert set(FLOAT_FIELDS) >= {"epsilon", "step_size", "base_learning_rate", "eval_epsilon"}
+    assert len(FLOAT_FIELDS) == 13, FLOAT_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(num_classes=100_001), "--num_classes=100001 is invalid: must be in [2, 100000]"),
+        (dict(image_size=4097), "--image_size=4097 is invalid: must be in [8, 4096]"),
+        (dict(global_batch_size=65537), "--global_batch_size=65537 is invalid: must be in [1, "),
+        (dict(epsilon=256.0), "--epsilon=256.0 is invalid: must be in [0, 255]"),
+        (dict(eval_epsilon=300.0), "--eval_epsilon=300.0 is invalid: must be in [0, 255]"),
+        (dict(decay_epochs=(30.0, float("nan"))), "--decay_epochs=30.0,nan is invalid"),
+        (dict(decay_epochs=(-1.0,)), "--decay_epochs=-1.0 is invalid"),
+        (dict(seed=2**32), "--seed=4294967296 is invalid: must be in [0, 4294967295]"),
+    ],
+)
+def test_flags_beyond_what_can_fit_are_refused_naming_the_limit(changes, match):
+    with pytest.raises(ValueError) as info:
+        dataclasses.replace(TrainConfig(model_dir="r"), **changes).validate()
+    assert str(info.value).startswith(match), str(info.value)
+
+
+def test_the_limits_leave_room_for_every_recipe():
+    limits = dict(num_classes=100_000, image_size=4096, global_batch_size=65_536, epsilon=255.0)
+    for path in ALL_FILES:
+        values = row_values(path) if path in ROWS else {}
+        for name, limit in limits.items():
+            assert values.get(name, 0) <= limit / 2, (path, name)
+    TrainConfig(model_dir="r", **limits, eval_epsilon=255.0, seed=2**32 - 1).validate()
+
+
+def test_a_list_flag_that_is_not_numbers_is_one_line():
+    with pytest.raises(ValueError) as info:
+        TrainConfig.from_dict({"model_dir": "r", "decay_epochs": ["30", "sixty"]})
+    message = str(info.value)
+    assert message == "--decay_epochs=30,sixty is invalid: give epochs as numbers, e.g. 30,60,80"

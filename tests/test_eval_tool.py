@@ -89,14 +89,17 @@ def test_eval_reads_the_runs_eval_files(records, tmp_path):
 def test_eval_refuses_labels_outside_the_models_classes(records, tmp_path):
     path = classifier(tmp_path / "seven.keras", 7)  # the records hold classes 0..9
     result = evaluate(
-        f"--model_path={path}", f"--dataset=tfrecord:{records}/val-*", "--image_size=16"
+        f"--model_path={path}",
+        f"--dataset=tfrecord:{records}/val-*",
+        "--image_size=16",
+        f"--output_dir={tmp_path / 'reports'}",
     )
     assert result.returncode == 1, result.stdout[-2000:]
     assert "Traceback" not in result.stderr and "Clean" not in result.stdout
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "val-0.tfrecord (record 7) has label 7 (after label_offset), outside [0, " in line
     assert "num_classes=7)" in line, line
-    assert card.read(tmp_path) is None  # nothing appended to a card
+    assert card.read(tmp_path / "reports") is None  # nothing appended to a card
 
 
 @pytest.mark.slow
@@ -170,7 +173,7 @@ def test_evalrun_is_the_library_call_behind_the_tool(tmp_path, capsys):
     assert results["num_examples"] == 24
     assert [r["attack"] for r in results["rows"]][:3] == ["clean", "pgd-2", "fgsm"]
     assert results["rows"][1]["step_size"] == 1.0  # a bare file: the official 1-pixel step
-    entry = card.read(tmp_path)["evaluations"][-1]
+    entry = card.read(out)["evaluations"][-1]  # a bare file's card: in the output folder
     assert entry["command"] == "test" and entry["num_examples"] == 24
     assert not (out / evalrun.STATE).exists()  # finished: the state is removed
     assert "Reports in" in capsys.readouterr().out
@@ -180,13 +183,22 @@ def test_evalrun_is_the_library_call_behind_the_tool(tmp_path, capsys):
     "change, message",
     [
         (dict(model_path=""), "exactly one of --model_dir or --model_path"),
-        (dict(step_size=0.0), "--step_size=0.0 is invalid: must be > 0"),
+        (dict(step_size=0.0), "--step_size=0.0 is invalid: must be finite, > 0"),
         (dict(restarts=0), "--restarts=0 is invalid"),
         (dict(num_steps=(10, 0)), "--num_steps=10,0 is invalid"),
         (dict(epsilons=(-1.0,)), "--epsilons=-1.0 is invalid"),
         (dict(protocol="robustbench"), "--epsilons cannot be used with --protocol=robustbench"),
         (dict(attacks=("pgd-5", "cw")), "--attacks=pgd-5,cw: Unknown attack"),
         (dict(leaderboard="cifar10"), "--leaderboard cannot be used with --protocol=sat"),
+        (dict(epsilons=(float("inf"),)), "--epsilons=inf is invalid: radii must be finite"),
+        (dict(epsilons=(float("nan"),)), "--epsilons=nan is invalid"),
+        (dict(step_size=float("nan")), "--step_size=nan is invalid"),
+        (dict(attacks=("pgd-10",)), "runs pgd-10 twice; list each attack once"),
+        (dict(attacks=("fgsm", "FGSM")), "runs fgsm twice"),
+        (dict(image_size=17), "--image_size=17 does not fit the model, which takes 16x16"),
+        (dict(output_dir=""), "--output_dir is needed with --model_path"),
+        (dict(restarts=10**9), "--restarts=1000000000 is invalid: must be in [1, 1000]"),
+        (dict(attacks=("pgd-10x99999",)), "Restarts must be in [1, 1000]"),
     ],
 )
 def test_evalrun_refuses_bad_settings_in_one_line_before_any_work(change, message, tmp_path):
@@ -195,11 +207,13 @@ def test_evalrun_refuses_bad_settings_in_one_line_before_any_work(change, messag
 
     path = classifier(tmp_path / "m.keras", 10)
     base = dict(model_path=str(path), dataset="demo", image_size=16, epsilons=(4.0,))
+    base |= dict(output_dir=str(tmp_path / "eval"))
     config = EvalConfig(**(base | change))
     with pytest.raises(evalrun.EvalError) as info:
         evalrun.run(config)
     assert message in str(info.value) and len(str(info.value).splitlines()) == 1
-    assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())
+    written = (tmp_path / "eval").glob("*")
+    assert not [p.name for p in written if not p.name.startswith(".")]  # no reports, no card
 
 
 def test_eval_config_reads_flag_strings():
@@ -209,3 +223,110 @@ def test_eval_config_reads_flag_strings():
     assert config.epsilons == (2.0, 4.0) and config.num_steps == (10, 20)
     with pytest.raises(ValueError, match="--epsilons=a is invalid: give numbers"):
         EvalConfig.from_dict({"epsilons": ["a"]})
+
+
+def _bare(tmp_path, **change):
+    from sat_tf.config import EvalConfig
+
+    path = classifier(tmp_path / "m.keras", 10)
+    options = dict(model_path=str(path), dataset="demo", image_size=16, num_examples=8)
+    options |= dict(epsilons=(8.0,), num_steps=(1,), batch_size=8, progress=False)
+    return EvalConfig(**(options | change))
+
+
+def test_a_bare_model_is_evaluated_into_its_output_folder_only(tmp_path):
+    from sat_tf import evalrun
+
+    folder = tmp_path / "users_folder"
+    folder.mkdir()
+    (folder / "results.json").write_text("a user's file")
+    config = _bare(folder, output_dir=str(tmp_path / "reports"))
+    evalrun.run(config)
+    assert (folder / "results.json").read_text() == "a user's file"
+    assert sorted(p.name for p in folder.iterdir()) == ["m.keras", "results.json"]
+    assert card.read(tmp_path / "reports")["evaluations"][-1]["num_examples"] == 8
+    listed = set(rundir.listed(tmp_path / "reports"))
+    assert {p.name for p in (tmp_path / "reports").iterdir() if p.name[0] != "."} <= listed
+    evalrun.run(dataclasses.replace(config, seed=1))  # again into the folder: it is ours now
+    assert len(card.read(tmp_path / "reports")["evaluations"]) == 2
+
+    with pytest.raises(evalrun.EvalError, match="is not empty and is not a sat_tf run"):
+        evalrun.run(_bare(tmp_path, output_dir=str(folder)))  # a foreign output folder
+    assert sorted(p.name for p in folder.iterdir()) == ["m.keras", "results.json"]
+
+
+def test_two_evaluations_into_one_output_folder_do_not_both_write(tmp_path):
+    from sat_tf import evalrun
+
+    config = _bare(tmp_path, output_dir=str(tmp_path / "reports"))
+    busy = pytest.raises(evalrun.EvalError, match="is in use")
+    with rundir.locked(tmp_path / "reports", "evaluation"), busy:  # another evaluation at work
+        evalrun.run(config)
+    assert not (tmp_path / "reports" / "results.json").exists()
+
+
+def test_a_damaged_card_is_refused_before_any_attack(tmp_path):
+    from sat_tf import evalrun
+
+    reports = tmp_path / "reports"
+    evalrun.run(_bare(tmp_path, output_dir=str(reports)))
+    (reports / rundir.CARD).write_text("{not json")
+    (reports / "results.json").unlink()
+    with pytest.raises(evalrun.EvalError, match="robustness_card.json is not valid JSON"):
+        evalrun.run(_bare(tmp_path, output_dir=str(reports)))
+    assert not (reports / "results.json").exists()  # refused before attacking
+    assert (reports / rundir.CARD).read_text() == "{not json"
+
+
+def test_a_training_split_is_read_in_order_and_only_as_far_as_needed(tmp_path):
+    from sat_tf import evalrun
+    from sat_tf.data import demo
+
+    reports = tmp_path / "reports"
+    evalrun.run(_bare(tmp_path, output_dir=str(reports), eval_split="train", num_examples=8))
+    import numpy as np
+
+    labels = np.load(reports / "per_example.npz")["labels"]
+    np.testing.assert_array_equal(labels, demo.arrays("train")[1][:8])  # no shuffle, no repeat
+
+
+@pytest.mark.parametrize("inside", [".", "checkpoints", "logs"])
+def test_reports_never_go_into_the_run_folder_itself_or_its_entries(tmp_path, inside):
+    from sat_tf import evalrun
+    from sat_tf.config import EvalConfig
+
+    run = tmp_path / "run"
+    rundir.record(run, *rundir.TRAINING_FILES)
+    classifier(run / rundir.FINAL_MODEL, 10)
+    (run / rundir.RESULTS).write_text('{"training": "results"}')
+    config = EvalConfig(model_dir=str(run), output_dir=str(run / inside), dataset="demo")
+    with pytest.raises(evalrun.EvalError, match="is the run folder or one of its own entries"):
+        evalrun.run(config)
+    assert (run / rundir.RESULTS).read_text() == '{"training": "results"}'
+
+
+def test_a_kill_between_the_card_and_the_state_removal_leaves_one_card_entry(tmp_path, monkeypatch):
+    from sat_tf import evalrun
+
+    reports = tmp_path / "reports"
+    config = _bare(tmp_path, output_dir=str(reports))
+    unlink = Path.unlink
+
+    def killed(path, *args, **kwargs):
+        if path.name == evalrun.STATE:
+            raise KeyboardInterrupt  # after the card was written, before the state goes
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed)
+    with pytest.raises(evalrun.EvalError, match="interrupted"):
+        evalrun.run(config)
+    monkeypatch.undo()
+    assert (reports / evalrun.STATE).exists()
+    first = card.read(reports)["evaluations"]
+    evalrun.run(config)  # the same command: resumes a finished state, records it again
+    entries = card.read(reports)["evaluations"]
+    assert len(first) == len(entries) == 1 and entries[0]["evaluation_id"]
+    assert entries[0]["evaluation_id"] == first[0]["evaluation_id"]
+    assert not (reports / evalrun.STATE).exists()
+    evalrun.run(dataclasses.replace(config, seed=1))  # another evaluation: a second entry
+    assert len(card.read(reports)["evaluations"]) == 2

@@ -296,3 +296,17 @@ def test_every_registered_attack_parses_to_itself():
     assert set(jobs.STAGES) < set(jobs.ATTACKS)
     for version in jobs.VERSIONS.values():  # AutoAttack's stages are registry names
         assert set(version["attacks"]) <= set(jobs.STAGES)
+
+
+def test_collect_reads_only_as_far_as_num_examples():
+    read = []
+
+    def image(i):
+        read.append(int(i))  # runs eagerly per element in tf.py_function
+        return tf.fill([4, 4, 3], tf.cast(i, tf.float32)), tf.cast(i % 3, tf.int32)
+
+    endless = tf.data.Dataset.range(10**9).repeat()  # a split that never ends
+    endless = endless.map(lambda i: tf.py_function(image, [i], (tf.float32, tf.int32)))
+    images, labels = evaluation.collect(endless.batch(4), num_examples=10)
+    assert images.shape == (10, 4, 4, 3) and labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    assert len(read) < 40  # the batches it needed, not the split

@@ -13,12 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sat_tf import preflight, pretrained, rundir, saving
+from sat_tf import models, preflight, pretrained, rundir, saving
 from sat_tf.config import TrainConfig
 from sat_tf.pretrained import efficientnet, resnet
 from sat_tf.pretrained import model_dir as run_dir
@@ -28,6 +29,9 @@ OFFICIAL = ROOT / "tests" / "official"
 _spec = importlib.util.spec_from_file_location("official_weights", OFFICIAL / "weights.py")
 weights = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(weights)
+_spec = importlib.util.spec_from_file_location("tf1_bundle", ROOT / "tests" / "tf1_bundle.py")
+tf1_bundle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tf1_bundle)
 SIZE = 64  # make_reference.py's --size
 # Variables of training a real Tensorpack checkpoint also holds (momentum slots, counters).
 TRAINING_ONLY = [
@@ -213,6 +217,215 @@ def test_every_missing_unused_and_mismatched_name_is_listed(tmp_path):
     assert "1 checkpoint variables not used: group9/extra/W" in message
     message = _one_line_error("mismatch", prefix, activation="relu", ignore=r"^group9/")
     assert "not used" not in message
+
+
+R50 = dict(weights.read_names(OFFICIAL / "resnet50_variables.txt"))
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Fails a test that builds a model: the checks must come first, so nothing is allocated."""
+
+    def build(*args, **kwargs):
+        raise AssertionError(f"the model was built ({args}, {kwargs})")
+
+    monkeypatch.setattr(models, "build", build)
+
+
+def _declared(prefix, **options):
+    """A ResNet-50 index declaring the official shapes over a sparse .data file (a few KB of disk):
+    each variable's region is all zeros but its first element. `options` go to tf1_bundle.write."""
+    shapes = {**R50, **options.pop("declared", {})}
+    tensors = {name: np.ones(1, "float32") for name in shapes}
+    return tf1_bundle.write(prefix, tensors, declared=shapes, **options)
+
+
+def _saved(prefix, values):
+    """A complete ResNet-50 checkpoint written by TensorFlow (SaveV2), `values` replacing some."""
+    import tensorflow as tf
+
+    names = sorted(R50)
+    tensors = [values[n] if n in values else weights.value(n, R50[n]) for n in names]
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tf.raw_ops.SaveV2(
+        prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors
+    )
+    return str(prefix)
+
+
+def test_the_index_reader_agrees_with_tensorflow(checkpoints, tmp_path):
+    import tensorflow as tf
+
+    from sat_tf.pretrained import bundle
+
+    # A partitioned variable (two slices of one [4, 6] tensor), a string and an int64 beside it.
+    sliced = str(tmp_path / "sliced")
+    tf.raw_ops.SaveV2(
+        prefix=sliced,
+        tensor_names=["part", "part", "note", "global_step"],
+        shape_and_slices=["4 6 0,2:-", "4 6 2,2:-", "", ""],
+        tensors=[
+            tf.ones((2, 6)),
+            tf.zeros((2, 6)),
+            tf.constant(["a", "bc"]),
+            tf.constant(7, tf.int64),
+        ],
+    )
+    for prefix in (checkpoints["resnet50"], checkpoints["resnext"], sliced):
+        reader = tf.train.load_checkpoint(prefix)
+        index = bundle.read(prefix)
+        expected = {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
+        assert index.shapes() == expected
+        dtypes = {k: v.as_datatype_enum for k, v in reader.get_variable_to_dtype_map().items()}
+        assert {k: e.dtype for k, e in index.entries.items()} == dtypes
+    assert index.entries["part"].sliced and not index.entries["note"].sliced
+
+
+@pytest.mark.parametrize("classes", [400_000, 2_000_000])
+def test_a_huge_declared_head_is_refused_before_building(tmp_path, no_build, classes):
+    # The index is consistent with its .data file (sparse: 3.3 GB / 16 GB apparent, no disk), so
+    # only the bound on the number of classes stands between it and a 400,000-class model. An
+    # index that also lies about its entry (1e9 classes in 4 bytes): the "entry-size" case below.
+    head = {"linear/W": (2048, classes), "linear/b": (classes,)}
+    prefix = _declared(tmp_path / "ckpt", declared=head)
+    start = time.perf_counter()
+    _one_line_error(
+        f"linear/W declares {classes} classes, more than 100000", prefix, activation="silu"
+    )
+    assert time.perf_counter() - start < 1.0  # the index only: no model, no tensor
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        # The entry says 4 bytes where its shape needs 8 TB.
+        ({"declared": {"linear/W": (2048, 10**9)}, "sizes": {"linear/W": 4}},
+         r"linear/W declares \[2048, 1000000000\] float32 \(8\.2 TB\) but its entry holds 4 bytes"),
+        # A consistent index over a .data file cut short: found before anything is built.
+        ({"data_size": 1 << 20},
+         r"/W ends at byte \d+ of the 1048576-byte .*ckpt\.data-00000-of-00001"
+         r": the \.data file is truncated or corrupt"),
+        ({"num_shards": 2}, r"1 of 2 \.data files missing: .*ckpt\.data-00001-of-00002"),
+        ({"num_shards": 2**31 - 1}, r"2147483646 of 2147483647 \.data files missing: "),
+        ({"declared": {"linear/b": (-1,)}}, r"linear/b declares the dimension -1"),
+        ({"declared": {"linear/b": (2**40, 2**40)}, "sizes": {"linear/b": 4}},
+         r"linear/b declares \[1099511627776, 1099511627776\] float32 \(4\.8e\+12 TB\)"),
+        ({"declared": {"linear/b": (1,) * 300}}, r"linear/b declares 300 dimensions \(at most 32"),
+        ({"dtypes": {"linear/b": 999}}, r"linear/b has the unknown dtype 999"),
+    ],
+    ids=["entry-size", "short-data", "missing-shard", "2**31-shards", "negative-dim", "overflow",
+         "300-dims", "unknown-dtype"],
+)  # fmt: skip
+def test_absurd_index_entries_are_refused_before_tensorflow_reads_them(
+    tmp_path, no_build, options, match
+):
+    # A dimension of -1, more than 2**63 elements or 254+ dimensions stop TensorFlow's
+    # CheckpointReader with a CHECK failure (the whole process); the rest would be read or built.
+    _one_line_error(match, _declared(tmp_path / "ckpt", **options), activation="silu")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"model_checkpoint_path: 'ckpt-1'\n", bytes(range(256)) * 4],
+    ids=["empty", "text", "noise"],
+)
+def test_an_index_that_is_not_an_index_is_refused_in_one_line(tmp_path, no_build, content):
+    prefix = _declared(tmp_path / "ckpt")
+    Path(prefix + ".index").write_bytes(content)
+    _one_line_error(
+        r"ckpt\.index is not a TensorFlow checkpoint index \(", prefix, activation="silu"
+    )
+
+
+@pytest.mark.parametrize(
+    "kernel, match",
+    [
+        ({"group0/block0/conv2/W": (3, 3, 0, 64)}, r"\[3, 3, 0, 64\]"),
+        ({"group0/block0/conv2/W": (3, 3, 64, 0)}, r"\[3, 3, 64, 0\]"),
+        ({"group0/block0/conv2/W": (3, 3, 48, 64)}, r"\[3, 3, 48, 64\]"),
+        ({"group0/block0/conv2/W": (3, 3, 64)}, r"\[3, 3, 64\]"),
+        ({"linear/W": (2048,)}, r"linear/W \[2048\] is not a \[features, classes\] kernel"),
+        ({"linear/W": (2048, 0)}, r"linear/W \[2048, 0\] is not a \[features, classes\] kernel"),
+    ],
+    ids=["zero-in", "zero-width", "not-grouped", "rank-3", "head-rank-1", "zero-classes"],
+)  # fmt: skip
+def test_a_kernel_the_architecture_cannot_be_read_from_is_refused(
+    tmp_path, no_build, kernel, match
+):
+    message = _one_line_error(
+        match, _declared(tmp_path / "ckpt", declared=kernel), activation="silu"
+    )
+    if "conv2" in str(kernel):
+        assert "group0/block0/conv2/W" in message and "grouped 3x3 kernel" in message
+
+
+def test_non_finite_weights_are_refused_naming_them(tmp_path):
+    # Under a released name: the card would carry the README's numbers for these weights.
+    nan = {n: np.full(R50[n], np.nan, "float32") for n in R50 if n.endswith("/conv1/W")}
+    nan["linear/b"] = np.full(1000, np.inf, "float32")
+    prefix = _saved(tmp_path / "Res50-silu" / "Res50-silu", nan)
+    message = _one_line_error(r"17 variables hold NaN or Inf: group0/block0/conv1/W, ", prefix)
+    assert "linear/b" not in message and "(+9 more)" in message  # eight named, sorted
+
+
+def test_reported_numbers_are_written_only_for_finite_weights(imported_dir, tmp_path):
+    import keras
+
+    imported, earlier = imported_dir
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="logits")])
+    model.get_layer("logits").bias.assign([0.0, np.nan, 0.0])
+    broken = dataclasses.replace(imported, model=model, released=pretrained.RELEASED["Res50-silu"])
+    folder = tmp_path / "run"
+    refused = pytest.raises(pretrained.OfficialCheckpointError, match="1 variables hold NaN or Inf")
+    with refused:
+        run_dir.write(broken, folder)
+    assert not folder.exists()
+    before = _tree(earlier)  # --overwrite over a good import: refused before anything is cleared
+    with refused:
+        run_dir.write(broken, earlier, overwrite=True)
+    assert _tree(earlier) == before
+
+
+@pytest.mark.slow
+def test_the_tool_refuses_non_finite_weights_in_one_line_and_writes_nothing(tmp_path):
+    prefix = _saved(
+        tmp_path / "Res50-silu" / "Res50-silu", {"linear/b": np.full(1000, np.nan, "float32")}
+    )
+    model_dir = tmp_path / "r50_silu"
+    result = subprocess.run(
+        [sys.executable, "tools/import_official.py", f"--checkpoint={prefix}",
+         f"--model_dir={model_dir}", f"--image_size={SIZE}"],
+        cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint {prefix}: 1 variables hold NaN or Inf: linear/b; the checkpoint is "
+        "damaged: download it again"
+    )
+    assert not model_dir.exists()  # no card with the README's numbers for these weights
+
+
+def test_a_string_variable_is_named(tmp_path):
+    import tensorflow as tf
+
+    prefix = _saved(tmp_path / "ckpt", {"linear/b": tf.constant(["abc"] * 1000)})
+    _one_line_error(
+        r"1 checkpoint variables not float: linear/b \(string\)", prefix, activation="silu"
+    )
+
+
+def test_glob_characters_in_the_path_are_literal(checkpoints, tmp_path):
+    # exp[1] is also a glob pattern, matching exp1: the plain checkpoint beside the SmoothReLU one.
+    folder = tmp_path / "ck"
+    for name, source in (("[1]", "smoothrelu"), ("1", "resnet50")):
+        _link(checkpoints[source], f"exp{name}", folder)  # the prefixes ck/exp[1], ck/exp1
+        _link(checkpoints[source], "ckpt", folder / f"run{name}")  # the folders ck/run[1], ck/run1
+    _link(checkpoints["smoothrelu"], "alone[2]", folder)  # a pattern that matches no file
+    for given in ("exp[1]", "run[1]", "alone[2]"):
+        imported = pretrained.import_official(folder / given, image_size=SIZE)
+        assert imported.activation == "smooth_relu", given  # the plain one would need activation=
 
 
 @pytest.fixture(scope="module")

@@ -365,3 +365,17 @@ def test_eval_tool_robustbench_end_to_end_and_resumed_after_a_kill(tmp_path):
     assert other["sat_tf"]["stages"] == entry["sat_tf"]["stages"]
     records = [np.load(d / f"{name}_per_example.npz") for d in (out, killed_out)]
     np.testing.assert_array_equal(records[0]["fooled_by"], records[1]["fooled_by"])
+
+
+def test_an_ids_file_that_is_not_the_list_is_one_line_and_read_no_further(tmp_path):
+    from sat_tf.data import robustbench_data
+
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(robustbench_data.MAX_IDS_BYTES + 10)  # sparse: no disk, but 16 MiB + 10
+    with pytest.raises(ValueError, match="holds more than 16 MiB"):
+        robustbench_data.read_image_ids(huge)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00n01440764/x.JPEG")
+    with pytest.raises(ValueError, match="is not a text file of ids"):
+        robustbench_data.read_image_ids(binary)

@@ -5,6 +5,7 @@ Each tool runs in its own process on the built-in demo data (tiny, no download).
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,72 @@ print("ok")
     assert "serving_bytes" in shown.stdout and "top_k_probabilities" in shown.stdout
 
 
+def run_copy(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    return run
+
+
+def refused_export(run, *args):
+    """tools/export.py's one-line refusal; nothing was exported and nothing took long."""
+    start = time.time()
+    result = tool("export", f"--model_dir={run}", *args, check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert not (run / "export").exists() or (run / "export").is_symlink()
+    assert time.time() - start < 60
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "match"),
+    [
+        ("robustness_card.json", "{not json", "robustness_card.json is not valid JSON"),
+        ("config.json", '{"model": "small_cnn"}', "lacks the run keys augmentation, dataset"),
+        (
+            "config.json",
+            '{"image_size": "big", "augmentation": "auto", "dataset": "demo"}',
+            "config.json has image_size='big', not a number of pixels in [8, 4096]",
+        ),
+    ],
+    ids=["card", "config-keys", "config-types"],
+)
+def test_export_of_a_damaged_run_is_one_line_before_exporting(
+    trained, tmp_path, name, payload, match
+):
+    run = run_copy(trained, tmp_path)
+    (run / name).write_text(payload)
+    line = refused_export(run)
+    assert f"error: {run / name}" in line and match in line, line
+    assert (run / name).read_text() == payload  # kept as it is
+
+
+def test_export_never_writes_through_a_linked_export_folder(trained, tmp_path):
+    run = run_copy(trained, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / "export").symlink_to(outside)
+    line = refused_export(run)
+    assert f"{run / 'export'} is a symbolic link" in line, line
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--top_k=0"], "--top_k=0 is invalid: must be >= 1"),
+        (["--version=0"], "--version=0 is invalid: must be >= 1"),
+        (["--image_size=-1"], "--image_size=-1 is invalid: must be in [8, 4096]"),
+        (["--image_size=20000"], "--image_size=20000 is invalid: must be in [8, 4096]"),
+    ],
+)
+def test_export_flags_are_checked_before_the_model_is_loaded(trained, tmp_path, args, match):
+    run = run_copy(trained, tmp_path)
+    assert match in refused_export(run, *args)
+
+
 def test_killed_run_resumes_where_it_stopped(tmp_path):
     model_dir = tmp_path / "resume"
     args = [
@@ -219,6 +286,11 @@ def test_multi_worker_strategy_trains_through_the_custom_loop(tmp_path):
         (["--strategy=gpu_magic"], "--strategy=gpu_magic is invalid"),
         (["--dataset=tfrecord:/nonexistent/train-*"], "/nonexistent/train-*"),
         (["--epslion=4"], "epslion"),
+        (["--image_size=20000"], "--image_size=20000 is invalid: must be in [8, 4096]"),
+        (["--epsilon=inf"], "--epsilon=inf is invalid: must be in [0, 255]"),
+        (["--seed=-1"], "--seed=-1 is invalid: must be in [0, 4294967295]"),
+        (["--decay_epochs=30,sixty"], "--decay_epochs=30,sixty is invalid: give epochs as numbers"),
+        (["--global_batch_size=2000"], "--global_batch_size=2000 is larger than the 1437 examples"),
     ],
 )
 def test_bad_flags_fail_fast_with_one_clear_line(args, message, tmp_path):

@@ -1,8 +1,8 @@
 """Robustness evaluation of a trained classifier: clean, PGD-K over epsilons, optional AutoAttack.
 
     python tools/eval.py --model_dir=runs/demo/silu                  # the run's data and epsilon
-    python tools/eval.py --model_path=m.keras --dataset=tfrecord:/data/validation-* \
-        --image_size=224 --epsilons=4 --num_steps=10,20,50,200 --step_size=1
+    python tools/eval.py --model_path=m.keras --output_dir=eval_m --image_size=224 \
+        --dataset=tfrecord:/data/validation-* --epsilons=4 --num_steps=10,20,50,200 --step_size=1
     python tools/eval.py --model_dir=runs/cifar10/wrn --protocol=robustbench --dataset=tfds:cifar10
     python tools/eval.py --model_dir=runs/imagenet/r50 --protocol=robustbench \
         --robustbench_ids=imagenet_test_image_ids.txt --dataset=tfrecord:/data/imagenet
@@ -14,7 +14,8 @@ The default protocol is the official SAT one: untargeted L-inf PGD, random start
 --num_steps, at each epsilon in pixels, with the run's evaluation step (--eval_step_size of its
 config.json; 1 pixel for the paper's ImageNet rows, and 1 for a bare .keras file). Writes
 results.json, results.md, summary.json and plots to --output_dir, and appends the evaluation to the
-run's robustness card.
+run's robustness card. A bare .keras file (--model_path) is evaluated into --output_dir only, its
+card there too; an output folder outside the run must be new, empty or one of ours.
 
 --protocol=robustbench (sat_tf.robustbench, docs/robustbench.md) fixes the attack (AutoAttack,
 --autoattack_version), the epsilon (cifar10 8/255 = 8 pixels, imagenet 4/255 = 4 pixels) and the

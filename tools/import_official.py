@@ -70,7 +70,12 @@ def main(argv):
         path = model_dir.write(
             imported, FLAGS.model_dir, command=" ".join(sys.argv), overwrite=FLAGS.overwrite
         )
-    except (FileExistsError, rundir.RunDirError, rundir.RunWriteError) as error:
+    except (
+        pretrained.OfficialCheckpointError,
+        FileExistsError,
+        rundir.RunDirError,
+        rundir.RunWriteError,
+    ) as error:
         sys.exit(f"error: {error}")
     print(
         f"Imported {imported.prefix} as {imported.arch} ({imported.activation}, "

@@ -31,7 +31,10 @@ from sat_tf import config as config_lib  # noqa: E402
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    config = config_lib.from_flags(flags.FLAGS)  # checked by training.run, before any work
+    try:  # checked by training.run, before any work; a list flag that is not numbers here
+        config = config_lib.from_flags(flags.FLAGS)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     logging.set_verbosity(logging.WARNING)
     from sat_tf import training
 

@@ -26,21 +26,36 @@ IDS_SHA256 = "d4121626d07722a0126c35b1563042e46a546f1a05ce705f2cdc635896d58574"
 _ID = re.compile(r"^(n\d{8})/([^/\s]+)$")  # "<synset>/<file name>"
 
 
+MAX_IDS_BYTES = 16 * 2**20  # far above the ~170 KB of RobustBench's list
+
+
 def read_image_ids(path):
     """RobustBench's ImageNet subset: `(ids, sha256)`, ids as "<synset>/<file name>" in order.
 
     Raises:
-        ValueError: naming the first malformed or repeated line.
+        ValueError: naming the file and its first malformed or repeated line, or a file far
+            larger than the list (read no further than `MAX_IDS_BYTES`).
     """
     with open(path, "rb") as f:
-        raw = f.read()
-    ids = [line.strip() for line in raw.decode().splitlines() if line.strip()]
+        raw = f.read(MAX_IDS_BYTES + 1)
+    if len(raw) > MAX_IDS_BYTES:
+        raise ValueError(
+            f"{path} holds more than {MAX_IDS_BYTES // 2**20} MiB; RobustBench's list of 5,000 "
+            f"ids is about 170 KB ({IDS_URL})."
+        )
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a text file of ids ({error.reason}).") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     for number, line in enumerate(ids, 1):
         if not _ID.match(line):
             raise ValueError(f"{path} line {number}: {line!r} is not '<synset>/<file name>'.")
-    if len(set(ids)) != len(ids):
-        repeated = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"{path} lists {repeated!r} more than once.")
+    seen = set()
+    for line in ids:
+        if line in seen:
+            raise ValueError(f"{path} lists {line!r} more than once.")
+        seen.add(line)
     return ids, hashlib.sha256(raw).hexdigest()
 
 

@@ -10,6 +10,13 @@ here. Nothing is silent: a checkpoint variable that is neither used nor a known 
 variable, or a model weight without a variable, fails the import with one error naming them all.
 `released.py` lists the released checkpoints and downloads them. Conventions converted: see the
 family modules (`resnet.py`, `efficientnet.py`) and docs/pretrained.md.
+
+What the import allocates is bounded by the files and the architecture, never by what the index
+claims: the index is checked against its .data files before TensorFlow opens it (`bundle.py`: no
+tensor larger than the bytes there), the number of classes is bounded before the model is built,
+every declared shape and dtype is compared with the model's before any tensor is read, and weights
+holding NaN or Inf are refused (`check_finite`, also before a model_dir with the official numbers
+is written).
 """
 
 import dataclasses
@@ -21,13 +28,14 @@ import numpy as np
 import tensorflow as tf
 
 from sat_tf import models
-from sat_tf.pretrained import efficientnet, released, resnet
+from sat_tf.pretrained import bundle, efficientnet, released, resnet
 from sat_tf.pretrained.released import RELEASED, Released, download
 
 __all__ = ["RELEASED", "Imported", "OfficialCheckpointError", "Released", "download"]
-__all__ += ["import_official", "load_official"]
+__all__ += ["MAX_CLASSES", "check_finite", "import_official", "load_official"]
 _FAMILIES = (resnet, efficientnet)
 _LIST = 8  # names shown per category in an error
+MAX_CLASSES = 100_000  # the official heads have 1000; a larger claim is a damaged index
 
 
 class OfficialCheckpointError(ValueError):
@@ -54,10 +62,26 @@ def _fail(prefix, message):
     raise OfficialCheckpointError(f"checkpoint {prefix}: {message}")
 
 
+def _listed(label, names):
+    more = f" (+{len(names) - _LIST} more)" if len(names) > _LIST else ""
+    return f"{len(names)} {label}: {', '.join(names[:_LIST])}{more}"
+
+
+def check_finite(prefix, named):
+    """Raises one error naming the (name, array) pairs that hold NaN or Inf."""
+    bad = sorted(name for name, value in named if not np.isfinite(value).all())
+    if bad:
+        _fail(
+            prefix,
+            _listed("variables hold NaN or Inf", bad)
+            + "; the checkpoint is damaged: download it again",
+        )
+
+
 def _resolve_prefix(prefix):
     prefix = str(prefix)
-    if Path(prefix).is_dir():
-        found = sorted(glob.glob(str(Path(prefix) / "*.index")))
+    if Path(prefix).is_dir():  # the folder's name is not a pattern: exp[1] must not match exp1
+        found = sorted(glob.glob(str(Path(glob.escape(prefix)) / "*.index")))
         if len(found) != 1:
             _fail(prefix, f"a folder with {len(found)} .index files; give the checkpoint prefix")
         prefix = found[0][: -len(".index")]
@@ -83,8 +107,20 @@ def _family(prefix, shapes, arch):
     return family
 
 
-def _check(prefix, plan, shapes, family, ignore):
+def _check(prefix, plan, entries, family, ignore):
     """Raises one error listing missing, mismatched and unused names; returns skipped names."""
+    shapes = {name: entry.shape for name, entry in entries.items()}
+    not_float = sorted(
+        f"{name} ({bundle.dtype_name(entries[name].dtype)})"
+        for _, name, _ in plan
+        if name in entries and entries[name].dtype not in bundle.FLOATS
+    )
+    if not_float:  # before reading: np.asarray(b"abc", "float32") fails without a name
+        _fail(
+            prefix,
+            _listed("checkpoint variables not float", not_float)
+            + "; model weights are float: the checkpoint is damaged or not an official one",
+        )
     missing, mismatched, used = [], [], set()
     for variable, name, transform in plan:
         if name is None or name not in shapes:
@@ -107,14 +143,14 @@ def _check(prefix, plan, shapes, family, ignore):
         ("checkpoint variables not used", unused),
     ):
         if names:
-            more = f" (+{len(names) - _LIST} more)" if len(names) > _LIST else ""
-            problems.append(f"{len(names)} {label}: {', '.join(names[:_LIST])}{more}")
+            problems.append(_listed(label, names))
     if problems:
         _fail(prefix, "; ".join(problems) + " (pass arch=/activation= or ignore= if intended)")
     return tuple(skipped)
 
 
 def _read(prefix, reader, plan):
+    """[(variable, name, float32 value)]; the shapes and dtypes were checked by `_check`."""
     values = []
     for variable, name, transform in plan:
         try:
@@ -129,7 +165,8 @@ def _read(prefix, reader, plan):
             value = value[:, :, ::-1, :]
         elif transform in ("scalar", "squeeze"):
             value = value.reshape(tuple(variable.shape))
-        values.append((variable, value))
+        values.append((variable, name, value))
+    check_finite(prefix, ((name, value) for _, name, value in values))
     return values
 
 
@@ -164,21 +201,28 @@ def import_official(
         An `Imported` with the model (float32 [0, 255] RGB NHWC input, float32 logits).
 
     Raises:
-        OfficialCheckpointError: one line naming the problem (no files, truncated data, another
-            family, or every missing / mismatched / unused variable).
+        OfficialCheckpointError: one line naming the problem (no files, an index that does not
+            describe its .data files, truncated data, another family, every missing /
+            mismatched / unused / non-float variable, or weights holding NaN or Inf).
     """
     prefix = _resolve_prefix(checkpoint_prefix)
     try:
-        reader = tf.train.load_checkpoint(prefix)
-        shapes = {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
-    except (tf.errors.OpError, ValueError) as error:
-        _fail(prefix, f"unreadable ({str(error).splitlines()[0][:160]})")
+        index = bundle.read(prefix)
+    except (bundle.BundleError, OSError) as error:
+        _fail(prefix, str(error))
+    shapes = index.shapes()
     family = _family(prefix, shapes, arch)
     entry = released.from_prefix(prefix)
     try:
         inferred_arch, inferred_act, num_classes = family.infer(shapes)
     except ValueError as error:
         _fail(prefix, str(error))
+    if num_classes > MAX_CLASSES:  # checked before the model (and its head) is built
+        _fail(
+            prefix,
+            f"{family.head(shapes)} declares {num_classes} classes, more than {MAX_CLASSES} "
+            f"(the official models have 1000); {bundle.DAMAGED}",
+        )
     arch = arch or inferred_arch
     activation = activation or inferred_act or (entry.activation if entry else None)
     if activation is None:
@@ -199,12 +243,17 @@ def import_official(
         **family.BUILD_OPTIONS,
     )
     plan = list(family.assignments(model, moving_average=moving_average))
-    skipped = _check(prefix, plan, shapes, family, ignore)
+    skipped = _check(prefix, plan, index.entries, family, ignore)
     covered = {id(v) for v, _, _ in plan}
     left = [w.path for w in model.weights if id(w) not in covered]
     if left:
         _fail(prefix, f"{len(left)} model weights have no mapping: {', '.join(left[:_LIST])}")
-    for variable, value in _read(prefix, reader, plan):
+    try:
+        with bundle.opened(prefix, index) as reader:
+            values = _read(prefix, reader, plan)
+    except (tf.errors.OpError, OSError) as error:
+        _fail(prefix, f"unreadable ({str(error).splitlines()[0][:160]})")
+    for variable, _, value in values:
         variable.assign(value)
     return Imported(
         model=model,

@@ -20,6 +20,7 @@ released model except EfficientNet-L1-Enhanced.
 import re
 
 from sat_tf.models import efficientnet as zoo
+from sat_tf.pretrained import bundle
 
 FAMILY = "efficientnet"
 BUILD_OPTIONS = {"normalization": "symmetric", "bn_epsilon": 1e-5}
@@ -51,6 +52,11 @@ def _prefix(shapes):
     return sorted({n.split("/", 1)[0] for n in shapes if n.startswith("efficientnet-")})
 
 
+def head(shapes):
+    """The name of the classifier kernel, [features, classes]."""
+    return f"{_prefix(shapes)[0]}/head/dense/kernel"
+
+
 def infer(shapes):
     """(zoo arch, activation, num_classes): the variant from the name prefix (efficientnet-b3)."""
     prefixes = _prefix(shapes)
@@ -59,9 +65,13 @@ def infer(shapes):
     arch = prefixes[0].replace("-bL1", "-l1").replace("-", "_")
     if arch not in zoo.CONFIGS:
         raise ValueError(f"{prefixes[0]} is not in the zoo ({', '.join(zoo.CONFIGS)})")
-    dense = shapes.get(f"{prefixes[0]}/head/dense/kernel")
+    dense = shapes.get(head(shapes))
     if dense is None:
-        raise ValueError(f"{prefixes[0]}/head/dense/kernel is missing")
+        raise ValueError(f"{head(shapes)} is missing")
+    if len(dense) != 2 or 0 in dense:
+        raise ValueError(
+            f"{head(shapes)} {list(dense)} is not a [features, classes] kernel; {bundle.DAMAGED}"
+        )
     return arch, "silu", dense[1]  # the official relu_fn default: tf.nn.swish
 
 

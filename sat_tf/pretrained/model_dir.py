@@ -9,7 +9,9 @@ README's numbers, marked as reported by the official repository, not measured he
 import dataclasses
 from pathlib import Path
 
-from sat_tf import atomic, card, config, preflight, rundir, training
+import keras
+
+from sat_tf import atomic, card, config, preflight, pretrained, rundir, training
 from sat_tf.pretrained import released
 
 # Conventions of the official evaluation that no layer of the imported model can hold.
@@ -129,12 +131,18 @@ def write(imported, model_dir, *, command="", overwrite=False):
     `tools/train.py`, `tools/eval.py` and `tools/export.py` treat the folder as a run of ours.
 
     Raises:
+        sat_tf.pretrained.OfficialCheckpointError: a weight holds NaN or Inf (the card would
+            carry the official numbers for weights that are not the official ones).
         FileExistsError: model.keras exists and `overwrite` is False.
         sat_tf.rundir.RunDirError: the folder is not ours, is in use, or holds an unfinished
             training run.
         sat_tf.rundir.RunWriteError: a file could not be written (what is kept, how to resume).
     """
     model_dir = Path(model_dir)
+    weights = imported.model.weights  # the card carries the README's numbers: checked weights only
+    pretrained.check_finite(
+        imported.prefix, ((w.path, keras.ops.convert_to_numpy(w)) for w in weights)
+    )
     rundir.check_ours(model_dir)  # before the lock: nothing is created in a foreign folder
     with rundir.locked(model_dir, "import"):
         rundir.check_ours(model_dir)  # again under the lock: another process may have written

@@ -18,6 +18,7 @@ scaling (x * 2 / 255 - 1, adv_model.py line 236) is the zoo ResNet's own first l
 import re
 
 from sat_tf.models import resnet as zoo
+from sat_tf.pretrained import bundle
 
 FAMILY = "resnet"
 BUILD_OPTIONS = {}
@@ -33,6 +34,7 @@ ACTIVATIONS = {
     "mish": "mish",
 }
 BETA = "smoothrelu_beta"
+_CONV2 = "group0/block0/conv2/W"  # the grouped 3x3 kernel: [3, 3, width / groups, width]
 _BLOCK = re.compile(r"^group(\d)/block(\d+)/conv1/W$")
 # Variables of training, not of the network: momentum slots (tensorpack's MomentumOptimizer), the
 # step counter and learning rate (imagenet_utils.py line 197), and Tensorpack's moving averages of
@@ -63,6 +65,12 @@ def matches(shapes):
     return "conv0/W" in shapes and "linear/W" in shapes
 
 
+def head(shapes):
+    """The name of the classifier kernel, [features, classes]."""
+    del shapes
+    return "linear/W"
+
+
 def infer(shapes):
     """(zoo arch name, activation or None, num_classes) from names and shapes.
 
@@ -74,9 +82,14 @@ def infer(shapes):
         found = _BLOCK.match(name)
         if found and int(found.group(1)) < 4:
             counts[int(found.group(1))] += 1
-    conv2 = shapes.get("group0/block0/conv2/W")
+    conv2 = shapes.get(_CONV2)
     if conv2 is None or 0 in counts:
         raise ValueError("group0..group3 blocks are missing: not a complete ResNet checkpoint")
+    if len(conv2) != 4 or conv2[:2] != (3, 3) or 0 in conv2 or conv2[3] % conv2[2]:
+        raise ValueError(
+            f"{_CONV2} {list(conv2)} is not a grouped 3x3 kernel [3, 3, width / groups, width]; "
+            f"{bundle.DAMAGED}"
+        )
     width = conv2[3]
     groups = width // conv2[2]
     width_per_group = width // groups
@@ -92,7 +105,12 @@ def infer(shapes):
             f"{arch} (depth {depth}, {groups} groups of {width_per_group}) is not in the zoo"
         )
     activation = "smooth_relu" if any(n.endswith("/" + BETA) for n in shapes) else None
-    return arch, activation, shapes["linear/W"][1]
+    kernel = shapes[head(shapes)]
+    if len(kernel) != 2 or 0 in kernel:
+        raise ValueError(
+            f"{head(shapes)} {list(kernel)} is not a [features, classes] kernel; {bundle.DAMAGED}"
+        )
+    return arch, activation, kernel[1]
 
 
 def _scope(layer_name):
