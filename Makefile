@@ -26,8 +26,9 @@ $(VENV)/.bench-installed: $(STAMP) requirements-bench.txt
 	$(PY) -m pip install -q -r requirements-bench.txt
 	touch $@
 
-bench: $(VENV)/.bench-installed  ## Set up with ART/CleverHans, run all benchmarks (~20 min), rewrite benchmarks/README.md.
-	$(PY) benchmarks/run_all.py --from-make
+bench: $(VENV)/.bench-installed  ## Set up with ART/CleverHans, run all benchmarks (~14 min on 2 cores), rewrite benchmarks/README.md, keep the output in benchmarks/raw/.
+	mkdir -p benchmarks/raw
+	bash -o pipefail -c '$(PY) benchmarks/run_all.py --from-make 2>&1 | tee benchmarks/raw/make_bench.log'
 
 # The official SAT ResNet code under TF 2.21 (tf.compat.v1 + tf-keras + Tensorpack), never in `make test`.
 OFFICIAL_VENV := .venv-official

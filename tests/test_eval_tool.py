@@ -47,7 +47,7 @@ def records(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eval_reads_the_runs_eval_files(records, tmp_path):
+def test_eval_reads_the_runs_eval_files(records, tmp_path, capsys):
     run = tmp_path / "run"
     config = TrainConfig(
         model_dir=str(run),
@@ -73,51 +73,57 @@ def test_eval_reads_the_runs_eval_files(records, tmp_path):
     )
     assert not (run / "eval" / "eval_state.npz").exists()
     assert (run / "eval" / "per_example.npz").exists()
+
+    # The same evaluation in-process (the tool is flag parsing around `evalrun.run`).
+    from sat_tf import evalrun
+    from sat_tf.config import EvalConfig
+
     (run / "eval" / "eval_state.npz").write_text("not a state")  # e.g. another program's file
-    refused = evaluate(f"--model_dir={run}", "--num_steps=1", "--batch_size=5")
-    assert refused.returncode != 0 and "is not a readable sat_tf evaluation state" in refused.stderr
-    assert "--discard_state" in refused.stderr
-    quiet = evaluate(
-        f"--model_dir={run}", "--num_steps=1", "--batch_size=5", "--noprogress", "--discard_state"
-    )
-    assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert "Work ahead" not in quiet.stdout and "10/10 examples" not in quiet.stdout
-    assert "accuracy=" in quiet.stdout
+    config = EvalConfig(model_dir=str(run), num_steps=(1,), batch_size=5)
+    with pytest.raises(evalrun.EvalError, match="is not a readable sat_tf evaluation state"):
+        evalrun.run(config)
+    capsys.readouterr()
+    evalrun.run(dataclasses.replace(config, progress=False, discard_state=True))
+    quiet = capsys.readouterr().out
+    assert "Work ahead" not in quiet and "10/10 examples" not in quiet and "accuracy=" in quiet
 
 
-@pytest.mark.slow
 def test_eval_refuses_labels_outside_the_models_classes(records, tmp_path):
+    from sat_tf import evalrun
+    from sat_tf.config import EvalConfig
+
     path = classifier(tmp_path / "seven.keras", 7)  # the records hold classes 0..9
-    result = evaluate(
-        f"--model_path={path}",
-        f"--dataset=tfrecord:{records}/val-*",
-        "--image_size=16",
-        f"--output_dir={tmp_path / 'reports'}",
+    config = EvalConfig(
+        model_path=str(path),
+        dataset=f"tfrecord:{records}/val-*",
+        image_size=16,
+        output_dir=str(tmp_path / "reports"),
     )
-    assert result.returncode == 1, result.stdout[-2000:]
-    assert "Traceback" not in result.stderr and "Clean" not in result.stdout
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    with pytest.raises(evalrun.EvalError) as info:
+        evalrun.run(config)
+    line = str(info.value)
     assert "val-0.tfrecord (record 7) has label 7 (after label_offset), outside [0, " in line
-    assert "num_classes=7)" in line, line
+    assert "num_classes=7)" in line and len(line.splitlines()) == 1, line
     assert card.read(tmp_path / "reports") is None  # nothing appended to a card
 
 
-@pytest.mark.slow
-def test_eval_that_could_not_save_refuses_before_attacking(records, tmp_path):
+def test_eval_that_could_not_save_refuses_before_attacking(records, tmp_path, capsys):
+    from sat_tf import evalrun
+    from sat_tf.config import EvalConfig
+
     path = classifier(tmp_path / "m.keras", 10)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = evaluate(
-        f"--model_path={path}",
-        f"--dataset=tfrecord:{records}/val-*",
-        "--image_size=16",
-        f"--output_dir={blocker / 'eval'}",
+    config = EvalConfig(
+        model_path=str(path),
+        dataset=f"tfrecord:{records}/val-*",
+        image_size=16,
+        output_dir=str(blocker / "eval"),
     )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"error: Could not write the reports (--output_dir) in {blocker / 'eval'}" in (
-        result.stderr
-    )
-    assert "nothing was run" in result.stderr and "Clean" not in result.stdout
+    with pytest.raises(evalrun.EvalError) as info:
+        evalrun.run(config)
+    assert f"Could not write the reports (--output_dir) in {blocker / 'eval'}" in str(info.value)
+    assert "nothing was run" in str(info.value) and "Clean" not in capsys.readouterr().out
 
 
 def test_failed_card_write_names_the_saved_reports(tmp_path, monkeypatch):
