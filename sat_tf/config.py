@@ -306,14 +306,27 @@ class EvalConfig:
         return self
 
 
+def _finite(value, low, high=math.inf):
+    """`low <= value <= high`, where NaN and the infinities fail."""
+    return math.isfinite(value) and low <= value <= high
+
+
 def _eval_checks(c):
     yield "protocol", c.protocol in ("sat", "robustbench"), "choose sat or robustbench"
     yield "num_examples", c.num_examples >= 0, "must be >= 0 (0: all)"
     yield "image_size", c.image_size >= 0, "must be >= 0 (0: the run's)"
-    yield "epsilons", all(0 <= e < math.inf for e in c.epsilons), "radii must be finite, >= 0"
-    yield "step_size", c.step_size is None or 0 < c.step_size < math.inf, "must be finite, > 0"
+    yield "epsilons", all(_finite(e, 0) for e in c.epsilons), "radii must be finite, >= 0"
+    yield (
+        "step_size",
+        c.step_size is None or _finite(c.step_size, 0) and c.step_size > 0,
+        ("must be finite, > 0"),
+    )
     yield "num_steps", all(k >= 1 for k in c.num_steps), "steps must be >= 1"
-    yield "restarts", 1 <= c.restarts <= options.MAX_RESTARTS, "must be in [1, 1000]"
+    yield (
+        "restarts",
+        1 <= c.restarts <= options.MAX_RESTARTS,
+        (f"must be in [1, {options.MAX_RESTARTS}]"),
+    )
     yield "batch_size", c.batch_size >= 1, "must be >= 1"
 
 
@@ -322,9 +335,6 @@ def _show(value):
 
 
 def _checks(c):
-    def finite(value, low, high=math.inf):  # NaN and the infinities fail
-        return math.isfinite(value) and low <= value <= high
-
     positive = "must be a finite number > 0"
     pixels = f"must be in [0, {c.MAX_PIXELS:g}]"
     yield "model_dir", bool(c.model_dir), "give a directory for checkpoints, logs and the model"
@@ -350,42 +360,42 @@ def _checks(c):
     yield "optimizer", c.optimizer in OPTIMIZERS, f"choose one of {', '.join(OPTIMIZERS)}"
     yield (
         "base_learning_rate",
-        finite(c.base_learning_rate, 0) and c.base_learning_rate > 0,
+        _finite(c.base_learning_rate, 0) and c.base_learning_rate > 0,
         positive,
     )
     yield "lr_schedule", c.lr_schedule in SCHEDULES, f"choose one of {', '.join(SCHEDULES)}"
-    yield "warmup_epochs", finite(c.warmup_epochs, 0), "must be a finite number >= 0"
+    yield "warmup_epochs", _finite(c.warmup_epochs, 0), "must be a finite number >= 0"
     yield (
         "decay_epochs",
-        all(finite(e, 0) for e in c.decay_epochs),
+        all(_finite(e, 0) for e in c.decay_epochs),
         "epochs must be finite numbers >= 0, e.g. 30,60,80",
     )
     yield "decay_rate", 0 < c.decay_rate <= 1, "must be in (0, 1]"
     yield (
         "decay_every_epochs",
-        finite(c.decay_every_epochs, 0) and c.decay_every_epochs > 0,
+        _finite(c.decay_every_epochs, 0) and c.decay_every_epochs > 0,
         positive,
     )
     yield "momentum", 0 <= c.momentum < 1, "must be in [0, 1)"
     yield "ema_decay", 0 <= c.ema_decay < 1, "must be in [0, 1) (0 turns it off)"
-    yield "weight_decay", finite(c.weight_decay, 0), "must be a finite number >= 0"
+    yield "weight_decay", _finite(c.weight_decay, 0), "must be a finite number >= 0"
     yield "label_smoothing", 0 <= c.label_smoothing < 1, "must be in [0, 1)"
     yield (
         "epsilon",
-        finite(c.epsilon, 0, c.MAX_PIXELS),
+        _finite(c.epsilon, 0, c.MAX_PIXELS),
         f"{pixels}: the L-inf budget in pixels of the [0, 255] input (e.g. 4 for 4/255)",
     )
-    yield "step_size", finite(c.step_size, 0) and c.step_size > 0, f"{positive} (pixels, e.g. 4)"
+    yield "step_size", _finite(c.step_size, 0) and c.step_size > 0, f"{positive} (pixels, e.g. 4)"
     yield "num_steps", c.num_steps >= 0, "must be >= 0 (0 with --norandom_start: clean training)"
     yield "prob_start_from_clean", 0 <= c.prob_start_from_clean <= 1, "must be in [0, 1]"
     yield (
         "eval_epsilon",
-        c.eval_epsilon is None or finite(c.eval_epsilon, 0, c.MAX_PIXELS),
+        c.eval_epsilon is None or _finite(c.eval_epsilon, 0, c.MAX_PIXELS),
         f"{pixels} pixels, or unset (or negative) for --epsilon",
     )
     yield (
         "eval_step_size",
-        finite(c.eval_step_size, 0) and c.eval_step_size > 0,
+        _finite(c.eval_step_size, 0) and c.eval_step_size > 0,
         f"{positive} (e.g. 1)",
     )
     yield "eval_num_steps", c.eval_num_steps >= 0, "must be >= 0"

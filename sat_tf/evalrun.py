@@ -61,25 +61,25 @@ class EvalError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What is evaluated: the .keras file, its run's settings (None for a bare file), where the
-    reports go, and the folder of the robustness card (the run folder; for a bare file, the
-    output folder: nothing is written beside a file that is not in a run of ours)."""
+    """What is evaluated: the .keras file, its run folder and settings (None for a bare file),
+    and where the reports go."""
 
     path: Path
+    run_dir: Path | None
     run: TrainConfig | None
     output: Path
-    card_dir: Path
+
+    @property
+    def card_dir(self):
+        """The folder of the robustness card: the run folder; for a bare file, the output
+        folder (nothing is written beside a file that is not in a run of ours)."""
+        return self.run_dir or self.output
 
     @property
     def output_is_separate(self):
         """The output folder is not inside the run folder (or there is none, for a bare file):
         it is checked, listed and locked as a folder of ours (`sat_tf.rundir`) on its own."""
         return self.run_dir is None or self.output.parent != self.run_dir
-
-    @property
-    def run_dir(self):
-        """The run folder, or None for a bare .keras file (whose card is in the output)."""
-        return None if self.card_dir == self.output else self.card_dir
 
     def data_spec(self, config):
         """--eval_files, else --dataset, else the run's evaluation data (its --eval_files too)."""
@@ -127,15 +127,14 @@ def run(config: EvalConfig, *, command=""):
     except ValueError as error:
         raise EvalError(str(error)) from None
     target = _resolve(config)
-    run_dir = target.path.parent
+    run_dir = target.run_dir
     try:  # evaluating writes into the run and the output folder: one process at a time each
         with contextlib.ExitStack() as held:
-            if config.model_dir:
+            if run_dir:
                 held.enter_context(rundir.locked(run_dir, "evaluation"))
                 if rundir.listed(run_dir) and not target.output_is_separate:
                     rundir.record(run_dir, target.output.name)
-            if target.output_is_separate:
-                rundir.check_ours(target.output, "--output_dir")
+            if target.output_is_separate:  # checked by _resolve before the lock was made
                 held.enter_context(rundir.locked(target.output, "evaluation"))
                 rundir.check_ours(target.output, "--output_dir")  # again, under the lock
                 rundir.record(target.output, *OUTPUT_FILES, *_robustbench_files())
@@ -170,7 +169,6 @@ def _resolve(config):
         except (rundir.RunDirError, TypeError) as error:
             raise EvalError(f"{model_dir / rundir.CONFIG}: {error}") from None
     output = Path(config.output_dir) if config.output_dir else model_dir / rundir.EVAL
-    card_dir = model_dir or output
     if model_dir and (
         output.resolve() == model_dir.resolve()
         or (output.parent.resolve() == model_dir.resolve() and output.name in _RUN_ENTRIES)
@@ -180,7 +178,8 @@ def _resolve(config):
             f"would overwrite or mix with the run's files. Use {model_dir / rundir.EVAL} "
             "(the default) or another folder."
         )
-    target = Target(path, run_config, output, card_dir)
+    target = Target(path, model_dir, run_config, output)
+    card_dir = target.card_dir
     if target.output_is_separate:  # before anything is written there, even a probe
         try:
             rundir.check_ours(output, "--output_dir")
@@ -294,7 +293,7 @@ def _sat(config, target, model, surrogate, command):
     entry = card.evaluation_entry(
         results, protocol="sat", command=command, dataset=spec, step_size=step_size
     )
-    print((output / "results.md").read_text())
+    print(results.to_markdown())
     _add_to_card(target, entry, output)
     (output / STATE).unlink(missing_ok=True)  # finished: the same command evaluates afresh
     print(f"Reports in {output}; card: {target.card_dir / rundir.CARD}")

@@ -37,6 +37,7 @@ _MEMBERS = {
     "batches": ("<i8", 1),
     "digest": ("<U", 0),
 }
+_RECORDS = ("fooled_by", "position", "seconds", "batches")  # the per-job records, in that order
 _HEADER_BYTES = 256  # an .npy header (magic, version, dict, padding): 128 bytes, room for more
 _TEXT_BYTES = 4 * 2**16  # the fingerprint and digest members: JSON text, 4 bytes a character
 
@@ -110,7 +111,7 @@ def differences(saved, wanted):
 def digest(fingerprint, arrays):
     """sha256 over the fingerprint and the records (dtype, shape and bytes of each)."""
     found = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode())
-    for name in ("fooled_by", "position", "seconds", "batches"):
+    for name in _RECORDS:
         value = np.ascontiguousarray(arrays[name])
         found.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
         found.update(value.tobytes())
@@ -217,7 +218,7 @@ class EvaluationState:
                 f"{path} holds an unfinished evaluation of something else: {'; '.join(changed)} "
                 f"changed; rerun the same command to resume it, or {hint}."
             )
-        for name in ("fooled_by", "position", "seconds", "batches"):
+        for name in _RECORDS:
             if arrays[name].shape != getattr(state, name).shape:
                 raise StateMismatchError(
                     f"{path} is not a readable sat_tf evaluation state ({name} has shape "
@@ -231,10 +232,8 @@ class EvaluationState:
             raise StateMismatchError(
                 f"{path} was edited or damaged ({problem}): its records cannot be trusted; {hint}."
             )
-        state.fooled_by[:] = arrays["fooled_by"]
-        state.position[:] = arrays["position"]
-        state.seconds[:] = arrays["seconds"]
-        state.batches[:] = arrays["batches"]
+        for name in _RECORDS:
+            getattr(state, name)[:] = arrays[name]
         return state
 
     @property
@@ -257,12 +256,7 @@ class EvaluationState:
         if self.path is None:
             return
         buffer = io.BytesIO()
-        records = dict(
-            fooled_by=self.fooled_by,
-            position=self.position,
-            seconds=self.seconds,
-            batches=self.batches,
-        )
+        records = {name: getattr(self, name) for name in _RECORDS}
         np.savez(
             buffer,
             fingerprint=np.array(json.dumps(self.fingerprint)),

@@ -234,15 +234,24 @@ def _square(spec, epsilon, c, targets):
 def stage_spec(version, name):
     """The `AttackSpec` of AutoAttack stage `name` (one of `STAGES`) with `version`'s budget."""
     v = VERSIONS[version]
-    apgd_budget = dict(num_steps=v["apgd_steps"], num_restarts=v["num_restarts"])
-    budgets = {
-        "apgd-ce": apgd_budget | dict(eot_iter=v["eot_iter"]),
-        "apgd-dlr": apgd_budget | dict(eot_iter=v["eot_iter"]),
-        "apgd-t": apgd_budget | dict(eot_iter=v["eot_iter"]),
-        "fab-t": dict(num_steps=v["fab_steps"]),
-        "square": dict(num_queries=v["square_queries"]),
-    }
-    return AttackSpec(name, **budgets[name])
+    if name == "fab-t":
+        return AttackSpec(name, num_steps=v["fab_steps"])
+    if name == "square":
+        return AttackSpec(name, num_queries=v["square_queries"])
+    return AttackSpec(  # the APGD stages
+        name, num_steps=v["apgd_steps"], num_restarts=v["num_restarts"], eot_iter=v["eot_iter"]
+    )
+
+
+def _checked_targets(names, requested, context, who):
+    """Checks the model's class count for the attacks `names` (the DLR losses need 3 classes, 4
+    when targeted); the number of target classes their targeted ones share (0 for none)."""
+    for name in names:
+        if ATTACKS[name].dlr:
+            check_num_classes(context.num_classes, loss="dlr", targeted=ATTACKS[name].targeted)
+    if not any(ATTACKS[name].targeted for name in names):
+        return 0
+    return target_classes(requested, context.num_classes, who=who)
 
 
 def _autoattack(spec, epsilon, c, targets):
@@ -257,12 +266,8 @@ def _autoattack(spec, epsilon, c, targets):
         raise ValueError(
             f"attacks must be names from {list(STAGES)}. Received: attacks={spec.stages!r}"
         )
-    for name in stages:
-        if ATTACKS[name].dlr:
-            check_num_classes(c.num_classes, loss="dlr", targeted=ATTACKS[name].targeted)
-    targeted = [name for name in stages if ATTACKS[name].targeted]
-    requested = VERSIONS[spec.version]["target_classes"]
-    targets = target_classes(requested, c.num_classes, who=", ".join(targeted)) if targeted else 0
+    targeted = ", ".join(name for name in stages if ATTACKS[name].targeted)
+    targets = _checked_targets(stages, VERSIONS[spec.version]["target_classes"], c, targeted)
     found = []
     for name in stages:  # each stage's pass is named by the stage ("apgd-ce", "fab-t", ...)
         built = ATTACKS[name].build(stage_spec(spec.version, name), epsilon, c, targets)
@@ -325,14 +330,10 @@ def job(spec, epsilon, context):
     spec = parse_attack(spec)
     if spec.kind == "clean":
         return passes.Job("clean", (passes.CLEAN,))
-    entry = ATTACKS[spec.kind]
     label = f"{spec.label} eps={epsilon:g}"
-    if entry.dlr:
-        check_num_classes(context.num_classes, loss="dlr", targeted=entry.targeted)
-    targets = 0
-    if entry.targeted:
-        targets = target_classes(TARGET_CLASSES, context.num_classes, who=label)
-    return passes.Job(label, (passes.CLEAN, *entry.build(spec, float(epsilon), context, targets)))
+    targets = _checked_targets([spec.kind], TARGET_CLASSES, context, label)
+    built = ATTACKS[spec.kind].build(spec, float(epsilon), context, targets)
+    return passes.Job(label, (passes.CLEAN, *built))
 
 
 def count_classes(model, images):
