@@ -16,7 +16,7 @@ are not recomputed.
 
 import tensorflow as tf
 
-from sat_tf import attacks
+from sat_tf import attacks, draws
 from sat_tf.attacks import compiled, project
 
 
@@ -274,6 +274,7 @@ def apgd(
     rho=0.75,
     eot_iter=1,
     seed=0,
+    ids=None,
     clip_min=0.0,
     clip_max=255.0,
     jit_compile=False,
@@ -285,7 +286,9 @@ def apgd(
     steps raised the loss, or where the step was not halved at the last checkpoint and the best
     loss is unchanged.
     Random start: uniform noise rescaled so that its largest entry is +-epsilon, as the official
-    code starts.
+    code starts; the noise of run r (restarts and target classes counted together) is keyed by
+    (seed, example index, r), `sat_tf.draws`, so an example starts at the same point whatever
+    batch, chunk or shard of an evaluation it is attacked in.
 
     Args:
         model: Keras model mapping images to logits; called with `training=False`.
@@ -304,7 +307,9 @@ def apgd(
         rho: Threshold of the step-halving condition 1.
         eot_iter: Gradients averaged per step (expectation over transformation), for
             randomized models; 1 for deterministic ones.
-        seed: Seed of the random starts; same seed, same result.
+        seed: Seed of the random starts (an int or a scalar int tensor); same seed, same result.
+        ids: [B] int indices of the examples in the whole evaluation, which key their random
+            starts; None numbers the batch 0..B-1.
         clip_min: Lowest valid pixel value.
         clip_max: Highest valid pixel value.
         jit_compile: Compile the inner loops with XLA (pays on GPU/TPU; on CPU TensorFlow's
@@ -338,6 +343,9 @@ def apgd(
     ranks = [None]
     if targeted:
         ranks = range(1, attacks.target_classes(target_classes, logits.shape[1], who="APGD-T") + 1)
+    if ids is None:
+        ids = tf.range(tf.shape(y)[0], dtype=tf.int64)
+    keys = draws.keys(seed, ids, "apgd")
     adv, run = x, 0
     for rank in ranks:
         target = y if rank is None else ranking[:, rank]
@@ -346,7 +354,7 @@ def apgd(
             if active.shape[0] == 0:
                 return tf.stop_gradient(adv)
             xa = tf.gather(x, active)
-            noise = tf.random.stateless_uniform(tf.shape(xa), seed=[seed, run], minval=-1, maxval=1)
+            noise = 2.0 * draws.uniform(tf.gather(keys, active), xa.shape[1:], run) - 1.0
             largest = tf.reduce_max(tf.abs(tf.reshape(noise, [tf.shape(xa)[0], -1])), axis=1)
             noise = epsilon * noise / (_per_example(largest, noise) + 1e-12)
             start = project(xa + noise, xa, epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)

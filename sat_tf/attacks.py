@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from sat_tf import _keras_compat as compat
+from sat_tf import draws
 
 # Largest per-example loss scale, 2**120: far beyond float16's range, finite in float32.
 _MAX_LOG2_SCALE = 120.0
@@ -202,29 +203,37 @@ def require_logits(model, *, where="this attack"):
         )
 
 
-def _uniform(shape, minval, maxval, seed, salt):
+# Counters of PGD's keyed draws (`sat_tf.draws`): the start noise and the clean-start coin.
+_NOISE, _COIN = 0, 1
+
+
+def _uniform(images, minval, maxval, seed, ids, counter, *, per_pixel):
+    """Uniform in [minval, maxval), per pixel ([B, ...]) or per example ([B]): TensorFlow's
+    stateful draws without a seed, else keyed by (seed, each example's index `ids`)."""
     if seed is None:
+        shape = tf.shape(images) if per_pixel else tf.shape(images)[:1]
         return tf.random.uniform(shape, minval, maxval)
-    if isinstance(seed, int):
-        seed = tf.constant([seed, 0], tf.int64)
-    seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
-    # Philox explicitly: the default picks another generator under XLA (jit_compile), whose
-    # draws differ; the TensorFlow kernels use Philox either way.
-    return tf.random.stateless_uniform(shape, seed, minval, maxval, alg="philox")
+    if ids is None:
+        ids = tf.range(tf.shape(images)[0], dtype=tf.int64)
+    keys = draws.keys(seed, ids, "pgd")
+    u = draws.uniform(keys, images.shape[1:] if per_pixel else (), counter)
+    return minval + (maxval - minval) * u
 
 
-def uniform_start(images, *, epsilon, prob_start_from_clean=0.0, seed=None):
+def uniform_start(images, *, epsilon, prob_start_from_clean=0.0, seed=None, ids=None):
     """Uniform noise in [-epsilon, epsilon] added to each image, except that each example
     keeps its clean image with probability `prob_start_from_clean`.
 
     The official code draws that choice once per batch; it is drawn per example here, so
-    every batch mixes both starts in the same proportion.
+    every batch mixes both starts in the same proportion. With a `seed` both draws are keyed
+    by each example's index `ids` (default 0..B-1), see `pgd`.
     """
-    noise = _uniform(tf.shape(images), -epsilon, epsilon, seed, 0)
+    images = tf.convert_to_tensor(images)
+    noise = _uniform(images, -epsilon, epsilon, seed, ids, _NOISE, per_pixel=True)
     if prob_start_from_clean > 0:
-        from_noise = _uniform(tf.shape(images)[:1], 0.0, 1.0, seed, 1) >= prob_start_from_clean
+        coin = _uniform(images, 0.0, 1.0, seed, ids, _COIN, per_pixel=False)
         mask_shape = tf.concat([[-1], tf.ones([tf.rank(images) - 1], tf.int32)], 0)
-        noise *= tf.reshape(tf.cast(from_noise, noise.dtype), mask_shape)
+        noise *= tf.reshape(tf.cast(coin >= prob_start_from_clean, noise.dtype), mask_shape)
     return images + noise
 
 
@@ -284,6 +293,7 @@ def pgd(
     clip_max=255.0,
     prob_start_from_clean=0.0,
     seed=None,
+    ids=None,
     loss_scale=None,
 ):
     """Projected gradient descent in the L-inf ball (Madry et al., 2018).
@@ -301,8 +311,11 @@ def pgd(
         clip_max: Largest valid pixel value.
         prob_start_from_clean: With `random_start`, the chance that an example starts
             from its clean image instead (the official SAT training uses 0.2).
-        seed: None for TensorFlow's stateful random ops, or an int / shape-(2,) int tensor
-            for reproducible (stateless) noise.
+        seed: None for TensorFlow's stateful random ops (training), or an int / scalar int
+            tensor: the start is then keyed by (seed, example index), `sat_tf.draws`, so an
+            example starts at the same point in any batch, chunk or shard.
+        ids: With a `seed`, [B] int indices of the examples in the whole evaluation; None
+            numbers the batch 0..B-1.
         loss_scale: See `input_gradient`; None is right for float32 and float16 models.
 
     Returns:
@@ -325,7 +338,11 @@ def pgd(
     if random_start:
         x_adv = project(
             uniform_start(
-                images, epsilon=epsilon, prob_start_from_clean=prob_start_from_clean, seed=seed
+                images,
+                epsilon=epsilon,
+                prob_start_from_clean=prob_start_from_clean,
+                seed=seed,
+                ids=ids,
             ),
             images,
             **bounds,

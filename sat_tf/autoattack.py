@@ -134,8 +134,7 @@ def auto_attack(
     adv = x.copy()
     ran, record = jobs.run(
         model,
-        x,
-        labels,
+        (x, labels),
         [(spec(version, attacks), float(epsilon))],
         where="auto_attack",
         seed=seed,

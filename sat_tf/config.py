@@ -12,6 +12,7 @@ choice fields are in `sat_tf.options`.
 
 import dataclasses
 import math
+import re
 import typing
 
 from sat_tf import options, rundir
@@ -253,6 +254,22 @@ class EvalConfig:
     discard_state: bool = _field(
         False, "Start afresh, discarding an unfinished evaluation's state in --output_dir."
     )
+    chunk_size: int = _field(
+        0, "Examples read and attacked at a time (memory grows with it); 0: 8 batches."
+    )
+    # Sharded evaluations (sat_tf.shards, docs/evaluation.md).
+    shard: str = _field(
+        "", "Evaluate shard I/N (the examples whose index is I mod N) into <output>/shard-I-of-N."
+    )
+    merge: bool = _field(
+        False, "Merge the finished shards (same flags, no --shard) into the one result and card."
+    )
+    shard_dirs: tuple = _field(
+        (), "--merge/--status: the shards' folders; default: <output>/shard-*."
+    )
+    status: bool = _field(
+        False, "Say which shards are done, running, stopped or missing, and the work left."
+    )
     # --protocol=robustbench.
     autoattack_version: str = _field(
         "standard", "robustbench: AutoAttack budget, standard | fast (smoke runs, not reportable)."
@@ -266,7 +283,18 @@ class EvalConfig:
     )
 
     # Fields that only one protocol reads: set for the other one, they are an error.
-    SAT_ONLY = ("epsilons", "step_size", "num_steps", "restarts", "attacks", "surrogate")
+    SAT_ONLY = (
+        "epsilons",
+        "step_size",
+        "num_steps",
+        "restarts",
+        "attacks",
+        "surrogate",
+        "shard",
+        "merge",
+        "shard_dirs",
+        "status",
+    )
     ROBUSTBENCH_ONLY = ("autoattack_version", "leaderboard", "robustbench_ids")
 
     @classmethod
@@ -303,6 +331,11 @@ class EvalConfig:
         given = [f"--{name}" for name in other if not self.defaulted(name)]
         if given:
             raise ValueError(f"{', '.join(given)} cannot be used with --protocol={self.protocol}.")
+        modes = [f"--{name}" for name in ("shard", "merge", "status") if getattr(self, name)]
+        if len(modes) > 1:
+            raise ValueError(f"{' and '.join(modes)}: give one (a shard runs, then --merge).")
+        if self.shard_dirs and not (self.merge or self.status):
+            raise ValueError("--shard_dirs is read by --merge and --status only.")
         return self
 
 
@@ -328,6 +361,13 @@ def _eval_checks(c):
         (f"must be in [1, {options.MAX_RESTARTS}]"),
     )
     yield "batch_size", c.batch_size >= 1, "must be >= 1"
+    yield "chunk_size", c.chunk_size >= 0, "must be >= 0 (0: 8 batches)"
+    shard = re.fullmatch(r"(\d+)/(\d+)", c.shard)
+    yield (
+        "shard",
+        not c.shard or bool(shard) and int(shard[1]) < int(shard[2]),
+        "give I/N with 0 <= I < N (e.g. --shard=0/4 .. --shard=3/4)",
+    )
 
 
 def _show(value):

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from sat_tf import atomic, card, data, evalstate, options, rundir, saving
+from sat_tf import atomic, card, data, evalstate, options, rundir, saving, shards
 from sat_tf.config import EvalConfig, TrainConfig
+from sat_tf.examples import Shard
 
 STATE = "eval_state.npz"  # protocol "sat"; robustbench: robustbench_<leaderboard>_Linf_state.npz
 SUMMARY = "summary.json"
@@ -127,6 +128,10 @@ def run(config: EvalConfig, *, command=""):
     except ValueError as error:
         raise EvalError(str(error)) from None
     target = _resolve(config)
+    if config.status:
+        return _status(config, target)
+    if config.shard:
+        return _run_shard(config, target, command)
     run_dir = target.run_dir
     try:  # evaluating writes into the run and the output folder: one process at a time each
         with contextlib.ExitStack() as held:
@@ -138,14 +143,84 @@ def run(config: EvalConfig, *, command=""):
                 held.enter_context(rundir.locked(target.output, "evaluation"))
                 rundir.check_ours(target.output, "--output_dir")  # again, under the lock
                 rundir.record(target.output, *OUTPUT_FILES, *_robustbench_files())
+            if config.merge:
+                _merge(config, target)
             return _evaluate(config, target, command)
-    except (rundir.RunDirError, rundir.RunWriteError, evalstate.StateMismatchError) as error:
+    except (
+        rundir.RunDirError,
+        rundir.RunWriteError,
+        evalstate.StateMismatchError,
+        shards.ShardError,
+    ) as error:
         raise EvalError(str(error)) from None
     except KeyboardInterrupt:
         raise EvalError(
             f"interrupted; every finished batch is saved in {target.output}: run the same "
             "command again to resume (--discard_state starts afresh)."
         ) from None
+
+
+def _run_shard(config, target, command):
+    """Shard I/N into its own folder `<output>/shard-I-of-N`, locked as a folder of ours: its
+    state and the reports of its part; no card entry (the merge writes it), and the run folder
+    is only read, so N shards of one run can go side by side."""
+    folder = target.output / Shard.parse(config.shard).name
+    try:
+        rundir.check_ours(folder, "the shard folder")
+        with rundir.locked(folder, f"evaluation of shard {config.shard}"):
+            rundir.check_ours(folder, "the shard folder")
+            rundir.record(folder, *OUTPUT_FILES)
+            shard_target = dataclasses.replace(target, output=folder)
+            return _evaluate(config, shard_target, command)
+    except (rundir.RunDirError, rundir.RunWriteError, evalstate.StateMismatchError) as error:
+        raise EvalError(str(error)) from None
+    except KeyboardInterrupt:
+        raise EvalError(
+            f"interrupted; every finished batch is saved in {folder}: run the same command "
+            "again to resume (--discard_state starts afresh)."
+        ) from None
+
+
+def _shard_folders(config, target):
+    if config.shard_dirs:
+        return [Path(d) for d in config.shard_dirs]
+    return shards.folders(target.output)
+
+
+def _merge(config, target):
+    """Joins the finished shards' states into the output's state, which the evaluation then
+    finds done: it reads the examples to check them and writes the whole run's reports."""
+    state = target.output / STATE
+    if state.exists() and not config.discard_state:
+        saved, arrays = evalstate.load(state)
+        if not arrays["cursor"][1]:
+            raise EvalError(
+                f"{state} holds an unfinished evaluation (not of the shards); finish it, or "
+                "merge with --discard_state to replace it."
+            )
+    merged = shards.merge(_shard_folders(config, target), state)
+    count = len(merged.fingerprint.get("passes", []))
+    print(f"Merged {merged.num_examples} examples, {count} attacks, into {state}.", flush=True)
+
+
+def _status(config, target):
+    """Prints where each shard stands (`sat_tf.shards.status`); returns the rows."""
+    if config.shard_dirs:
+        parents = {Path(d).parent for d in config.shard_dirs}
+        rows = [row for parent in sorted(parents) for row in shards.status(parent)]
+    else:
+        rows = shards.status(target.output)
+    if not rows:
+        print(f"No shard folders (shard-I-of-N) in {target.output}.")
+    for row in rows:
+        print(row.line())
+    done = sum(row.state == "done" for row in rows)
+    if rows:
+        print(
+            f"{done} of {len(rows)} shards done"
+            + (": merge with --merge." if done == len(rows) else ".")
+        )
+    return rows
 
 
 def _resolve(config):
@@ -248,7 +323,7 @@ def _sat(config, target, model, surrogate, command):
     spec = target.data_spec(config)
     image_size = _image_size(config, target, model)
     try:
-        dataset = data.load(
+        loaded = data.load(
             spec,
             split=target.split(config, options.default_eval_split(spec)),
             global_batch_size=config.batch_size,
@@ -256,18 +331,22 @@ def _sat(config, target, model, surrogate, command):
             data_dir=target.data_dir(config),
             num_classes=int(model.output_shape[-1]),  # labels outside the outputs are errors
             training=False,  # also for a "train" split: no shuffling, augmentation or repeat
-        ).dataset
+        )
+        dataset = loaded.dataset
     except (ValueError, FileNotFoundError) as error:
         raise EvalError(str(error)) from None
     output = target.output
+    counts = [n for n in (config.num_examples, loaded.num_examples) if n]
     try:
         results = evaluation.evaluate(
             model,
             dataset,
             attacks=attacks,
             epsilons=epsilons,
-            num_examples=config.num_examples or None,
+            num_examples=min(counts) if counts else None,
             batch_size=config.batch_size,
+            chunk_size=config.chunk_size or None,
+            shard=config.shard or None,
             seed=config.seed,
             surrogate=surrogate,
             pgd_step_size=step_size,
@@ -294,6 +373,9 @@ def _sat(config, target, model, surrogate, command):
         results, protocol="sat", command=command, dataset=spec, step_size=step_size
     )
     print(results.to_markdown())
+    if config.shard:  # the state stays for the merge; the card gets the whole run's entry
+        print(f"Shard {config.shard} done: {output}; merge all shards with --merge.")
+        return summary
     _add_to_card(target, entry, output)
     (output / STATE).unlink(missing_ok=True)  # finished: the same command evaluates afresh
     print(f"Reports in {output}; card: {target.card_dir / rundir.CARD}")

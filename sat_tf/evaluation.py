@@ -23,6 +23,7 @@ import dataclasses
 import numpy as np
 
 from sat_tf import jobs, masking, passes, reporting
+from sat_tf.examples import Examples
 from sat_tf.rows import AttackSpec, Row
 
 __all__ = ["attack_batch", "collect", "evaluate"]
@@ -46,8 +47,7 @@ def attack_batch(
     x = np.asarray(images, np.float32)
     _, record = jobs.run(
         model,
-        x,
-        labels,
+        (x, labels),
         [(spec, float(epsilon))],
         where="attack_batch",
         seed=seed,
@@ -80,6 +80,13 @@ def collect(data, num_examples=None):
     return images[:n].astype(np.float32), labels[:n].astype(np.int32)
 
 
+def _probe(data, num_examples, size=64):
+    """The first `size` examples of the evaluation (of every shard), for the masking checks."""
+    size = size if num_examples is None else min(size, num_examples)
+    chunk = next(Examples(data, num_examples=size).chunks(max(1, size)), None)
+    return chunk.images if chunk is not None else np.zeros([0], np.float32)
+
+
 def evaluate(
     model,
     data,
@@ -88,6 +95,8 @@ def evaluate(
     epsilons,
     num_examples=None,
     batch_size=128,
+    chunk_size=None,
+    shard=None,
     seed=0,
     surrogate=None,
     pgd_step_size=None,
@@ -108,6 +117,11 @@ def evaluate(
         epsilons: L-inf radii, pixel units.
         num_examples: Evaluate on the first N examples (all when None).
         batch_size: Examples per attack call.
+        chunk_size: Examples read and attacked at a time: memory is bounded by it, results
+            do not depend on it (`sat_tf.examples`). None: arrays at once, a dataset 8
+            batches at a time.
+        shard: "I/N" (or a `sat_tf.examples.Shard`): evaluate only the examples whose index
+            is I modulo N, for one of N processes; `sat_tf.shards.merge` joins their states.
         seed: Seed of every attack.
         surrogate: Optional model (e.g. the ReLU twin) for the transfer check: PGD-20 computed
             on it, evaluated on `model`, at every epsilon.
@@ -135,7 +149,6 @@ def evaluate(
         evalstate.StateMismatchError: `state` holds an unfinished run of another evaluation.
     """
     verbose = int(verbose)
-    images, labels = collect(data, num_examples)
     specs = [jobs.parse_attack(a) for a in attacks]
     if pgd_step_size is not None:
         specs = [
@@ -150,12 +163,12 @@ def evaluate(
         entries.append((jobs.parse_attack("pgd-20"), float(large_epsilon)))
     ran, record = jobs.run(
         model,
-        images,
-        labels,
+        Examples(data, num_examples=num_examples, shard=shard),
         entries,
         where="evaluate",
         seed=seed,
         batch_size=batch_size,
+        chunk_size=chunk_size,
         surrogate=surrogate,
         jit_compile=jit_compile,
         state=state,
@@ -164,6 +177,7 @@ def evaluate(
         pgd_step_size=pgd_step_size,
         **(settings or {}),
     )
+    labels = record.labels
     rows, worst = [], {}
     for j, (spec, eps) in enumerate(entries):
         robust = record.fooled_by[j] == passes.ROBUST
@@ -188,7 +202,7 @@ def evaluate(
     found = (
         masking.run_checks(
             model,
-            images,
+            _probe(data, num_examples),
             rows,
             large_epsilon=large_epsilon,
             tolerance=tolerance,

@@ -28,6 +28,7 @@ AutoAttack's versions and budgets follow fra31/auto-attack (`autoattack.py`, `se
 """
 
 import dataclasses
+import itertools
 import re
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import tensorflow as tf
 from sat_tf import attacks, evalstate, options, passes
 from sat_tf.apgd import apgd, check_num_classes
 from sat_tf.attacks import target_classes
+from sat_tf.examples import Examples
 from sat_tf.fab import fab_targeted
 from sat_tf.rows import AttackSpec
 from sat_tf.square import square
@@ -125,23 +127,31 @@ class Attack:
 
 def _gradient_attack(source, kind, epsilon, spec, seed, jit_compile):
     """`sat_tf.attacks` FGSM or PGD on one batch (default step 2.5 * epsilon / K, Madry et al.
-    2018), compiled once per (model, kind, epsilon, steps, step, jit_compile) for every batch."""
+    2018), compiled once per (model, kind, epsilon, steps, step, jit_compile) for every batch;
+    the seed and the examples' indices (which key PGD's random start) are traced arguments."""
     step_size = spec.step_size
     if step_size is None and kind == "pgd":
         step_size = 2.5 * epsilon / spec.num_steps
     key = ("evaluation", kind, float(epsilon), spec.num_steps, step_size)
-    seed = tf.constant([seed, 0], tf.int64)
+    seed = tf.constant(seed, tf.int64)
 
     def build(ref):
         if kind == "fgsm":
-            return lambda x, y, s: attacks.fgsm(ref(), x, y, epsilon=epsilon)
-        return lambda x, y, s: attacks.pgd(
-            ref(), x, y, epsilon=epsilon, step_size=step_size, num_steps=spec.num_steps, seed=s
+            return lambda x, y, s, ids: attacks.fgsm(ref(), x, y, epsilon=epsilon)
+        return lambda x, y, s, ids: attacks.pgd(
+            ref(),
+            x,
+            y,
+            epsilon=epsilon,
+            step_size=step_size,
+            num_steps=spec.num_steps,
+            seed=s,
+            ids=ids,
         )
 
-    def attack(x, y):
-        run = attacks.compiled(source, key, build, x, y, seed, jit_compile=jit_compile)
-        return run(x, y, seed)
+    def attack(x, y, ids):
+        run = attacks.compiled(source, key, build, x, y, seed, ids, jit_compile=jit_compile)
+        return run(x, y, seed, ids)
 
     return attack
 
@@ -174,7 +184,7 @@ def _apgd(loss, targeted=False):
     def build(spec, epsilon, c, targets):
         targets = targets if targeted else 1
 
-        def attack(x, y):
+        def attack(x, y, ids):
             return apgd(
                 c.model,
                 x,
@@ -187,6 +197,7 @@ def _apgd(loss, targeted=False):
                 target_classes=targets,
                 eot_iter=spec.eot_iter,
                 seed=c.seed,
+                ids=ids,
                 **c.common,
             )
 
@@ -198,7 +209,8 @@ def _apgd(loss, targeted=False):
 
 
 def _fab_t(spec, epsilon, c, targets):
-    def attack(x, y):
+    def attack(x, y, ids):
+        del ids  # FAB-T draws nothing: one run per target from the clean image.
         return fab_targeted(
             c.model,
             x,
@@ -216,7 +228,7 @@ def _fab_t(spec, epsilon, c, targets):
 
 
 def _square(spec, epsilon, c, targets):
-    def attack(x, y):
+    def attack(x, y, ids):
         return square(
             c.model,
             x,
@@ -224,6 +236,7 @@ def _square(spec, epsilon, c, targets):
             epsilon=epsilon,
             num_queries=spec.num_queries,
             seed=c.seed,
+            ids=ids,
             **c.common,
         )
 
@@ -344,13 +357,13 @@ def count_classes(model, images):
 
 def run(
     model,
-    images,
-    labels,
+    examples,
     attacks_at,
     *,
     where,
     seed=0,
     batch_size=128,
+    chunk_size=None,
     jit_compile=False,
     surrogate=None,
     clip_min=0.0,
@@ -363,19 +376,22 @@ def run(
 ):
     """Runs attacks on examples: the one path of every evaluation.
 
-    Checks that `model` returns logits, counts its classes, builds a job per (spec, epsilon),
-    opens the state (resuming a killed run of the same evaluation) and runs every unfinished
-    job (`passes.run_jobs`).
+    Reads the first chunk of examples, checks that `model` returns logits, counts its classes,
+    builds a job per (spec, epsilon), opens the state (resuming a killed run of the same
+    evaluation) and runs every job on every chunk (`passes.run_chunks`).
 
     Args:
         model: The model evaluated.
-        images: [N, H, W, C] pixels (NumPy, uint8 or float).
-        labels: [N] int classes.
+        examples: A `sat_tf.examples.Examples` (a dataset, a shard of it, the first N), or
+            (images, labels) arrays.
         attacks_at: (spec, epsilon) pairs, one job each, in order; a first "clean" job is
             shared by the others as their clean pass.
         where: The caller's name, for the logits check's error.
         seed: Seed of every attack.
         batch_size: Examples per attack call.
+        chunk_size: Examples read and attacked at a time (every pass of a chunk, then the
+            next): memory is bounded by it. None: arrays all at once, a dataset
+            `CHUNK_BATCHES` batches at a time.
         jit_compile: Compile the attacks with XLA (and pad the last batch of each pass).
         surrogate: The model transfer attacks compute gradients on.
         clip_min: Lowest valid pixel value.
@@ -383,19 +399,26 @@ def run(
         state: Path of the state file (`sat_tf.evalstate`), or None to keep it in memory.
         discard_state: Start afresh, overwriting a state file of another evaluation.
         adversarial: Optional [N, H, W, C] array each fooling image is written into.
-        verbose: 0 silent; 1 the work ahead, an estimate and a progress bar per pass; 2 the
-            resume line only.
+        verbose: 0 silent; 1 the work ahead, an estimate and the progress; 2 the resume line
+            only.
         **settings: Further settings that change results, for the state's fingerprint.
 
     Returns:
         `(jobs, record)`: the `passes.Job`s and the `evalstate.EvaluationState` with their
         per-example `fooled_by`, positions and seconds.
     """
+    if not isinstance(examples, Examples):
+        examples = Examples(tuple(examples))
+    batch_size = max(1, int(batch_size))
+    if chunk_size is None:
+        chunk_size = examples.default_chunk_size(batch_size)
+    chunk_size = max(1, int(chunk_size))
+    chunks = examples.chunks(chunk_size)
+    first = next(chunks, None)
     attacks.require_logits(model, where=where)
-    labels = np.asarray(labels).astype(np.int32)
     context = Context(
         model,
-        count_classes(model, images),
+        count_classes(model, first.images) if first else int(model.output_shape[-1]),
         seed=int(seed),
         jit_compile=bool(jit_compile),
         clip_min=float(clip_min),
@@ -403,32 +426,33 @@ def run(
         surrogate=surrogate,
     )
     jobs = [job(spec, epsilon, context) for spec, epsilon in attacks_at]
-    batch_size = max(1, min(int(batch_size), len(labels)))
     settings["jit_compile"] = bool(jit_compile)
     if surrogate is not None:
         settings["surrogate"] = surrogate
+    if examples.shard.count > 1:
+        settings["shard"] = str(examples.shard)
     record = evalstate.EvaluationState.open(
         Path(state) if state else None,
-        [len(j.passes) for j in jobs],
-        len(labels),
+        num_examples=examples.num_examples,
         discard_state=discard_state,
         model=model,
-        images=images,
-        labels=labels,
         attacks=[j.label for j in jobs],
+        passes=[len(j.passes) for j in jobs],
         seed=seed,
         batch_size=batch_size,
+        chunk_size=chunk_size,
         **settings,
     )
-    passes.run_jobs(
+    passes.run_chunks(
         model,
         jobs,
-        images,
-        labels,
+        itertools.chain([first] if first else [], chunks),
         record,
-        batch_size=batch_size,
+        batch_size=min(batch_size, chunk_size),
+        chunk_size=chunk_size,
         pad=bool(jit_compile),
         adversarial=adversarial,
         verbose=int(verbose),
+        num_examples=examples.count,
     )
     return jobs, record

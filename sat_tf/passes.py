@@ -32,8 +32,9 @@ class Pass:
 
     Attributes:
         name: e.g. "clean", "restart" (of PGD-KxR), "apgd-t".
-        attack: `(images, labels) -> adversarial images` on one batch (tensors), or None for
-            the clean pass (the images themselves).
+        attack: `(images, labels, ids) -> adversarial images` on one batch (tensors; `ids` are
+            the examples' int64 indices in the whole evaluation, which key their random draws,
+            `sat_tf.draws`), or None for the clean pass (the images themselves).
         gradients: Input gradients per attacked example, worst case (every step, every target).
         queries: Forward passes per attacked example besides gradients (Square's queries, the
             final check), worst case.
@@ -124,6 +125,7 @@ def run_job(
     adversarial=None,
     pad=False,
     verbose=0,
+    ids=None,
 ):
     """Runs `job`'s passes from `start` = (pass, batch), recording into `fooled_by` in place.
 
@@ -142,7 +144,11 @@ def run_job(
         adversarial: Optional [N, H, W, C] array: each fooling image is written into it.
         pad: Pad the last batch of each pass to `batch_size` (one XLA compilation per attack).
         verbose: 1 shows a progress bar (or log lines) per pass.
+        ids: [N] int64 indices of the examples in the whole evaluation (their random draws are
+            keyed by them, so a chunk or shard attacks each example as the whole run would);
+            None: 0..N-1.
     """
+    ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     first, first_batch = start
     last_time = time.perf_counter()
 
@@ -171,7 +177,9 @@ def run_job(
                 continue
             x, y = np.asarray(images[batch], np.float32), labels[batch]
             if pass_.attack is not None:
-                x = np.asarray(pass_.attack(tf.constant(x), tf.constant(y)))
+                x = np.asarray(
+                    pass_.attack(tf.constant(x), tf.constant(y), tf.constant(ids[batch]))
+                )
             wrong = (predict(model, x) != y)[:count]
             fooled = batch[:count][wrong]
             fooled_by[fooled] = index
@@ -184,7 +192,20 @@ def run_job(
 
 
 def run_jobs(
-    model, jobs, images, labels, record, *, batch_size, pad=False, adversarial=None, verbose=0
+    model,
+    jobs,
+    images,
+    labels,
+    record,
+    *,
+    batch_size,
+    pad=False,
+    adversarial=None,
+    verbose=0,
+    ids=None,
+    announce=True,
+    bars=True,
+    examples_left=None,
 ):
     """Runs every unfinished job of `record` in order, each from where it stopped.
 
@@ -202,6 +223,11 @@ def run_jobs(
         pad: See `run_job`.
         adversarial: See `run_job`.
         verbose: Keras-style: 1 the work ahead and progress, 2 the resume line only, 0 nothing.
+        ids: See `run_job`.
+        announce: Print where a resumed run stands and (verbose 1) the work ahead.
+        bars: Show a progress bar per pass (with verbose 1).
+        examples_left: The examples left in the whole evaluation, these included, for the
+            estimate (None: these only).
     """
     shared = jobs[0].passes == (CLEAN,)
     starts = []
@@ -211,8 +237,10 @@ def run_jobs(
             start, fooled_by = (1, 0), record.fooled_by[0]
         starts.append((start, fooled_by))
     left = [j for j, job in enumerate(jobs) if record.position[j][0] < len(job.passes)]
-    if verbose:
+    if verbose and announce:
         _announce(model, jobs, record, images, labels, left, starts, batch_size, verbose)
+        if verbose == 1 and left and len(labels):
+            _estimate(model, jobs, images, labels, left, starts, batch_size, examples_left)
     for j in left:
         run_job(
             model,
@@ -226,25 +254,33 @@ def run_jobs(
             checkpoint=lambda position, seconds, j=j: record.record(j, position, seconds),
             adversarial=adversarial,
             pad=pad,
-            verbose=verbose,
+            verbose=verbose if bars else 0,
+            ids=ids,
         )
 
 
 def _announce(model, jobs, record, images, labels, left, starts, batch_size, verbose):
-    """Prints where a resumed run stands and, with verbose 1, the work left in the worst case
-    (`Job.work`) and its time at the speed of one timed batch (`progress.time_batch`)."""
-    if record.batches.sum():  # a resumed run
-        where = ""
-        if left and record.batches[left[0]]:
-            (p, b), fooled_by = starts[left[0]]
-            total = -(-len(standing(fooled_by, p)) // batch_size)
-            where = f"; {jobs[left[0]].label} at {jobs[left[0]].passes[p].name}, batch {b} of "
-            where += f"{total} done"
-        done = len(jobs) - len(left)
-        print(f"Resuming {record.path}: {done} of {len(jobs)} attacks done{where}.", flush=True)
-    if not left or not len(labels) or verbose != 1:
+    """Prints where a resumed run stands."""
+    if not record.batches.sum():
         return
+    where = ""
+    if left and record.batches[left[0]]:
+        (p, b), fooled_by = starts[left[0]]
+        total = -(-len(standing(fooled_by, p)) // batch_size)
+        where = f"; {jobs[left[0]].label} at {jobs[left[0]].passes[p].name}, batch {b} of "
+        where += f"{total} done"
+    done = len(jobs) - len(left)
+    print(f"Resuming {record.path}: {done} of {len(jobs)} attacks done{where}.", flush=True)
+
+
+def _estimate(model, jobs, images, labels, left, starts, batch_size, examples_left):
+    """Prints the work left in the worst case (`Job.work`; every example past these counted
+    as fresh) and its time at the speed of one timed batch (`progress.time_batch`)."""
     work = [jobs[j].work(starts[j][1], start=starts[j][0], batch_size=batch_size) for j in left]
+    later = max(0, (examples_left or len(labels)) - len(labels))
+    if later:
+        fresh = np.full([1], ROBUST, np.int16)
+        work += [(later * g, later * q) for g, q in (job.work(fresh) for job in jobs)]
     gradients, queries = (sum(column) for column in zip(*work, strict=True))
     grad_seconds, forward_seconds = progress.time_batch(
         model, images, labels, batch_size=batch_size
@@ -253,7 +289,7 @@ def _announce(model, jobs, record, images, labels, left, starts, batch_size, ver
     names = ", ".join(jobs[j].label for j in left)
     attacks_left = f"{len(left)} attack{'s' * (len(left) != 1)}"
     print(
-        f"Work ahead: {len(labels)} examples, {attacks_left} ({names}); worst case "
+        f"Work ahead: {len(labels) + later} examples, {attacks_left} ({names}); worst case "
         f"{gradients:,} input gradients and {queries:,} forward passes (as if no example were "
         "ever fooled; fooled examples leave early)."
     )
@@ -263,3 +299,78 @@ def _announce(model, jobs, record, images, labels, left, starts, batch_size, ver
         "speed, plus compiling each attack and slower small batches.",
         flush=True,
     )
+
+
+class _ChunkRecord:
+    """The records of the examples [start, end) of an `EvaluationState`, as `run_jobs` sees
+    them: its `fooled_by` is a view, the rest is the state's."""
+
+    def __init__(self, state, start, end):
+        self.state, self.fooled_by = state, state.fooled_by[:, start:end]
+        self.position, self.seconds, self.batches = state.position, state.seconds, state.batches
+        self.path = state.path
+
+    def record(self, job, position, seconds):
+        self.state.record(job, position, seconds)
+
+
+def run_chunks(
+    model,
+    jobs,
+    chunks,
+    record,
+    *,
+    batch_size,
+    chunk_size,
+    pad=False,
+    adversarial=None,
+    verbose=0,
+    num_examples=None,
+):
+    """Runs every job on each chunk of examples in turn (`sat_tf.examples`), each chunk from
+    where `record` stands; chunks finished before are read again only to check their examples.
+
+    Args:
+        model: The model evaluated.
+        jobs: `Job`s, in the order of `record`'s rows.
+        chunks: `sat_tf.examples.Chunk`s in order.
+        record: A `sat_tf.evalstate.EvaluationState` for these jobs.
+        batch_size: Examples per attack call.
+        chunk_size: Examples per chunk (all but the last chunk have that many).
+        pad: See `run_job`.
+        adversarial: See `run_job`; indexed by position among the examples.
+        verbose: 1: with one chunk, progress bars; with several, one line per chunk; 2: the
+            resume line only; 0: nothing.
+        num_examples: How many examples the chunks hold, when known (for the estimate).
+    """
+    from sat_tf import examples  # the examples module imports nothing of the loop's
+
+    start_time, announced, end, first = time.perf_counter(), False, 0, None
+    for chunk in chunks:
+        end = chunk.start + len(chunk.ids)
+        record.admit(chunk.start, examples.digests(chunk.images, chunk.labels), chunk.labels)
+        if record.finished or end <= record.cursor[0]:
+            continue
+        several = chunk.start > 0 or (len(chunk.ids) == chunk_size and num_examples != end)
+        run_jobs(
+            model,
+            jobs,
+            chunk.images,
+            chunk.labels,
+            _ChunkRecord(record, chunk.start, end),
+            batch_size=batch_size,
+            pad=pad,
+            adversarial=None if adversarial is None else adversarial[chunk.start : end],
+            verbose=verbose,
+            ids=chunk.ids,
+            announce=not announced,
+            bars=not several,
+            examples_left=None if num_examples is None else num_examples - chunk.start,
+        )
+        announced, first = True, chunk.start if first is None else first
+        record.finish_chunk(end)
+        if several and verbose == 1:
+            seconds = time.perf_counter() - start_time
+            progress.chunk_line(record, [job.label for job in jobs], num_examples, seconds, first)
+    record.check_count(end)
+    record.finish([len(job.passes) for job in jobs])

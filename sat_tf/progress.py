@@ -92,6 +92,26 @@ class PassProgress:
         )
 
 
+def chunk_line(record, labels, num_examples, seconds, first, stream=None):
+    """One line after a chunk of a long evaluation: the examples done, the time left at this
+    process's speed (it started at example `first`), each attack's accuracy so far."""
+    done = int(record.cursor[0])
+    total = "" if num_examples is None else f" of {num_examples}"
+    left = ""
+    if num_examples is not None and done > first and seconds > 0:
+        rate = (done - first) / seconds
+        left = f", about {duration((num_examples - done) / rate)} left"
+    robust = (record.fooled_by[:, :done] == -1).mean(axis=1)
+    accuracies = ", ".join(
+        f"{label} {value:.4f}" for label, value in zip(labels, robust, strict=True)
+    )
+    print(
+        f"Examples {done}{total} done ({duration(seconds)}{left}); accuracy so far: {accuracies}",
+        file=stream or sys.stdout,
+        flush=True,
+    )
+
+
 def time_batch(model, images, labels, *, batch_size, repeats=1):
     """Seconds of one input gradient and of one forward pass on a batch of `batch_size` examples.
 

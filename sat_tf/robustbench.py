@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from sat_tf import autoattack, jobs, reporting
+from sat_tf.examples import CHUNK_BATCHES
 from sat_tf.rows import Row
 
 
@@ -271,12 +272,12 @@ def benchmark(
     _check_pixels(x)
     ran, record = jobs.run(
         model,
-        x,
-        y,
+        (x, y),
         [(autoattack.spec(version), protocol.epsilon_pixels)],
         where="benchmark",
         seed=seed,
         batch_size=batch_size,
+        chunk_size=CHUNK_BATCHES * batch_size,  # a chunk at a time in float32, not all
         state=state,
         discard_state=discard_state,
         verbose=verbose,

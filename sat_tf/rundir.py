@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -69,12 +70,19 @@ def _hidden_ours(name):
     return name in (MANIFEST, LOCK) or name.startswith(".write_probe")
 
 
+def _shard_folder(path):
+    """A shard's folder of a sharded evaluation (`sat_tf.shards`), with its manifest."""
+    return re.fullmatch(r"shard-\d+-of-\d+", path.name) and (path / MANIFEST).is_file()
+
+
 def check_ours(model_dir, flag="--model_dir"):
     """Raises `RunDirError` when `model_dir` holds files but no manifest (not a run of ours)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir() or (model_dir / MANIFEST).exists() or _older_run(model_dir):
         return
-    foreign = sorted(p.name for p in model_dir.iterdir() if not _hidden_ours(p.name))
+    foreign = sorted(
+        p.name for p in model_dir.iterdir() if not (_hidden_ours(p.name) or _shard_folder(p))
+    )
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise RunDirError(
@@ -337,6 +345,23 @@ def _take_lock(model_dir, path, purpose):
             if os.lstat(path).st_ino == status.st_ino:
                 return handle
         handle.close()
+
+
+def holder(folder):
+    """Who holds the lock of `folder` ("pid 12 on host h (evaluation, since ...)"), or None when
+    no live process does."""
+    path = Path(folder) / LOCK
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(descriptor, "r", errors="replace") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _shown(handle.read(512)) or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def _foreign_lock(path, what, purpose):

@@ -225,7 +225,7 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
 
     def counting(*args):
         attack = original(*args)
-        return lambda x, y: sizes.append(len(x)) or attack(x, y)
+        return lambda x, y, ids: sizes.append(len(x)) or attack(x, y, ids)
 
     monkeypatch.setattr(jobs, "_gradient_attack", counting)
     row, robust = run_one(model, "pgd-5x3", images, labels, epsilon=eps, batch_size=16)

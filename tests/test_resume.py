@@ -100,8 +100,12 @@ def test_a_different_evaluation_refuses_the_state_and_names_the_change(
     with pytest.raises(evalstate.StateMismatchError, match=r"the seed \(3 -> 4\).*--discard_state"):
         evaluation.evaluate(model, data, **other_seed, verbose=0, state=path)
     fewer = (data[0][:30], data[1][:30])
-    with pytest.raises(evalstate.StateMismatchError, match=r"the examples \(40 examples"):
+    with pytest.raises(evalstate.StateMismatchError, match=r"number of examples \(40 -> 30\)"):
         evaluation.evaluate(model, fewer, **OPTIONS, verbose=0, state=path)
+    edited = data[0].copy()
+    edited[5, 0, 0, 0] += 1.0
+    with pytest.raises(evalstate.StateMismatchError, match="example 5 of this evaluation's"):
+        evaluation.evaluate(model, (edited, data[1]), **OPTIONS, verbose=0, state=path)
     with pytest.raises(evalstate.StateMismatchError, match="the attacks"):
         evaluation.evaluate(model, data, **OPTIONS | {"epsilons": [8]}, verbose=0, state=path)
     other = train_tiny_model(epochs=1)

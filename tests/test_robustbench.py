@@ -301,7 +301,7 @@ def test_eval_tool_robustbench_end_to_end_and_resumed_after_a_kill(tmp_path):
     args += ["--num_examples=160", "--autoattack_version=fast", "--batch_size=8", "--deterministic"]
     done = tool("eval", *args)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Work ahead: 160 examples" in done.stdout and "apgd-t (2/3)" in done.stdout
+    assert "Work ahead: 160 examples" in done.stdout and "Examples 64 of 160 done" in done.stdout
 
     name = "robustbench_cifar10_Linf"
     entry = json.loads((out / f"{name}.json").read_text())

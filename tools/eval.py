@@ -31,7 +31,14 @@ otherwise; --noprogress prints the results only). Every finished batch is record
 (eval_state.npz; robustbench_<leaderboard>_Linf_state.npz): after a kill, the same command continues
 from the first unfinished batch and ends with the numbers of an uninterrupted run. A changed
 model, data, attack, seed or batch size refuses, naming what changed (--discard_state starts
-afresh). The record is removed once the reports are written.
+afresh). The record is removed once the reports are written. Examples are read and attacked
+--chunk_size at a time (default 8 batches), so memory does not grow with --num_examples.
+
+Many devices or machines (protocol sat, docs/evaluation.md): run the same command with
+--shard=I/N for I = 0 .. N-1 (one process per device: CUDA_VISIBLE_DEVICES=I); each evaluates the
+examples whose index is I mod N into <output>/shard-I-of-N and resumes on its own. --status
+says which shards are done, running, stopped or missing; the same command with --merge (instead
+of --shard) checks the shards, joins them and writes the reports and card entry of the whole run.
 """
 
 import shlex
