@@ -156,6 +156,7 @@ class Examples:
                 chunk, parts, count = _cut(parts, chunk_size, start)
                 start += chunk_size
                 yield chunk
+                del chunk  # not held while the next one is read
         if count:
             yield _cut(parts, count, start)[0]
 
@@ -167,5 +168,6 @@ def _cut(parts, size, start):
         labels = np.argmax(labels, axis=-1)
     first = images[:size].astype(np.float32, copy=False)  # no second copy of float32 pixels
     chunk = Chunk(start, ids[:size], first, labels[:size].astype(np.int32))
-    rest = [(ids[size:], images[size:], labels[size:])] if len(ids) > size else []
+    # A copy: a view would keep the whole concatenation, this chunk included, alive.
+    rest = [(ids[size:], images[size:].copy(), labels[size:])] if len(ids) > size else []
     return chunk, rest, len(ids) - size

@@ -28,7 +28,6 @@ AutoAttack's versions and budgets follow fra31/auto-attack (`autoattack.py`, `se
 """
 
 import dataclasses
-import itertools
 import re
 from pathlib import Path
 
@@ -355,6 +354,13 @@ def count_classes(model, images):
     return int(model(x, training=False).shape[-1])
 
 
+def _prepend(held, chunks):
+    """The chunks in `held` (popped: no reference kept), then `chunks`."""
+    while held:
+        yield held.pop(0)
+    yield from chunks
+
+
 def run(
     model,
     examples,
@@ -443,10 +449,12 @@ def run(
         chunk_size=chunk_size,
         **settings,
     )
+    stream = _prepend([first] if first else [], chunks)
+    del first  # only the chunk under attack is held, not the first one besides
     passes.run_chunks(
         model,
         jobs,
-        itertools.chain([first] if first else [], chunks),
+        stream,
         record,
         batch_size=min(batch_size, chunk_size),
         chunk_size=chunk_size,

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from sat_tf import attacks, progress
+from sat_tf import attacks, examples, progress
 
 ROBUST = -1
 
@@ -343,8 +343,6 @@ def run_chunks(
             resume line only; 0: nothing.
         num_examples: How many examples the chunks hold, when known (for the estimate).
     """
-    from sat_tf import examples  # the examples module imports nothing of the loop's
-
     start_time, announced, end, first = time.perf_counter(), False, 0, None
     for chunk in chunks:
         end = chunk.start + len(chunk.ids)
@@ -368,6 +366,7 @@ def run_chunks(
             examples_left=None if num_examples is None else num_examples - chunk.start,
         )
         announced, first = True, chunk.start if first is None else first
+        del chunk  # freed before the next one is read
         record.finish_chunk(end)
         if several and verbose == 1:
             seconds = time.perf_counter() - start_time

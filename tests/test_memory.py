@@ -1,69 +1,63 @@
-"""Evaluation memory does not grow with --num_examples (`sat_tf.examples` reads a chunk at a time).
+"""Evaluation memory does not grow with the number of examples (`sat_tf.examples` reads a chunk at
+a time).
 
-A small version of benchmarks/bench_memory.py: the same synthetic ImageNet-format TFRecords (smooth
-random JPEGs, 1-based labels) at 112 px, the same `small_cnn` whose output bias sends 1 example in
-50 on to the attacks, and `tools/eval.py` (clean + PGD-1 at 4 pixels) run for SMALL and for
-LARGE = 10 x SMALL examples at the same batch, each in a fresh process whose peak RSS is its own
-`ru_maxrss`. An evaluation that read every example into float32 before attacking would add at
-least (LARGE - SMALL) * 112 * 112 * 3 * 4 bytes to the peak; the test checks that this is more
-than three times what it tolerates, so that it cannot pass for want of data.
+The pixels an evaluation holds are NumPy arrays (the chunk being attacked, its batches), which
+`tracemalloc` counts; TensorFlow's own buffers it does not. Evaluating a tf.data pipeline of SMALL
+and of LARGE = 10 x SMALL examples at the same batch, the peak of the traced memory must stay
+within 10% (plus 1 MiB for bookkeeping), where reading the split into float32 first would add
+at least the extra examples' pixels, which the test checks to be several times the tolerance, so
+that it cannot pass for want of data. The whole process's peak RSS at ImageNet size is measured
+by benchmarks/bench_memory.py (benchmarks/README.md: 1,000 vs 20,000 examples at 224 px).
 """
 
-import concurrent.futures
-import pathlib
-import sys
+import tracemalloc
 
-import pytest
+import keras
+import numpy as np
+import tensorflow as tf
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_memory  # noqa: E402
+from sat_tf import evaluation
 
-IMAGE_SIZE = 112
-BATCH_SIZE = 8  # chunks of 8 batches = 64 examples: SMALL is already 5 chunks
-SMALL, LARGE = 320, 3200
+SMALL, LARGE, BATCH, SIZE = 160, 1600, 16, 32
 MIB = 1 << 20
-# Allowed growth: 10% of the small run's peak, the goal of benchmarks/bench_memory.py. No
-# absolute slack: at this size the two peaks came out within 10 MiB of each other (~885 MiB).
-RELATIVE = 0.10
 
 
-def peaks(checkout, folder):
-    """Peak RSS in bytes of `tools/eval.py` of `checkout` at SMALL and at LARGE examples
-    (the two processes run side by side; each peak is its own)."""
-    records = bench_memory.write_records(
-        folder / "records", LARGE, image_size=IMAGE_SIZE, num_shards=4
-    )
-    model = bench_memory.save_model(folder / "model.keras", image_size=IMAGE_SIZE)
-
-    def run(n):
-        command = bench_memory.eval_command(
-            checkout,
-            records,
-            model,
-            folder / f"eval-{n}",
-            num_examples=n,
-            batch_size=BATCH_SIZE,
-            image_size=IMAGE_SIZE,
-        )
-        return bench_memory.peak_rss(command, cwd=checkout, log_path=folder / f"eval-{n}.log")[0]
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        return list(pool.map(run, (SMALL, LARGE)))
+def tiny_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))
+    return keras.Model(inputs, keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(h)))
 
 
-@pytest.mark.slow
-def test_peak_memory_does_not_grow_with_the_number_of_examples(tmp_path):
-    small, large = peaks(ROOT, tmp_path)
-    tolerance = RELATIVE * small
-    # What holding the extra examples as float32 adds; collecting them all before attacking
-    # holds about three times this (the batches, their concatenation, its float32 copy).
-    held = (LARGE - SMALL) * IMAGE_SIZE * IMAGE_SIZE * 3 * 4
-    assert held > 3 * tolerance, (
-        f"the test cannot tell: {held / MIB:.0f} MiB of extra examples against a tolerance of "
-        f"{tolerance / MIB:.0f} MiB (peak {small / MIB:.0f} MiB at {SMALL}); raise LARGE"
-    )
+def dataset(n):
+    """n examples of 32x32 RGB images, made inside the pipeline (not held here)."""
+    index = tf.data.Dataset.range(n)
+    images = index.map(lambda i: tf.fill([SIZE, SIZE, 3], tf.cast(i % 255, tf.float32)))
+    labels = index.map(lambda i: tf.cast(i % 5, tf.int32))
+    return tf.data.Dataset.zip((images, labels)).batch(BATCH)
+
+
+def peak(model, n):
+    """Peak traced memory (bytes) of an evaluation of n examples, clean + PGD-1."""
+    options = dict(attacks=["clean", "pgd-1"], epsilons=[8], batch_size=BATCH, checks=False)
+    evaluation.evaluate(model, dataset(SMALL), **options, verbose=0)  # traced once, warm
+    tracemalloc.start()
+    try:
+        results = evaluation.evaluate(model, dataset(n), **options, verbose=0)
+        found = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert results.num_examples == n
+    return found
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_examples():
+    model = tiny_model()
+    small, large = peak(model, SMALL), peak(model, LARGE)
+    tolerance = 0.10 * small + MIB
+    held = (LARGE - SMALL) * SIZE * SIZE * 3 * np.dtype(np.float32).itemsize * 3
+    assert held > 3 * tolerance, f"the test cannot tell: {held} bytes against {tolerance}"
     assert large - small <= tolerance, (
-        f"peak RSS {small / MIB:.0f} MiB at {SMALL} examples, {large / MIB:.0f} MiB at {LARGE} "
-        f"(+{(large - small) / MIB:.0f} MiB > {tolerance / MIB:.0f} MiB allowed)"
+        f"peak traced memory {small / MIB:.2f} MiB at {SMALL} examples, {large / MIB:.2f} MiB at "
+        f"{LARGE}: +{(large - small) / MIB:.2f} MiB > {tolerance / MIB:.2f} MiB allowed"
     )

@@ -160,8 +160,8 @@ def test_the_tool_runs_shards_reports_their_status_and_merges_them(tmp_path, cap
     path = classifier(tmp_path / "m.keras", 10)
 
     def config(output, **change):
-        options = dict(model_path=str(path), dataset="demo", image_size=16, num_examples=30)
-        options |= dict(epsilons=(8.0,), num_steps=(2,), attacks=("apgd-ce-3",), batch_size=4)
+        options = dict(model_path=str(path), dataset="demo", image_size=16, num_examples=15)
+        options |= dict(epsilons=(8.0,), num_steps=(1,), attacks=("apgd-ce-2",), batch_size=4)
         return EvalConfig(**options | dict(output_dir=str(output), progress=False) | change)
 
     whole = tmp_path / "whole"
