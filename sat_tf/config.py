@@ -290,10 +290,6 @@ class EvalConfig:
         "restarts",
         "attacks",
         "surrogate",
-        "shard",
-        "merge",
-        "shard_dirs",
-        "status",
     )
     ROBUSTBENCH_ONLY = ("autoattack_version", "leaderboard", "robustbench_ids")
 

@@ -143,8 +143,6 @@ def run(config: EvalConfig, *, command=""):
                 held.enter_context(rundir.locked(target.output, "evaluation"))
                 rundir.check_ours(target.output, "--output_dir")  # again, under the lock
                 rundir.record(target.output, *OUTPUT_FILES, *_robustbench_files())
-            if config.merge:
-                _merge(config, target)
             return _evaluate(config, target, command)
     except (
         rundir.RunDirError,
@@ -169,7 +167,7 @@ def _run_shard(config, target, command):
         rundir.check_ours(folder, "the shard folder")
         with rundir.locked(folder, f"evaluation of shard {config.shard}"):
             rundir.check_ours(folder, "the shard folder")
-            rundir.record(folder, *OUTPUT_FILES)
+            rundir.record(folder, *OUTPUT_FILES, *_robustbench_files())
             shard_target = dataclasses.replace(target, output=folder)
             return _evaluate(config, shard_target, command)
     except (rundir.RunDirError, rundir.RunWriteError, evalstate.StateMismatchError) as error:
@@ -187,10 +185,9 @@ def _shard_folders(config, target):
     return shards.folders(target.output)
 
 
-def _merge(config, target):
-    """Joins the finished shards' states into the output's state, which the evaluation then
+def _merge(config, target, state):
+    """Joins the finished shards' states into the output's `state`, which the evaluation then
     finds done: it reads the examples to check them and writes the whole run's reports."""
-    state = target.output / STATE
     if state.exists() and not config.discard_state:
         saved, arrays = evalstate.load(state)
         if not arrays["cursor"][1]:
@@ -282,7 +279,12 @@ def _evaluate(config, target, command):
     except saving.ModelFileError as error:
         raise EvalError(str(error)) from None
     if config.protocol == "robustbench":
-        return _robustbench(config, target, model, command)
+        name = _leaderboard(config, target, model)
+        if config.merge:
+            _merge(config, target, target.output / _robustbench_state(name))
+        return _robustbench(config, target, model, name, command)
+    if config.merge:
+        _merge(config, target, target.output / STATE)
     return _sat(config, target, model, surrogate, command)
 
 
@@ -382,7 +384,12 @@ def _sat(config, target, model, surrogate, command):
     return summary
 
 
-def _robustbench(config, target, model, command):
+def _robustbench_state(name):
+    return f"robustbench_{name}_Linf_state.npz"
+
+
+def _leaderboard(config, target, model):
+    """The RobustBench leaderboard: --leaderboard, else from the number of classes."""
     from sat_tf import jobs, robustbench
 
     if config.autoattack_version not in jobs.VERSIONS:
@@ -402,12 +409,19 @@ def _robustbench(config, target, model, command):
             if name is None
             else f"--leaderboard={name} is invalid: choose cifar10 or imagenet."
         )
+    return name
+
+
+def _robustbench(config, target, model, name, command):
+    from sat_tf import robustbench
+
+    run_config = target.run
     protocol = robustbench.PROTOCOLS[name]
     if config.num_examples > protocol.num_examples:
         raise EvalError(
             f"--num_examples={config.num_examples}: {name} has {protocol.num_examples}."
         )
-    state = target.output / f"robustbench_{name}_Linf_state.npz"
+    state = target.output / _robustbench_state(name)
     try:
         images, labels, source = _robustbench_data(config, target, protocol, model)
         architecture = f"{run_config.model} ({run_config.activation})" if run_config else model.name
@@ -426,12 +440,20 @@ def _robustbench(config, target, model, command):
             state=state,
             discard_state=config.discard_state,
             settings={"deterministic": config.deterministic},
+            shard=config.shard or None,
         )
     except evalstate.StateMismatchError:
         raise
     except (ValueError, OSError, RuntimeError) as error:
         raise EvalError(str(error)) from None
     target.output.mkdir(parents=True, exist_ok=True)
+    if config.shard:  # the state stays for the merge, which writes the entry and the card's
+        print(
+            f"Shard {config.shard} done: {result.num_examples} examples, clean "
+            f"{100 * result.clean_accuracy:.2f}%, AutoAttack {100 * result.robust_accuracy:.2f}% "
+            f"on them; merge all shards with --merge."
+        )
+        return {"shard": config.shard, "num_examples": result.num_examples}
     entry_path = target.output / f"robustbench_{name}_Linf.json"
     entry = result.model_info_entry()
     atomic.write_json(entry_path, entry)

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from sat_tf import autoattack, jobs, reporting
-from sat_tf.examples import CHUNK_BATCHES
+from sat_tf.examples import CHUNK_BATCHES, Examples
 from sat_tf.rows import Row
 
 
@@ -225,6 +225,7 @@ def benchmark(
     state=None,
     discard_state=False,
     settings=None,
+    shard=None,
 ):
     """Clean and AutoAttack accuracy under RobustBench's L-inf protocol for `leaderboard`.
 
@@ -247,6 +248,9 @@ def benchmark(
         discard_state: overwrite a state file of another evaluation instead of refusing.
         settings: further settings that change results, e.g. {"deterministic": True}: part of
             the state's fingerprint, so a resume under other settings is refused.
+        shard: "I/N": attack only the examples whose index is I modulo N (one of N processes;
+            `sat_tf.shards.merge` joins their states, docs/evaluation.md); the result is then
+            that of this shard's examples.
 
     Returns:
         A `Result`.
@@ -272,7 +276,7 @@ def benchmark(
     _check_pixels(x)
     ran, record = jobs.run(
         model,
-        (x, y),
+        Examples((x, y), shard=shard),
         [(autoattack.spec(version), protocol.epsilon_pixels)],
         where="benchmark",
         seed=seed,
@@ -288,7 +292,7 @@ def benchmark(
     stages = autoattack.stage_accuracies(record.fooled_by[0], names)
     return Result(
         protocol=protocol,
-        num_examples=n,
+        num_examples=record.num_examples,
         version=version,
         clean_accuracy=stages["clean"],
         robust_accuracy=stages[names[-1]],
@@ -299,7 +303,7 @@ def benchmark(
         source=source,
         model_info=dict(model_info or {}),
         per_example=reporting.PerExample(
-            labels=y,
+            labels=record.labels,
             fooled_by=record.fooled_by.copy(),
             jobs=[ran[0].label],
             passes=[names],

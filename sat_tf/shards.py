@@ -1,7 +1,8 @@
 """One evaluation as N shards (one process per device or machine), merged into one result.
 
-Shard `I/N` (`tools/eval.py --shard=I/N`, `evaluate(shard=...)`) attacks the examples whose index
-is I modulo N, with its own state in its own folder (`<output>/shard-I-of-N/eval_state.npz`),
+Shard `I/N` (`tools/eval.py --shard=I/N`, `evaluate(shard=...)`, `robustbench.benchmark(shard=...)`)
+attacks the examples whose index is I modulo N, with its own state in its own folder
+(`<output>/shard-I-of-N/eval_state.npz`, or the robustbench protocol's state file),
 resumable like any evaluation. Once every shard is done, `merge` checks their states and joins
 them into the state the evaluation of all examples in one process would have finished with:
 the same fingerprint, the same per-example records (the attacks' random draws are keyed by the
@@ -21,7 +22,7 @@ import numpy as np
 from sat_tf import evalstate, progress, rundir
 from sat_tf.examples import Shard
 
-STATE = "eval_state.npz"  # in each shard's folder, kept once the shard is done
+STATE = "eval_state.npz"  # protocol "sat"; robustbench: robustbench_<leaderboard>_Linf_state.npz
 _FOLDER = re.compile(r"shard-(\d+)-of-(\d+)")
 
 
@@ -38,11 +39,17 @@ def folders(output):
     return sorted(found, key=lambda p: tuple(int(v) for v in _FOLDER.fullmatch(p.name).groups()))
 
 
-def _load(folder):
-    """(shard, fingerprint, arrays) of the state in `folder`."""
-    path = Path(folder) / STATE
+def state_file(folder):
+    """The state file in a shard's folder (`STATE`, or a robustbench protocol's), or None."""
+    found = sorted(Path(folder).glob("*state.npz"))
+    return found[0] if found else None
+
+
+def _load(folder, name):
+    """(shard, fingerprint, arrays) of the state `name` in `folder`."""
+    path = Path(folder) / name
     if not path.is_file():
-        raise ShardError(f"{folder} holds no {STATE}: this shard never ran; run it first.")
+        raise ShardError(f"{folder} holds no {name}: this shard never ran; run it first.")
     try:
         fingerprint, arrays = evalstate.load(path)
     except evalstate.StateMismatchError as error:
@@ -56,7 +63,7 @@ def merge(shard_folders, destination):
     """Joins the finished states of shards 0/N .. N-1/N into one state at `destination`.
 
     Args:
-        shard_folders: The shards' folders, each with its `STATE`.
+        shard_folders: The shards' folders, each with its state, named as `destination`.
         destination: Where the merged state is written (the whole evaluation's state file).
 
     Returns:
@@ -67,7 +74,7 @@ def merge(shard_folders, destination):
             evaluation (naming what differs), or with another number of examples than its
             share of the total.
     """
-    loaded = [(Path(f), *_load(f)) for f in shard_folders]
+    loaded = [(Path(f), *_load(f, Path(destination).name)) for f in shard_folders]
     if not loaded:
         raise ShardError("no shard folders to merge (shard-I-of-N, written by --shard=I/N).")
     count = loaded[0][1].count
@@ -171,8 +178,8 @@ def status(output, count=None):
     for index in range(count):
         shard = Shard(index, count)
         folder = found.get(count, {}).get(index)
-        path = None if folder is None else folder / STATE
-        if path is None or not path.is_file():
+        path = None if folder is None else state_file(folder)
+        if path is None:
             holder = rundir.holder(folder) if folder is not None else None
             rows.append(ShardStatus(shard, "running" if holder else "missing", holder=holder or ""))
             continue

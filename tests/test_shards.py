@@ -84,7 +84,7 @@ def test_three_shards_merged_give_the_whole_evaluation(model, data, whole, tmp_p
     folders = [tmp_path / Shard(i, 3).name for i in range(3)]
     parts = [run_shard(model, data, f, f"{i}/3") for i, f in enumerate(folders)]
     assert [p.num_examples for p in parts] == [14, 13, 13]
-    merged_state = shards.merge(folders, tmp_path / "merged.npz")
+    merged_state = shards.merge(folders, tmp_path / shards.STATE)
     np.testing.assert_array_equal(merged_state.fooled_by, whole.per_example.fooled_by)
     # The evaluation finds every attack done, checks the examples, writes the whole result; its
     # id is that of the same evaluation run unsharded.
@@ -92,7 +92,7 @@ def test_three_shards_merged_give_the_whole_evaluation(model, data, whole, tmp_p
         evaluation.evaluate(
             model, dataset(data), **OPTIONS, num_examples=40, chunk_size=16, verbose=0, state=state
         )
-        for state in (tmp_path / "merged.npz", tmp_path / "unsharded.npz")
+        for state in (tmp_path / shards.STATE, tmp_path / "unsharded.npz")
     )
     for got, want in zip(records(merged), records(whole), strict=True):
         np.testing.assert_array_equal(got, want)
@@ -114,9 +114,9 @@ def test_a_killed_shard_resumes_and_merges_to_the_same_result(
     assert rows["1/3"].state == "stopped" and rows["0/3"].state == "done"
     assert rows["0/3"].done == 14 and rows["1/3"].expected == 13
     with pytest.raises(shards.ShardError, match=r"shard 1/3 .* is unfinished"):
-        shards.merge(folders, tmp_path / "merged.npz")
+        shards.merge(folders, tmp_path / shards.STATE)
     run_shard(model, data, folders[1], "1/3")  # the same call: it resumes
-    merged = shards.merge(folders, tmp_path / "merged.npz")
+    merged = shards.merge(folders, tmp_path / shards.STATE)
     np.testing.assert_array_equal(merged.fooled_by, whole.per_example.fooled_by)
 
 
@@ -128,9 +128,9 @@ def test_merges_that_cannot_give_the_whole_result_are_refused(model, data, tmp_p
 
     def refused(match, chosen):
         with pytest.raises(shards.ShardError, match=match) as info:
-            shards.merge(chosen, tmp_path / "merged.npz")
+            shards.merge(chosen, tmp_path / shards.STATE)
         assert len(str(info.value).splitlines()) == 1
-        assert not (tmp_path / "merged.npz").exists()
+        assert not (tmp_path / shards.STATE).exists()
 
     refused(r"missing shard 1/3", [folders[0], folders[2]])
     refused(r"shard 2/3 is given twice", [*folders, folders[2]])
@@ -231,3 +231,34 @@ def test_the_launcher_runs_one_process_per_device_and_the_merge_gives_the_whole(
     got = np.load(tmp_path / "sharded" / "per_example.npz")
     want = np.load(tmp_path / "whole" / "per_example.npz")
     np.testing.assert_array_equal(got["fooled_by"], want["fooled_by"])
+
+
+def test_the_robustbench_protocol_runs_in_shards_and_merges_to_the_whole_entry(tmp_path):
+    from test_eval_tool import classifier
+
+    from sat_tf import card, evalrun
+    from sat_tf.config import EvalConfig
+
+    path = classifier(tmp_path / "m.keras", 10)
+
+    def config(output, **change):
+        options = dict(model_path=str(path), dataset="demo", image_size=16, num_examples=12)
+        options |= dict(protocol="robustbench", autoattack_version="fast", batch_size=4)
+        return EvalConfig(**options | dict(output_dir=str(output), progress=False) | change)
+
+    whole = evalrun.run(config(tmp_path / "whole"))
+    out = tmp_path / "sharded"
+    for i in range(3):
+        evalrun.run(config(out, shard=f"{i}/3"))
+    assert [row.state for row in evalrun.run(config(out, status=True))] == ["done"] * 3
+    merged = evalrun.run(config(out, merge=True))
+    for key in ("clean_acc", "autoattack_acc"):
+        assert merged[key] == whole[key]
+    assert merged["sat_tf"]["stages"] == whole["sat_tf"]["stages"]
+    name = "robustbench_cifar10_Linf"
+    got, want = (np.load(tmp_path / d / f"{name}_per_example.npz") for d in ("sharded", "whole"))
+    np.testing.assert_array_equal(got["fooled_by"], want["fooled_by"])
+    ids = [
+        card.read(tmp_path / d)["evaluations"][-1]["evaluation_id"] for d in ("sharded", "whole")
+    ]
+    assert ids[0] == ids[1] is not None

@@ -34,7 +34,7 @@ model, data, attack, seed or batch size refuses, naming what changed (--discard_
 afresh). The record is removed once the reports are written. Examples are read and attacked
 --chunk_size at a time (default 8 batches), so memory does not grow with --num_examples.
 
-Many devices or machines (protocol sat, docs/evaluation.md): run the same command with
+Many devices or machines (either protocol, docs/evaluation.md): run the same command with
 --shard=I/N for I = 0 .. N-1 (one process per device: CUDA_VISIBLE_DEVICES=I); each evaluates the
 examples whose index is I mod N into <output>/shard-I-of-N and resumes on its own. --status
 says which shards are done, running, stopped or missing; the same command with --merge (instead
