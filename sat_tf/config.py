@@ -290,6 +290,7 @@ class EvalConfig:
         "restarts",
         "attacks",
         "surrogate",
+        "chunk_size",  # robustbench: 8 batches at a time of its fixed list
     )
     ROBUSTBENCH_ONLY = ("autoattack_version", "leaderboard", "robustbench_ids")
 
