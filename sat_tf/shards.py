@@ -151,12 +151,15 @@ class ShardStatus:
     expected: int | None = None
     seconds: float = 0.0
     holder: str = ""
+    under_way: int = 0  # examples of the chunk under way (not in `done`)
 
     def line(self):
         if self.state == "missing":
             return f"shard {self.shard}: missing (never started here)"
         expected = "" if self.expected is None else f" of {self.expected}"
         text = f"shard {self.shard}: {self.state}, {self.done}{expected} examples"
+        if self.under_way:
+            text += f" (and a chunk of {self.under_way} under way)"
         text += f" in {progress.duration(self.seconds)}"
         if self.state != "done" and self.expected and self.done:
             rate = self.done / max(self.seconds, 1e-9)
@@ -199,6 +202,7 @@ def status(output, count=None):
                 expected=None if total is None else shard.size(int(total)),
                 seconds=float(arrays["seconds"].sum()),
                 holder=holder or "",
+                under_way=arrays["fooled_by"].shape[1] - int(arrays["cursor"][0]),
             )
         )
     return rows
