@@ -12,10 +12,10 @@ choice fields are in `sat_tf.options`.
 
 import dataclasses
 import math
-import re
 import typing
 
 from sat_tf import options, rundir
+from sat_tf.examples import Shard
 from sat_tf.options import MIXED_PRECISION, OPTIMIZERS, SCHEDULES, SMOOTH_PHASES, STRATEGIES
 
 
@@ -359,12 +359,15 @@ def _eval_checks(c):
     )
     yield "batch_size", c.batch_size >= 1, "must be >= 1"
     yield "chunk_size", c.chunk_size >= 0, "must be >= 0 (0: 8 batches)"
-    shard = re.fullmatch(r"(\d+)/(\d+)", c.shard)
-    yield (
-        "shard",
-        not c.shard or bool(shard) and int(shard[1]) < int(shard[2]),
-        "give I/N with 0 <= I < N (e.g. --shard=0/4 .. --shard=3/4)",
-    )
+    yield "shard", _parses(Shard.parse, c.shard), "give I/N with 0 <= I < N (e.g. 0/4 .. 3/4)"
+
+
+def _parses(parse, text):
+    try:
+        parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _show(value):

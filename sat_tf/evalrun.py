@@ -130,15 +130,19 @@ def run(config: EvalConfig, *, command=""):
     target = _resolve(config)
     if config.status:
         return _status(config, target)
+    # A shard writes into its own folder only and only reads the run folder, so N shards of
+    # one run go side by side; its folder is checked, listed and locked as an output folder.
+    run_dir = None if config.shard else target.run_dir
     if config.shard:
-        return _run_shard(config, target, command)
-    run_dir = target.run_dir
+        target = dataclasses.replace(target, output=target.output / Shard.parse(config.shard).name)
     try:  # evaluating writes into the run and the output folder: one process at a time each
         with contextlib.ExitStack() as held:
             if run_dir:
                 held.enter_context(rundir.locked(run_dir, "evaluation"))
                 if rundir.listed(run_dir) and not target.output_is_separate:
                     rundir.record(run_dir, target.output.name)
+            if config.shard:  # _resolve checked the output folder above it
+                rundir.check_ours(target.output, "the shard folder")
             if target.output_is_separate:  # checked by _resolve before the lock was made
                 held.enter_context(rundir.locked(target.output, "evaluation"))
                 rundir.check_ours(target.output, "--output_dir")  # again, under the lock
@@ -155,27 +159,6 @@ def run(config: EvalConfig, *, command=""):
         raise EvalError(
             f"interrupted; every finished batch is saved in {target.output}: run the same "
             "command again to resume (--discard_state starts afresh)."
-        ) from None
-
-
-def _run_shard(config, target, command):
-    """Shard I/N into its own folder `<output>/shard-I-of-N`, locked as a folder of ours: its
-    state and the reports of its part; no card entry (the merge writes it), and the run folder
-    is only read, so N shards of one run can go side by side."""
-    folder = target.output / Shard.parse(config.shard).name
-    try:
-        rundir.check_ours(folder, "the shard folder")
-        with rundir.locked(folder, f"evaluation of shard {config.shard}"):
-            rundir.check_ours(folder, "the shard folder")
-            rundir.record(folder, *OUTPUT_FILES, *_robustbench_files())
-            shard_target = dataclasses.replace(target, output=folder)
-            return _evaluate(config, shard_target, command)
-    except (rundir.RunDirError, rundir.RunWriteError, evalstate.StateMismatchError) as error:
-        raise EvalError(str(error)) from None
-    except KeyboardInterrupt:
-        raise EvalError(
-            f"interrupted; every finished batch is saved in {folder}: run the same command "
-            "again to resume (--discard_state starts afresh)."
         ) from None
 
 
@@ -202,11 +185,7 @@ def _merge(config, target, state):
 
 def _status(config, target):
     """Prints where each shard stands (`sat_tf.shards.status`); returns the rows."""
-    if config.shard_dirs:
-        parents = {Path(d).parent for d in config.shard_dirs}
-        rows = [row for parent in sorted(parents) for row in shards.status(parent)]
-    else:
-        rows = shards.status(target.output)
+    rows = shards.status(_shard_folders(config, target))
     if not rows:
         print(f"No shard folders (shard-I-of-N) in {target.output}.")
     for row in rows:

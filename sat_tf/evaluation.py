@@ -19,6 +19,7 @@ evaluation of a run folder or .keras file (`tools/eval.py`).
 """
 
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -59,32 +60,17 @@ def attack_batch(
 
 
 def collect(data, num_examples=None):
-    """(images float32 [N, H, W, C], labels int32 [N]) from arrays or a tf.data (batched or not)."""
-    if isinstance(data, tuple | list):
-        images, labels = (np.asarray(a) for a in data)
-    else:  # read only up to `num_examples`: a dataset may be large or repeat forever
-        parts, count = [], 0
-        for x, y in data.as_numpy_iterator():
-            x, y = np.asarray(x), np.asarray(y)
-            if y.ndim == 0:  # An unbatched dataset of class ids.
-                x, y = x[None], y[None]
-            parts.append((x, y))
-            count += len(y)
-            if num_examples is not None and count >= num_examples:
-                break
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-    if labels.ndim > 1:  # One-hot.
-        labels = np.argmax(labels, axis=-1)
-    n = len(labels) if num_examples is None else min(num_examples, len(labels))
-    return images[:n].astype(np.float32), labels[:n].astype(np.int32)
+    """(images float32 [N, H, W, C], labels int32 [N]) from arrays or a tf.data (batched or not,
+    labels one-hot or not), read only up to `num_examples`: all of it as one `Examples` chunk."""
+    chunk = next(Examples(data, num_examples=num_examples).chunks(sys.maxsize), None)
+    if chunk is None:
+        return np.zeros([0], np.float32), np.zeros([0], np.int32)
+    return chunk.images, chunk.labels
 
 
 def _probe(data, num_examples, size=64):
     """The first `size` examples of the evaluation (of every shard), for the masking checks."""
-    size = size if num_examples is None else min(size, num_examples)
-    chunk = next(Examples(data, num_examples=size).chunks(max(1, size)), None)
-    return chunk.images if chunk is not None else np.zeros([0], np.float32)
+    return collect(data, size if num_examples is None else min(size, num_examples))[0]
 
 
 def evaluate(

@@ -28,12 +28,22 @@ import numpy as np
 CHUNK_BATCHES = 8
 
 
+# The folder of shard I/N in an evaluation's output folder: "shard-I-of-N" (`Shard.name`).
+SHARD_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """Shard `index` of `count` (`index` in [0, count)); `Shard(0, 1)` is the whole evaluation."""
 
     index: int = 0
     count: int = 1
+
+    @classmethod
+    def of_folder(cls, name):
+        """The `Shard` whose folder is called `name`, or None for another name."""
+        match = SHARD_FOLDER.fullmatch(name)
+        return cls(int(match[1]), int(match[2])) if match else None
 
     @classmethod
     def parse(cls, text):

@@ -22,7 +22,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 import stat
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 from sat_tf.atomic import PREFIX, write_json
+from sat_tf.examples import Shard
 
 MANIFEST = ".sat_tf_run.json"
 LOCK = ".sat_tf_run.lock"
@@ -72,7 +72,7 @@ def _hidden_ours(name):
 
 def _shard_folder(path):
     """A shard's folder of a sharded evaluation (`sat_tf.shards`), with its manifest."""
-    return re.fullmatch(r"shard-\d+-of-\d+", path.name) and (path / MANIFEST).is_file()
+    return Shard.of_folder(path.name) is not None and (path / MANIFEST).is_file()
 
 
 def check_ours(model_dir, flag="--model_dir"):

@@ -14,7 +14,7 @@ the examples as it reads them, and writes the reports and card entry of the whol
 """
 
 import dataclasses
-import re
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,6 @@ from sat_tf import evalstate, progress, rundir
 from sat_tf.examples import Shard
 
 STATE = "eval_state.npz"  # protocol "sat"; robustbench: robustbench_<leaderboard>_Linf_state.npz
-_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)")
 
 
 class ShardError(ValueError):
@@ -35,8 +34,8 @@ def folders(output):
     output = Path(output)
     if not output.is_dir():
         return []
-    found = [p for p in output.iterdir() if p.is_dir() and _FOLDER.fullmatch(p.name)]
-    return sorted(found, key=lambda p: tuple(int(v) for v in _FOLDER.fullmatch(p.name).groups()))
+    found = {p: Shard.of_folder(p.name) for p in output.iterdir() if p.is_dir()}
+    return sorted((p for p, s in found.items() if s), key=lambda p: astuple(found[p])[::-1])
 
 
 def state_file(folder):
@@ -167,20 +166,21 @@ class ShardStatus:
         return text + (f" ({self.holder})" if self.holder else "")
 
 
-def status(output, count=None):
-    """`ShardStatus`es of shards 0/N .. N-1/N in `output` (N from `count` or the folders)."""
+def status(shard_folders):
+    """`ShardStatus`es of shards 0/N .. N-1/N, from their folders (`folders`); N is the one
+    most folders name, and a shard without a folder is "missing"."""
     found = {}
-    for folder in folders(output):
-        index, n = (int(v) for v in _FOLDER.fullmatch(folder.name).groups())
-        found.setdefault(n, {})[index] = folder
-    if count is None:
-        if not found:
-            return []
-        count = max(found, key=lambda n: len(found[n]))
+    for folder in shard_folders:
+        shard = Shard.of_folder(Path(folder).name)
+        if shard is not None:
+            found.setdefault(shard.count, {})[shard.index] = Path(folder)
+    if not found:
+        return []
+    count = max(found, key=lambda n: len(found[n]))
     rows = []
     for index in range(count):
         shard = Shard(index, count)
-        folder = found.get(count, {}).get(index)
+        folder = found[count].get(index)
         path = None if folder is None else state_file(folder)
         if path is None:
             holder = rundir.holder(folder) if folder is not None else None

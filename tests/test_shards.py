@@ -110,7 +110,7 @@ def test_a_killed_shard_resumes_and_merges_to_the_same_result(
     with pytest.raises(KillError):
         run_shard(model, data, folders[1], "1/3")
     monkeypatch.undo()
-    rows = {str(r.shard): r for r in shards.status(tmp_path)}
+    rows = {str(r.shard): r for r in shards.status(shards.folders(tmp_path))}
     assert rows["1/3"].state == "stopped" and rows["0/3"].state == "done"
     assert rows["0/3"].done == 14 and rows["1/3"].expected == 13
     assert rows["1/3"].line().startswith("shard 1/3: stopped, 0 of 13 examples (and a chunk of 13")
