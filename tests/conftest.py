@@ -1,4 +1,10 @@
-"""Shared test setup: TensorFlow backend, quiet logs, fixed seeds, shared data location."""
+"""Shared test setup: the backend (TensorFlow unless KERAS_BACKEND says otherwise), quiet logs,
+fixed seeds, the shared data location.
+
+`make test` runs the whole suite under TensorFlow, then the modules marked `backends` again under
+JAX in .venv-jax, which has no TensorFlow: there a test that needs TensorFlow is marked
+`needs_tensorflow` (skipped with the reason) and `HAS_TENSORFLOW` is False.
+"""
 
 import os
 import pathlib
@@ -6,15 +12,29 @@ import pathlib
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib.util  # noqa: E402
+
+BACKEND = os.environ["KERAS_BACKEND"]
+HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+if BACKEND == "jax":
+    # Four virtual CPU devices, for keras.distribution.DataParallel tests; must precede JAX's
+    # initialisation. Computations without a distribution stay on the first.
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-# Two logical CPU devices, so MirroredStrategy tests can run on this 2-core machine. This must
-# happen before TensorFlow initialises its devices, hence at import time of conftest.
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
-)
+needs_tensorflow = pytest.mark.skipif(not HAS_TENSORFLOW, reason="needs TensorFlow")
+only_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow backend only")
+
+if HAS_TENSORFLOW:
+    import tensorflow as tf
+
+    # Two logical CPU devices, so MirroredStrategy tests can run on this 2-core machine. This
+    # must happen before TensorFlow initialises its devices, hence at import time of conftest.
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

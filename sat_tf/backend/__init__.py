@@ -1,0 +1,74 @@
+"""What `keras.ops` does not give, once per Keras backend: input gradients, compilation, and
+the stateful random draws of training.
+
+Everything else in sat_tf (activations, models, attacks, the adversarial model, the evaluation)
+is `keras.ops` code that runs on any backend; it reaches the backend only through the names
+here, so no attack is written twice. The module for the backend Keras runs
+(`keras.backend.backend()`) is picked when sat_tf is imported:
+
+  - `value_and_gradient(fn, x)`: `fn(x) -> (scalar, aux)`; returns `(scalar, aux, d scalar/d x)`
+    (TensorFlow: `tf.GradientTape`; JAX: `jax.value_and_grad(has_aux=True)`). Nests.
+  - `compiled(model, key, build, *args, jit_compile=False)`: `build(weakref.ref(model))`
+    compiled once per (model, key) (TensorFlow: `tf.function`, traced for any batch size; JAX:
+    `jax.jit`, reading the model's variables as arguments, so a compiled function always sees
+    the current weights).
+  - `uniform(shape, minval, maxval)`: stateful uniform draws, for training without a seed
+    (TensorFlow only: under JAX a compiled function cannot hold random state, and sat_tf's
+    training draws are keyed (`sat_tf.draws`) there).
+  - `replica()`: (index of this replica, replicas in sync): the examples a step sees are
+    numbered across replicas (TensorFlow: the `tf.distribute` replica context; JAX: one global
+    batch, (0, 1)).
+  - `to_numpy(x)`: a host NumPy array.
+
+TensorFlow itself (tf.data, TFRecords, SavedModel, TF1 checkpoints) is imported only where it
+is used, through `tensorflow(feature)`, which says what to install when it is missing.
+"""
+
+import importlib
+
+import keras
+
+SUPPORTED = ("tensorflow", "jax")
+NAME = keras.backend.backend()
+
+if NAME not in SUPPORTED:
+    raise ImportError(
+        f"sat_tf runs under the Keras backends {SUPPORTED}; KERAS_BACKEND is {NAME!r}. "
+        "Set KERAS_BACKEND=tensorflow (the default) or KERAS_BACKEND=jax."
+    )
+
+_impl = importlib.import_module(f"sat_tf.backend.{'tf' if NAME == 'tensorflow' else NAME}")
+value_and_gradient = _impl.value_and_gradient
+compiled = _impl.compiled
+uniform = _impl.uniform
+replica = _impl.replica
+
+
+def to_numpy(x):
+    """`x` (a backend tensor, array or Python number) as a NumPy array on the host."""
+    return keras.ops.convert_to_numpy(x)
+
+
+def tensorflow(feature):
+    """The `tensorflow` module, for `feature` (e.g. "TFRecord input"); ImportError in one line
+    saying what to install when it is missing."""
+    try:
+        return importlib.import_module("tensorflow")
+    except ImportError as error:
+        raise ImportError(
+            f"{feature} needs TensorFlow, which is not installed: pip install 'sat_tf[cpu]' "
+            "(or 'sat_tf[gpu]'). Training, attacks and evaluation on arrays run without it "
+            f"under KERAS_BACKEND=jax. ({error})"
+        ) from None
+
+
+__all__ = [
+    "NAME",
+    "SUPPORTED",
+    "compiled",
+    "replica",
+    "tensorflow",
+    "to_numpy",
+    "uniform",
+    "value_and_gradient",
+]
