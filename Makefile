@@ -3,11 +3,21 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The JAX backend suite runs in a venv without TensorFlow: proof that the core needs none.
+JAX_VENV := .venv-jax
+JAX_PY := $(JAX_VENV)/bin/python
+JAX_STAMP := $(JAX_VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
-export KERAS_BACKEND := tensorflow
-PYTEST_ARGS ?= -n 2 --durations=15
+# The Keras backend of `make demo` (and bench): `make demo BACKEND=jax` or `KERAS_BACKEND=jax make
+# demo`; TensorFlow by default. `make test` runs both backends whatever this says.
+BACKEND ?= $(or $(KERAS_BACKEND),tensorflow)
+export KERAS_BACKEND := $(BACKEND)
+# --dist worksteal: an idle worker takes queued tests from the other, so the run does not end
+# on one worker finishing a long file alone.
+PYTEST_ARGS ?= -n 2 --dist worksteal --durations=15
+JAX_PYTEST_ARGS ?= -n 2 --dist worksteal --durations=10
 
-.PHONY: help demo test lint format bench clean test-official
+.PHONY: help demo test test-jax lint format bench clean test-official
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -19,8 +29,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-demo: $(STAMP)  ## Set up, then train a ReLU model and its SAT twin on built-in data (no download).
-	$(PY) tools/demo.py
+# Each backend trains its own runs (the demo reuses finished runs of its folder).
+DEMO_RUNS := runs/demo$(if $(filter-out tensorflow,$(BACKEND)),-$(BACKEND))
+
+demo: $(STAMP)  ## Set up, then train a ReLU model and its SAT twin on built-in data (no download); BACKEND=jax for JAX.
+	$(PY) tools/demo.py --runs_dir=$(DEMO_RUNS)
 
 $(VENV)/.bench-installed: $(STAMP) requirements-bench.txt
 	$(PY) -m pip install -q -r requirements-bench.txt
@@ -46,10 +59,22 @@ test-official: $(OFFICIAL_VENV)/.installed  ## Rewrite tests/official/ from the 
 		--official_dir=$(SAT_OFFICIAL_DIR) --images=$(IMAGENETTE_VAL)
 	git diff --stat -- tests/official
 
-test: $(STAMP)  ## Set up, then run the linter and the test suite.
+$(JAX_STAMP): requirements-jax.txt pyproject.toml
+	test -x $(JAX_PY) || $(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_PY) -m pip install -q --upgrade pip
+	$(JAX_PY) -m pip install -q -r requirements-jax.txt
+	$(JAX_PY) -m pip install -q --no-deps -e .
+	touch $(JAX_STAMP)
+
+test: $(STAMP) $(JAX_STAMP)  ## Set up, then run the linter, the suite under TensorFlow, the backend suite under JAX.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-jax
+
+# pytest's exit status 5 (no test collected) fails this step like any other failure.
+test-jax: $(JAX_STAMP)  ## The tests marked `backends`, under JAX, without TensorFlow (.venv-jax).
+	KERAS_BACKEND=jax $(JAX_PY) -m pytest -m backends $(JAX_PYTEST_ARGS)
 
 lint: $(STAMP)  ## Lint only.
 	$(VENV)/bin/ruff check .
@@ -59,4 +84,4 @@ format: $(STAMP)  ## Reformat the code in place.
 	$(VENV)/bin/ruff check --fix .
 
 clean:  ## Remove the virtual environment and caches.
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(JAX_VENV) .pytest_cache .ruff_cache

@@ -8,7 +8,13 @@ layer alone on one big tensor, forward and forward+backward against ReLU, with t
 its traced graph. Ratios are by process CPU time (other jobs on a shared machine do not
 inflate it) with wall time beside.
 
-Run alone: python benchmarks/bench_activations.py [--repeats 5] [--skip-large].
+Under KERAS_BACKEND=jax it times instead what `sat_tf/fused.py` picks for JAX: each activation as
+a `jax.custom_vjp` (`sat_tf/fused_jax.py`) against the same formula as plain `keras.ops`
+differentiated by JAX (`unfused.py`), both under `jax.jit`: each layer alone (forward+backward on
+one big tensor) and a clean ResNet-20 train step (`jax_fusion`).
+
+Run alone: python benchmarks/bench_activations.py [--repeats 5] [--skip-large];
+KERAS_BACKEND=jax python benchmarks/bench_activations.py [--repeats 5].
 """
 
 import argparse
@@ -17,10 +23,11 @@ import sys
 
 import bench_overhead
 import common
+import keras
 import tensorflow as tf
 import unfused
 
-from sat_tf import activations
+from sat_tf import activations, models
 
 # Timed in the train step (the profile covers every name in unfused.ACTIVATIONS; the step
 # leaves out plain Softplus and ELU, whose fused kernels are the simplest, to keep runs short).
@@ -176,6 +183,83 @@ def activation_cost(args, cache):
     return {"steps": results, "profile": profile}, steps + "\n\n" + layers
 
 
+def _jax_layer_call(layer, x, upstream):
+    """A callable running the layer's forward and backward (`jax.vjp`) once, jitted."""
+    import jax
+
+    layer.build(x.shape)
+    variables = [v.value for v in layer.variables]
+
+    def fwd_bwd(values, x, upstream):
+        def f(x):
+            return layer.stateless_call(values, [], x)[0]
+
+        y, vjp = jax.vjp(f, x)
+        return y, vjp(upstream)[0]
+
+    step = jax.jit(fwd_bwd)
+    return lambda: [t.block_until_ready() for t in step(variables, x, upstream)]
+
+
+def _jax_train_step(activation, image_size, batch_size):
+    """A callable running one clean jitted train step (loss, weight gradients) of ResNet-20."""
+    import jax
+
+    keras.utils.set_random_seed(0)
+    model = models.build(
+        "resnet20", num_classes=10, activation=activation, input_shape=(image_size,) * 2 + (3,)
+    )
+    images, labels = common.synthetic_data(batch_size, image_size)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable, frozen, x, y):
+        logits, frozen = model.stateless_call(trainable, frozen, x, training=True)
+        return loss_fn(y, logits), frozen
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    return lambda: jax.block_until_ready(step(trainable, frozen, images, labels))
+
+
+def jax_fusion(args):
+    """Under JAX: custom_vjp (fused) vs plain keras.ops (unfused) per activation, CPU / ReLU."""
+    import jax
+
+    shape = tuple(args.jax_layer_shape)
+    keys = jax.random.split(jax.random.key(0))
+    x, upstream = (jax.random.normal(k, shape) for k in keys)
+    layers = {"relu": activations.get("relu")()}
+    steps = {"relu": _jax_train_step("relu", args.small_image_size, args.jax_batch_size)}
+    for name, chain in unfused.ACTIVATIONS.items():
+        layers[name], layers[f"{name} unfused"] = activations.get(name)(), chain()
+        for label, act in ((name, name), (f"{name} unfused", chain)):
+            steps[label] = _jax_train_step(act, args.small_image_size, args.jax_batch_size)
+    calls = {name: _jax_layer_call(layer, x, upstream) for name, layer in layers.items()}
+    t_layer = common.interleave(calls, repeats=args.repeats, calls=3)
+    t_step = common.interleave(steps, repeats=args.repeats, calls=3)
+    rows = []
+    for name in unfused.ACTIVATIONS:
+        cells = [name]
+        for times in (t_layer, t_step):
+            fused = common.ratio(times[name], times["relu"])[1]
+            chain = common.ratio(times[f"{name} unfused"], times["relu"])[1]
+            cells += [f"**{fused:.2f}x**", f"{chain:.2f}x"]
+        rows.append(cells)
+    header = (
+        "activation (JAX)",
+        f"layer fwd+bwd {'x'.join(map(str, shape))} / ReLU, custom_vjp, CPU",
+        "plain keras.ops",
+        f"ResNet-20 {args.small_image_size} px batch {args.jax_batch_size} clean step / ReLU, "
+        "custom_vjp, CPU",
+        "plain keras.ops",
+    )
+    relu = common.median_ms(t_layer["relu"])[1], common.median_ms(t_step["relu"])[1]
+    text = common.table(header, rows)
+    text += f"\n\nReLU: layer {relu[0]:.0f} ms CPU, step {relu[1]:.0f} ms CPU."
+    return {"layer": t_layer, "step": t_step}, text
+
+
 def add_arguments(parser):
     parser.add_argument(
         "--activation-batch-sizes",
@@ -191,6 +275,10 @@ def add_arguments(parser):
     parser.add_argument(
         "--profile-shape", type=int, nargs=4, default=(32, 32, 32, 64), help="B H W C"
     )
+    parser.add_argument(
+        "--jax-layer-shape", type=int, nargs=4, default=(64, 56, 56, 64), help="JAX: B H W C"
+    )
+    parser.add_argument("--jax-batch-size", type=int, default=32, help="JAX: ResNet-20 batch")
 
 
 def main():
@@ -200,6 +288,9 @@ def main():
     add_arguments(parser)
     args = parser.parse_args()
     print(common.machine_line() + "\n")
+    if keras.backend.backend() == "jax":
+        print(jax_fusion(args)[1])
+        return
     print(activation_cost(args, common.StepCache())[1])
 
 

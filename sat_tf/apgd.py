@@ -2,22 +2,24 @@
 
 Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
 parameter-free attacks", ICML 2020. The algorithm follows the paper and fra31/auto-attack's
-`autopgd_base.py`; the code is written for TF.
+`autopgd_base.py`; the code is `keras.ops`, for every Keras backend.
 
 Conventions as in `sat_tf.attacks`: functions of (model, images, labels, *, keyword-only
 hyperparameters); pixels in [clip_min, clip_max] (default [0, 255]), `epsilon` in the same units;
-the model is called with `training=False`; fixed seeds make every run reproducible; the result is
-`tf.stop_gradient(x_adv)`. Inner loops are `tf.function` graphs, traced once for any batch size
-(XLA only with `jit_compile=True`, for GPU/TPU: on CPU its convolutions measured 2.7x slower
-than TensorFlow's oneDNN kernels). Examples that are already
-misclassified leave the batch at every checkpoint and between restarts/target classes, so they
-are not recomputed.
+the model is called with `training=False`; fixed seeds make every run reproducible, with the same
+random starts on every backend (`sat_tf.draws`); the result is `keras.ops.stop_gradient(x_adv)`.
+Inner loops are compiled (`sat_tf.backend.compiled`): under TensorFlow `tf.function` graphs traced
+once for any batch size (XLA only with `jit_compile=True`, for GPU/TPU: on CPU its convolutions
+measured 2.7x slower than TensorFlow's oneDNN kernels), under JAX `jax.jit`, once per batch size.
+Examples that are already misclassified leave the batch at every checkpoint and between
+restarts/target classes, so they are not recomputed; that bookkeeping runs eagerly, on the host.
 """
 
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
-from sat_tf import attacks, draws
-from sat_tf.attacks import compiled, project
+from sat_tf import attacks, backend, draws
+from sat_tf.attacks import project
 
 
 def dlr_loss(logits, labels):
@@ -30,26 +32,26 @@ def dlr_loss(logits, labels):
     Returns:
         [B] loss, to be maximized; shift- and scale-invariant in the logits.
     """
-    logits = tf.cast(logits, tf.float32)
-    top = tf.math.top_k(logits, k=3).values
-    true = tf.gather(logits, labels, axis=1, batch_dims=1)
+    logits = ops.cast(logits, "float32")
+    top = ops.top_k(logits, k=3)[0]
+    true = _pick(logits, labels)
     other = _best_other(logits, labels)
     return -(true - other) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
 def targeted_dlr_loss(logits, labels, targets):
     """Targeted DLR, -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) (Croce & Hein, Eq. 7); K >= 4."""
-    logits = tf.cast(logits, tf.float32)
-    top = tf.math.top_k(logits, k=4).values
-    true = tf.gather(logits, labels, axis=1, batch_dims=1)
-    target = tf.gather(logits, targets, axis=1, batch_dims=1)
+    logits = ops.cast(logits, "float32")
+    top = ops.top_k(logits, k=4)[0]
+    true = _pick(logits, labels)
+    target = _pick(logits, targets)
     return -(true - target) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
 def margin(logits, labels):
     """z_y - max_{i!=y} z_i: positive while the example is classified correctly."""
-    logits = tf.cast(logits, tf.float32)
-    return tf.gather(logits, labels, axis=1, batch_dims=1) - _best_other(logits, labels)
+    logits = ops.cast(logits, "float32")
+    return _pick(logits, labels) - _best_other(logits, labels)
 
 
 def check_num_classes(num_classes, *, loss, targeted):
@@ -70,17 +72,24 @@ def check_num_classes(num_classes, *, loss, targeted):
         )
 
 
+def _pick(logits, labels):
+    """logits[b, labels[b]]."""
+    labels = ops.cast(ops.reshape(labels, (-1, 1)), "int32")
+    return ops.take_along_axis(logits, labels, axis=1)[:, 0]
+
+
 def _best_other(logits, labels):
-    mask = tf.one_hot(labels, tf.shape(logits)[1], on_value=-float("inf"), off_value=0.0)
-    return tf.reduce_max(logits + mask, axis=1)
+    mask = ops.where(ops.one_hot(labels, logits.shape[1]) > 0, -float("inf"), 0.0)
+    return ops.max(logits + mask, axis=1)
 
 
 def _loss(name, targeted, logits, labels, targets):
     if name == "dlr":
         return targeted_dlr_loss(logits, labels, targets) if targeted else dlr_loss(logits, labels)
-    cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits
-    logits = tf.cast(logits, tf.float32)
-    return -cross_entropy(targets, logits) if targeted else cross_entropy(labels, logits)
+    logits = ops.cast(logits, "float32")
+    if targeted:
+        return -ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+    return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
 def checkpoints(num_steps):
@@ -102,30 +111,36 @@ def checkpoints(num_steps):
 
 
 def _per_example(v, x):
-    return tf.reshape(v, [-1] + [1] * (len(x.shape) - 1))
+    return ops.reshape(v, (-1,) + (1,) * (len(x.shape) - 1))
+
+
+def _predicted(logits):
+    return ops.cast(ops.argmax(logits, axis=1), "int32")
 
 
 def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max, eot_iter, float16):
-    """(init, segment) of one APGD run; `model` is a `weakref.ref` (`attacks.compiled`)."""
+    """(init, segment) of one APGD run; `model` is a `weakref.ref` (`backend.compiled`)."""
     bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
 
     def one_pass(x, s):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            logits = tf.cast(model()(x, training=False), tf.float32)
+        def total(x):
+            logits = ops.cast(model()(x, training=False), "float32")
             if float16:
                 # Under float16 the input gradient of a confident model underflows; scale each
                 # example's loss by a power of two (exact to undo), as `attacks.input_gradient`.
-                with tf.GradientTape() as inner:
-                    inner.watch(logits)
-                    value = _loss(loss, targeted, logits, s["y"], s["target"])
-                scale = attacks.gradient_scale(inner.gradient(value, logits))
+                def summed(z):
+                    value = _loss(loss, targeted, z, s["y"], s["target"])
+                    return ops.sum(value), value
+
+                _, value, logit_gradient = backend.value_and_gradient(summed, logits)
+                scale = attacks.gradient_scale(logit_gradient)
             else:
                 value = _loss(loss, targeted, logits, s["y"], s["target"])
-                scale = tf.ones_like(value)
-            total = tf.reduce_sum(value * scale)
-        grad = tape.gradient(total, x) / _per_example(scale, x)
-        return value, grad, tf.argmax(logits, axis=1, output_type=tf.int32) != s["y"]
+                scale = ops.ones_like(value)
+            return ops.sum(value * scale), (value, scale, _predicted(logits) != s["y"])
+
+        _, (value, scale, fooled), grad = backend.value_and_gradient(total, x)
+        return value, grad / _per_example(scale, x), fooled
 
     def loss_grad(x, s):
         if eot_iter == 1:
@@ -138,14 +153,14 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max, eot_
             return i + 1, grad + g / float(eot_iter), value, fooled
 
         value, grad, fooled = one_pass(x, s)
-        _, grad, value, fooled = tf.while_loop(
+        _, grad, value, fooled = ops.while_loop(
             lambda i, *_: i < eot_iter, body, (1, grad / float(eot_iter), value, fooled)
         )
         return value, grad, fooled
 
     def init(s):
         value, grad, fooled = loss_grad(s["x_cur"], s)
-        zeros = tf.zeros_like(value)
+        zeros = ops.zeros_like(value)
         return dict(
             s,
             x_prev=s["x_cur"],
@@ -161,18 +176,18 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max, eot_
             step=zeros + 2.0 * epsilon,
             n_increase=zeros,
             best_at_check=value,
-            reduced_at_check=tf.ones_like(fooled),
+            reduced_at_check=ops.ones_like(fooled),
         )
 
     def iterate(k, s):
         x_cur, x = s["x_cur"], s["x"]
         # Momentum 0.75, none on the first step (official code: a = 1 at i = 0).
-        a = tf.where(k == 0, 1.0, 0.75)
-        z = project(x_cur + _per_example(s["step"], x) * tf.sign(s["grad"]), x, **bounds)
+        a = ops.where(k == 0, 1.0, 0.75)
+        z = project(x_cur + _per_example(s["step"], x) * ops.sign(s["grad"]), x, **bounds)
         x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - s["x_prev"]), x, **bounds)
         value, grad, fooled = loss_grad(x_new, s)
         better = value > s["loss_best"]
-        pick = lambda c, new, old: tf.where(_per_example(c, new), new, old)  # noqa: E731
+        pick = lambda c, new, old: ops.where(_per_example(c, new), new, old)  # noqa: E731
         return k + 1, dict(
             s,
             x_prev=x_cur,
@@ -181,28 +196,28 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max, eot_
             loss_cur=value,
             x_adv=pick(fooled, x_new, s["x_adv"]),
             fooled=s["fooled"] | fooled,
-            n_increase=s["n_increase"] + tf.cast(value > s["loss_cur"], tf.float32),
+            n_increase=s["n_increase"] + ops.cast(value > s["loss_cur"], "float32"),
             x_best=pick(better, x_new, s["x_best"]),
             grad_best=pick(better, grad, s["grad_best"]),
-            loss_best=tf.maximum(value, s["loss_best"]),
+            loss_best=ops.maximum(value, s["loss_best"]),
         )
 
     def segment(s, start, stop):
-        _, s = tf.while_loop(lambda k, _: k < stop, iterate, (start, s))
+        _, s = ops.while_loop(lambda k, _: k < stop, iterate, (start, s))
         # Halve the step where (1) at most rho of the window's steps raised the loss, or (2) the
         # step was not halved last time and the best loss has not improved since; restart from
         # x_best (autopgd_base.py: `t <= k * k3` and `loss_best_last_check >= loss_best`).
-        window = tf.cast(stop - tf.maximum(start, 0), tf.float32)
+        window = ops.cast(stop - ops.maximum(start, 0), "float32")
         halve = (s["n_increase"] <= rho * window) | (
             ~s["reduced_at_check"] & (s["loss_best"] <= s["best_at_check"])
         )
         back = _per_example(halve, s["x_cur"])
         return dict(
             s,
-            step=tf.where(halve, s["step"] / 2.0, s["step"]),
-            x_cur=tf.where(back, s["x_best"], s["x_cur"]),
-            grad=tf.where(back, s["grad_best"], s["grad"]),
-            n_increase=tf.zeros_like(s["step"]),
+            step=ops.where(halve, s["step"] / 2.0, s["step"]),
+            x_cur=ops.where(back, s["x_best"], s["x_cur"]),
+            grad=ops.where(back, s["grad_best"], s["grad"]),
+            n_increase=ops.zeros_like(s["step"]),
             best_at_check=s["loss_best"],
             reduced_at_check=halve,
         )
@@ -211,53 +226,57 @@ def _make_apgd_fns(model, loss, targeted, epsilon, rho, clip_min, clip_max, eot_
 
 
 def _apgd_single_run(model, x, y, target, x_start, *, num_steps, config, jit_compile):
-    """One APGD run on a batch; returns (fooled [B] bool, x_adv).
+    """One APGD run on a batch of NumPy arrays; returns (fooled [B] bool, x_adv), NumPy.
 
     x_adv is the first misclassified iterate where the attack succeeded and the highest-loss
-    iterate elsewhere. Fooled examples leave the batch at every checkpoint (early exit).
+    iterate elsewhere. Fooled examples leave the batch at every checkpoint (early exit). The
+    state waits on the host between segments: selecting the examples that stay is NumPy
+    indexing, exact, and compiles nothing for each new batch size.
     """
     key = ("apgd",) + tuple(sorted(config.items()))
-    index = tf.range(tf.shape(y)[0])
+    index = np.arange(len(y), dtype=np.int32)
     s = {"x": x, "y": y, "target": target, "x_cur": x_start, "index": index}
-    init = compiled(
+    init = backend.compiled(
         model,
         key + ("init",),
         lambda ref: _make_apgd_fns(ref, **config)[0],
         s,
         jit_compile=jit_compile,
     )
-    s = init(s)
-    segment = compiled(
+    s = _padded(init, s)
+    counter = lambda k: ops.convert_to_tensor(k, "int32")  # noqa: E731
+    segment = backend.compiled(
         model,
         key + ("segment",),
         lambda ref: _make_apgd_fns(ref, **config)[1],
         s,
-        tf.constant(0),
-        tf.constant(1),
+        counter(0),
+        counter(1),
         jit_compile=jit_compile,
     )
-    out_adv, out_fooled = s["x_best"], tf.zeros_like(s["fooled"])
+    out_adv, out_fooled = s["x_best"].copy(), np.zeros(len(y), bool)
     bounds = [0] + checkpoints(num_steps) + [num_steps]
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         done = s["fooled"]
-        out_adv = _scatter(out_adv, s["index"], s["x_adv"], done)
-        out_fooled = _scatter(out_fooled, s["index"], done, done)
-        s = {name: tf.boolean_mask(v, ~done) for name, v in s.items()}
-        if s["index"].shape[0] == 0:
+        out_adv[s["index"][done]] = s["x_adv"][done]
+        out_fooled[s["index"][done]] = True
+        s = {name: v[~done] for name, v in s.items()}
+        if len(s["index"]) == 0:
             return out_fooled, out_adv
-        s = segment(s, tf.constant(start), tf.constant(stop))
-    final = tf.where(_per_example(s["fooled"], s["x_adv"]), s["x_adv"], s["x_best"])
-    everyone = tf.ones_like(s["fooled"])
-    return _scatter(out_fooled, s["index"], s["fooled"], everyone), _scatter(
-        out_adv, s["index"], final, everyone
-    )
+        s = _padded(segment, s, counter(start), counter(stop))
+    final = np.where(s["fooled"].reshape((-1,) + (1,) * (x.ndim - 1)), s["x_adv"], s["x_best"])
+    out_fooled[s["index"]] = s["fooled"]
+    out_adv[s["index"]] = final
+    return out_fooled, out_adv
 
 
-def _scatter(out, index, values, where):
-    """out[index[where]] = values[where]."""
-    return tf.tensor_scatter_nd_update(
-        out, tf.boolean_mask(index, where)[:, None], tf.boolean_mask(values, where)
-    )
+def _padded(fn, s, *args):
+    """`fn(s, *args)` on the NumPy batch `s` padded to `backend.batch_bucket` rows (copies of its
+    last example; every example is attacked on its own), cut back to the batch, as NumPy."""
+    batch = len(s["x"])
+    rows = np.minimum(np.arange(backend.batch_bucket(batch)), batch - 1)
+    out = fn({name: v[rows] for name, v in s.items()}, *args)
+    return {name: backend.to_numpy(v)[:batch] for name, v in out.items()}
 
 
 def apgd(
@@ -318,14 +337,14 @@ def apgd(
     Returns:
         Adversarial images: the first misclassified iterate where the attack succeeded, the
         highest-loss iterate of the last run elsewhere (the clean image if the clean prediction was
-        already wrong); `tf.stop_gradient` applied.
+        already wrong); `keras.ops.stop_gradient` applied.
     """
     if loss not in ("ce", "dlr"):
         raise ValueError(f"loss must be 'ce' or 'dlr'. Received: loss={loss!r}")
     if not (isinstance(eot_iter, int) and eot_iter >= 1):
         raise ValueError(f"`eot_iter` must be an int >= 1. Received: eot_iter={eot_iter!r}")
-    x = tf.convert_to_tensor(images, tf.float32)
-    y = tf.cast(tf.convert_to_tensor(labels), tf.int32)
+    x = np.asarray(backend.to_numpy(images)).astype(np.float32)
+    y = np.asarray(backend.to_numpy(labels)).reshape(-1).astype(np.int32)
     config = dict(
         loss=loss,
         targeted=bool(targeted),
@@ -336,39 +355,47 @@ def apgd(
         eot_iter=eot_iter,
         float16=attacks.uses_float16(model),
     )
-    logits = tf.cast(model(x, training=False), tf.float32)
+    # Under JAX every new batch size compiles the eager ops below: pad the batch to the
+    # backend's bucket with copies of its last example (TensorFlow: no padding).
+    batch = len(x)
+    rows = np.minimum(np.arange(backend.batch_bucket(batch)), batch - 1)
+    ids = np.arange(batch) if ids is None else np.asarray(backend.to_numpy(ids)).reshape(-1)
+    x, y, ids = x[rows], y[rows], ids[rows]
+    x_tensor = ops.convert_to_tensor(x)
+    logits = backend.to_numpy(ops.cast(model(x_tensor, training=False), "float32"))
     check_num_classes(logits.shape[1], loss=loss, targeted=targeted)
-    fooled = tf.argmax(logits, axis=1, output_type=tf.int32) != y
-    ranking = tf.argsort(logits, axis=1, direction="DESCENDING", stable=True)
+    fooled = backend.to_numpy(_predicted(logits)) != y
+    # Targets: the classes ranked 2nd, 3rd, ... by the clean logits, ties in class order.
+    ranking = np.argsort(-logits, axis=1, kind="stable").astype(np.int32)
     ranks = [None]
     if targeted:
         ranks = range(1, attacks.target_classes(target_classes, logits.shape[1], who="APGD-T") + 1)
-    if ids is None:
-        ids = tf.range(tf.shape(y)[0], dtype=tf.int64)
     keys = draws.keys(seed, ids, "apgd")
-    adv, run = x, 0
+    bounds = dict(epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
+    adv, run = x.copy(), 0
     for rank in ranks:
         target = y if rank is None else ranking[:, rank]
         for _ in range(num_restarts):
-            active = tf.where(~fooled)[:, 0]
-            if active.shape[0] == 0:
-                return tf.stop_gradient(adv)
-            xa = tf.gather(x, active)
-            noise = 2.0 * draws.uniform(tf.gather(keys, active), xa.shape[1:], run) - 1.0
-            largest = tf.reduce_max(tf.abs(tf.reshape(noise, [tf.shape(xa)[0], -1])), axis=1)
+            active = np.flatnonzero(~fooled)
+            if len(active) == 0:
+                break
+            # Every example's start is drawn (an example draws the same numbers whatever else is
+            # in the batch), so these eager ops keep one shape per call.
+            noise = 2.0 * draws.uniform(keys, x.shape[1:], run) - 1.0
+            largest = ops.max(ops.abs(ops.reshape(noise, (len(x), -1))), axis=1)
             noise = epsilon * noise / (_per_example(largest, noise) + 1e-12)
-            start = project(xa + noise, xa, epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
+            start = backend.to_numpy(project(x_tensor + noise, x_tensor, **bounds))
             hit, adv_run = _apgd_single_run(
                 model,
-                xa,
-                tf.gather(y, active),
-                tf.gather(target, active),
-                start,
+                x[active],
+                y[active],
+                target[active],
+                start[active],
                 num_steps=num_steps,
                 config=config,
                 jit_compile=jit_compile,
             )
-            adv = tf.tensor_scatter_nd_update(adv, active[:, None], adv_run)
-            fooled = tf.tensor_scatter_nd_update(fooled, active[:, None], hit)
+            adv[active] = adv_run
+            fooled[active] = hit
             run += 1
-    return tf.stop_gradient(adv)
+    return ops.stop_gradient(ops.convert_to_tensor(adv[:batch]))

@@ -16,16 +16,19 @@ Conventions:
     confident model underflows and `sign` of a zero gradient goes nowhere, so the loss is
     scaled before the gradient is taken and unscaled after (the official code multiplies
     by 128; here each example gets its own power-of-two scale, see `input_gradient`).
+  * Everything is `keras.ops`, so one implementation runs on every Keras backend; input
+    gradients and compilation come from `sat_tf.backend`. `pgd` and `fgsm` also run inside a
+    compiled function (`backend.compiled`, a train step) for any batch size.
 """
 
 import warnings
-import weakref
 
 import keras
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
 from sat_tf import _keras_compat as compat
-from sat_tf import draws
+from sat_tf import activations, backend, draws
 
 # Largest per-example loss scale, 2**120: far beyond float16's range, finite in float32.
 _MAX_LOG2_SCALE = 120.0
@@ -37,56 +40,44 @@ def project(x_adv, images, *, epsilon, clip_min=0.0, clip_max=255.0):
     Both sets are boxes, so clipping to one then the other is the exact projection onto
     their intersection.
     """
-    x_adv = tf.clip_by_value(x_adv, images - epsilon, images + epsilon)
-    return tf.clip_by_value(x_adv, clip_min, clip_max)
-
-
-_COMPILED = weakref.WeakKeyDictionary()  # model -> {key: tf.function}
-
-
-def _any_batch(t):
-    t = tf.convert_to_tensor(t)
-    shape = [None, *t.shape[1:]] if t.shape.rank else []
-    return tf.TensorSpec(shape, t.dtype)
-
-
-def compiled(model, key, build, *args, jit_compile=False):
-    """`tf.function(build(model_ref))`, traced once per (model, key, jit_compile).
-
-    The one cache of compiled attack functions (APGD, Square, the evaluation's PGD/FGSM):
-    `key` holds every static argument. The first trace is made for `args` (example arguments:
-    nests of tensors, batch first) with the batch dimension unknown, so every later batch size
-    (an evaluation's last chunk, the examples an attack still has after a checkpoint) reuses
-    it. With `jit_compile=True` XLA compiles the graph, once per batch size it meets. The cache
-    is keyed weakly on the model, and `build` gets a `weakref.ref` to it, so a cached function
-    never keeps its model alive.
-    """
-    per_model = _COMPILED.setdefault(model, {})
-    key = (*key, jit_compile)
-    if key not in per_model:
-        fn = tf.function(build(weakref.ref(model)), jit_compile=jit_compile, reduce_retracing=True)
-        fn.get_concrete_function(*tf.nest.map_structure(_any_batch, args))
-        per_model[key] = fn
-    return per_model[key]
+    x_adv = ops.clip(x_adv, images - epsilon, images + epsilon)
+    return ops.clip(x_adv, clip_min, clip_max)
 
 
 def step(x_adv, gradient, *, step_size):
     """One signed-gradient ascent step of size `step_size` per pixel (L-inf steepest ascent)."""
-    return x_adv + step_size * tf.sign(gradient)
+    return x_adv + step_size * ops.sign(gradient)
 
 
 def per_example_loss(logits, labels):
     """Float32 softmax cross-entropy per example, for int class ids or one-hot labels."""
-    logits = tf.cast(logits, tf.float32)
-    labels = tf.convert_to_tensor(labels)
+    logits = ops.cast(logits, "float32")
+    labels = _labels(labels)
     if _is_one_hot(labels, logits):
-        return tf.nn.softmax_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits)
-    class_ids = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(class_ids, logits)
+        return ops.categorical_crossentropy(ops.cast(labels, "float32"), logits, from_logits=True)
+    return ops.sparse_categorical_crossentropy(_class_ids(labels), logits, from_logits=True)
+
+
+def _labels(labels):
+    """Labels as a tensor; int64 NumPy class ids become int32 on the host (JAX has no int64)."""
+    if isinstance(labels, np.ndarray | list | tuple):
+        labels = np.asarray(labels)
+        if labels.dtype.kind in "iu":
+            labels = labels.astype(np.int32)
+    return ops.convert_to_tensor(labels)
+
+
+def _class_ids(labels):
+    return ops.cast(ops.reshape(labels, (-1,)), "int32")
 
 
 def _is_one_hot(labels, logits):
-    return labels.shape.rank == logits.shape.rank and labels.shape[-1] == logits.shape[-1] != 1
+    return len(labels.shape) == len(logits.shape) and labels.shape[-1] == logits.shape[-1] != 1
+
+
+def _per_example(values, x):
+    """[B] `values` reshaped to broadcast against `x` [B, ...]."""
+    return ops.reshape(values, (-1,) + (1,) * (len(x.shape) - 1))
 
 
 def uses_float16(model):
@@ -118,35 +109,36 @@ def input_gradient(model, images, labels, *, loss_scale=None):
 
 
 def _scaled_input_gradient(model, images, labels, loss_scale):
-    images = tf.cast(images, tf.float32)
-    labels = tf.convert_to_tensor(labels)
-    with tf.GradientTape() as tape:
-        tape.watch(images)
-        logits = tf.cast(model(images, training=False), tf.float32)
+    images = ops.cast(images, "float32")
+    labels = _labels(labels)
+
+    def scaled_loss(images):
+        logits = ops.cast(model(images, training=False), "float32")
         losses = per_example_loss(logits, labels)
         scale = _loss_scale(model, logits, labels, loss_scale)
-        scaled = tf.reduce_sum(losses * scale)
-    gradient = tape.gradient(scaled, images)
-    scale = tf.reshape(scale, tf.concat([[-1], tf.ones([tf.rank(images) - 1], tf.int32)], 0))
-    return losses, gradient, scale
+        return ops.sum(losses * scale), (losses, scale)
+
+    _, (losses, scale), gradient = backend.value_and_gradient(scaled_loss, images)
+    return losses, gradient, _per_example(scale, images)
 
 
 def _loss_scale(model, logits, labels, loss_scale):
+    ones = ops.ones_like(logits[:, 0])
     if loss_scale is not None:
-        return tf.fill(tf.shape(logits)[:1], tf.cast(loss_scale, tf.float32))
+        return ones * ops.cast(loss_scale, "float32")
     if not uses_float16(model):
-        return tf.ones(tf.shape(logits)[:1], tf.float32)
+        return ones
     if _is_one_hot(labels, logits):
-        target = tf.cast(labels, tf.float32)
+        target = ops.cast(labels, "float32")
     else:
-        target = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), tf.shape(logits)[-1])
+        target = ops.one_hot(_class_ids(labels), logits.shape[-1])
     # d CE / d logits = softmax - target. For a confident model softmax - 1 at the target is
     # float32 rounding noise (~2**-24), so measure the off-target probabilities, which
     # exp(log_softmax) keeps accurate down to ~1e-38; soft labels have no such entries.
-    probs = tf.exp(tf.nn.log_softmax(logits))
-    off_target = tf.reduce_max(tf.where(target > 0, tf.zeros_like(probs), probs), axis=-1)
-    anywhere = tf.reduce_max(tf.abs(probs - target), axis=-1)
-    return _power_of_two_scale(tf.where(off_target > 0, off_target, anywhere))
+    probs = ops.exp(ops.log_softmax(logits))
+    off_target = ops.max(ops.where(target > 0, ops.zeros_like(probs), probs), axis=-1)
+    anywhere = ops.max(ops.abs(probs - target), axis=-1)
+    return _power_of_two_scale(ops.where(off_target > 0, off_target, anywhere))
 
 
 def gradient_scale(logit_gradient):
@@ -155,15 +147,13 @@ def gradient_scale(logit_gradient):
     The power of two (>= 1) that brings each example's largest |d loss / d logit| into [1, 2),
     as `input_gradient` picks for the cross-entropy; for any per-example loss (e.g. DLR).
     """
-    largest = tf.reduce_max(tf.abs(tf.cast(logit_gradient, tf.float32)), axis=-1)
+    largest = ops.max(ops.abs(ops.cast(logit_gradient, "float32")), axis=-1)
     return _power_of_two_scale(largest)
 
 
 def _power_of_two_scale(largest):
-    log2 = -tf.math.floor(
-        tf.math.log(tf.maximum(largest, 2.0**-_MAX_LOG2_SCALE)) / tf.math.log(2.0)
-    )
-    return tf.stop_gradient(tf.pow(2.0, tf.clip_by_value(log2, 0.0, _MAX_LOG2_SCALE)))
+    log2 = -ops.floor(ops.log(ops.maximum(largest, 2.0**-_MAX_LOG2_SCALE)) / ops.log(2.0))
+    return ops.stop_gradient(ops.power(2.0, ops.clip(log2, 0.0, _MAX_LOG2_SCALE)))
 
 
 _PROBABILITY_OUTPUTS = ("softmax", "sigmoid", "log_softmax")
@@ -208,13 +198,14 @@ _NOISE, _COIN = 0, 1
 
 
 def _uniform(images, minval, maxval, seed, ids, counter, *, per_pixel):
-    """Uniform in [minval, maxval), per pixel ([B, ...]) or per example ([B]): TensorFlow's
-    stateful draws without a seed, else keyed by (seed, each example's index `ids`)."""
+    """Uniform in [minval, maxval), per pixel ([B, ...]) or per example ([B]): the backend's
+    stateful draws without a seed (TensorFlow only), else keyed by (seed, each example's index
+    `ids`)."""
     if seed is None:
-        shape = tf.shape(images) if per_pixel else tf.shape(images)[:1]
-        return tf.random.uniform(shape, minval, maxval)
+        shape = ops.shape(images)  # the batch may be unknown inside a compiled function
+        return backend.uniform(shape if per_pixel else shape[:1], minval, maxval)
     if ids is None:
-        ids = tf.range(tf.shape(images)[0], dtype=tf.int64)
+        ids = ops.arange(ops.shape(images)[0], dtype="int32")
     keys = draws.keys(seed, ids, "pgd")
     u = draws.uniform(keys, images.shape[1:] if per_pixel else (), counter)
     return minval + (maxval - minval) * u
@@ -226,14 +217,14 @@ def uniform_start(images, *, epsilon, prob_start_from_clean=0.0, seed=None, ids=
 
     The official code draws that choice once per batch; it is drawn per example here, so
     every batch mixes both starts in the same proportion. With a `seed` both draws are keyed
-    by each example's index `ids` (default 0..B-1), see `pgd`.
+    by each example's index `ids` (default 0..B-1), see `pgd`; without one they are the
+    backend's stateful draws, which only TensorFlow has: under JAX pass a `seed`.
     """
-    images = tf.convert_to_tensor(images)
+    images = ops.convert_to_tensor(images)
     noise = _uniform(images, -epsilon, epsilon, seed, ids, _NOISE, per_pixel=True)
     if prob_start_from_clean > 0:
         coin = _uniform(images, 0.0, 1.0, seed, ids, _COIN, per_pixel=False)
-        mask_shape = tf.concat([[-1], tf.ones([tf.rank(images) - 1], tf.int32)], 0)
-        noise *= tf.reshape(tf.cast(coin >= prob_start_from_clean, noise.dtype), mask_shape)
+        noise = noise * _per_example(ops.cast(coin >= prob_start_from_clean, noise.dtype), noise)
     return images + noise
 
 
@@ -311,15 +302,16 @@ def pgd(
         clip_max: Largest valid pixel value.
         prob_start_from_clean: With `random_start`, the chance that an example starts
             from its clean image instead (the official SAT training uses 0.2).
-        seed: None for TensorFlow's stateful random ops (training), or an int / scalar int
-            tensor: the start is then keyed by (seed, example index), `sat_tf.draws`, so an
-            example starts at the same point in any batch, chunk or shard.
+        seed: None for TensorFlow's stateful random ops (training under TensorFlow; JAX has
+            none, so there a `random_start` needs a seed), or an int / scalar int tensor: the
+            start is then keyed by (seed, example index), `sat_tf.draws`, so an example starts
+            at the same point in any batch, chunk or shard, on any backend.
         ids: With a `seed`, [B] int indices of the examples in the whole evaluation; None
             numbers the batch 0..B-1.
         loss_scale: See `input_gradient`; None is right for float32 and float16 models.
 
     Returns:
-        `tf.stop_gradient` of the adversarial images, float32, within `epsilon` of
+        `keras.ops.stop_gradient` of the adversarial images, float32, within `epsilon` of
         `images` and within [clip_min, clip_max].
     """
     check_arguments(
@@ -331,8 +323,57 @@ def pgd(
         clip_max=clip_max,
     )
     require_logits(model, where="pgd")
-    images = tf.cast(images, tf.float32)
-    labels = tf.convert_to_tensor(labels)
+    config = dict(
+        epsilon=epsilon,
+        step_size=step_size,
+        num_steps=num_steps,
+        random_start=random_start,
+        targeted=targeted,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        prob_start_from_clean=prob_start_from_clean,
+        loss_scale=loss_scale,
+    )
+    # A Python seed stays a Python int (64 bits, split on the host by `sat_tf.draws`); a tensor
+    # seed is an argument. The smooth-gradient switch is read when the model is traced.
+    python_seed = seed is None or isinstance(seed, int | np.integer)
+    key = (
+        "pgd",
+        *sorted(config.items()),
+        seed if python_seed else "tensor",
+        ids is None,
+        activations.smooth_gradients_enabled(None),
+    )
+
+    def build(model_ref):
+        def run(images, labels, tensor_seed, ids):
+            seed_ = seed if python_seed else tensor_seed
+            return _pgd(model_ref(), images, labels, seed=seed_, ids=ids, **config)
+
+        return run
+
+    args = (ops.convert_to_tensor(images), _labels(labels), None if python_seed else seed, ids)
+    return backend.compiled_call(model, key, build, *args)
+
+
+def _pgd(
+    model,
+    images,
+    labels,
+    *,
+    epsilon,
+    step_size,
+    num_steps,
+    random_start,
+    targeted,
+    clip_min,
+    clip_max,
+    prob_start_from_clean,
+    seed,
+    ids,
+    loss_scale,
+):
+    images = ops.cast(images, "float32")
     bounds = {"epsilon": epsilon, "clip_min": clip_min, "clip_max": clip_max}
     x_adv = images
     if random_start:
@@ -352,13 +393,10 @@ def pgd(
     def body(i, x_adv):
         # The sign of the scaled gradient: positive per-example scales do not change it.
         _, gradient, _ = _scaled_input_gradient(model, x_adv, labels, loss_scale)
-        x_adv = project(step(x_adv, direction * gradient, step_size=step_size), images, **bounds)
-        return i + 1, x_adv
+        return project(step(x_adv, direction * gradient, step_size=step_size), images, **bounds)
 
-    _, x_adv = tf.while_loop(
-        lambda i, _: i < num_steps, body, (tf.constant(0), x_adv), parallel_iterations=1
-    )
-    return tf.stop_gradient(x_adv)
+    x_adv = ops.fori_loop(0, num_steps, body, x_adv)
+    return ops.stop_gradient(x_adv)
 
 
 def fgsm(
@@ -383,7 +421,6 @@ def fgsm(
 
 __all__ = [
     "check_arguments",
-    "compiled",
     "fgsm",
     "gradient_scale",
     "input_gradient",

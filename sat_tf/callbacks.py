@@ -1,9 +1,12 @@
 """Training callbacks: resumable checkpoints, loud numeric faults, clean stops, adversarial images.
 
-Checkpoints are TensorFlow object checkpoints of the model and optimizer (weights, slots and the
-iteration counter, so learning-rate schedules resume on the same curve). Its CheckpointManager
-writes the data files first and the `checkpoint` index last, by rename: a run killed while writing
-leaves the previous checkpoint as the latest one, never a half-written file that looks whole.
+Checkpoints hold the model and optimizer (weights, slots and the iteration counter, so
+learning-rate schedules resume on the same curve). Under TensorFlow they are TensorFlow object
+checkpoints, whose CheckpointManager writes the data files first and the `checkpoint` index last,
+by rename; under JAX they are Keras weights files (`ckpt-<step>.weights.h5`, model and optimizer
+variables), each written under a temporary name and renamed, then named in the same `checkpoint`
+index. Either way a run killed while writing leaves the previous checkpoint as the latest one,
+never a half-written file that looks whole. A run resumes on the backend that wrote it.
 """
 
 import contextlib
@@ -15,10 +18,9 @@ import signal
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from sat_tf import rundir
-from sat_tf.atomic import write_json
+from sat_tf import backend, rundir
+from sat_tf.atomic import atomic_path, atomic_write, write_json
 
 SIGNATURE = "model_signature.json"  # beside the checkpoints: what they fit (model_signature)
 INDEX = "checkpoint"  # TensorFlow's index of the checkpoints: names the latest one
@@ -27,7 +29,7 @@ MAX_INDEX_BYTES = 2**20  # a real index is a few hundred bytes; TensorFlow reads
 
 def global_step(model):
     """The optimizer's iteration count as an int (also for distributed variables)."""
-    return int(model.optimizer.iterations.value.numpy())
+    return int(backend.to_numpy(model.optimizer.iterations.value))
 
 
 def model_signature(model):
@@ -92,13 +94,71 @@ def _read_small(path, fix, *, limit=rundir.MAX_JSON_BYTES, parse=True):
         raise ValueError(f"{path} {error}. {fix}") from None
 
 
-def _numbered(directory):
-    """The `ckpt-<step>` names of the checkpoints in `directory`, newest first."""
+def _numbered(directory, suffix):
+    """The names (`ckpt-<step>` + `suffix` without ".index") of the checkpoints in
+    `directory`, newest first."""
     steps = []
-    for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.index")):
-        found = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(path))
+    for path in glob.glob(os.path.join(glob.escape(directory), f"ckpt-*{suffix}")):
+        found = re.fullmatch(rf"ckpt-(\d+){re.escape(suffix)}", os.path.basename(path))
         steps += [int(found.group(1))] if found else []
-    return [f"ckpt-{step}" for step in sorted(steps, reverse=True)]
+    name = suffix if suffix != ".index" else ""
+    return [f"ckpt-{step}{name}" for step in sorted(steps, reverse=True)]
+
+
+class _TensorFlowStore:
+    """TensorFlow object checkpoints of the model and optimizer (TensorFlow backend)."""
+
+    SUFFIX = ".index"
+
+    def __init__(self, model, directory, max_to_keep):
+        tf = backend.tensorflow("TensorFlow checkpoints")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        self._manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
+        self.errors = (OSError, tf.errors.OpError)
+
+    @property
+    def latest(self):
+        return self._manager.latest_checkpoint
+
+    def restore(self, path):
+        self._manager.checkpoint.restore(path).assert_existing_objects_matched()
+
+    def save(self, step):
+        self._manager.save(checkpoint_number=step)
+
+
+class _KerasStore:
+    """Keras weights files of the model and optimizer (`model.save_weights`), with the same
+    `checkpoint` index as TensorFlow's, for backends whose variables TensorFlow cannot track."""
+
+    SUFFIX = ".weights.h5"
+
+    def __init__(self, model, directory, max_to_keep):
+        self._keras_model, self._directory, self._max_to_keep = model, directory, max_to_keep
+        self.errors = (OSError,)
+
+    @property
+    def latest(self):
+        try:
+            text = rundir.read_small(os.path.join(self._directory, INDEX), MAX_INDEX_BYTES)
+        except FileNotFoundError:
+            return None
+        found = re.search(
+            r'^model_checkpoint_path: "([^"/]+)"$', text.decode(errors="replace"), re.M
+        )
+        path = found and os.path.join(self._directory, found.group(1))
+        return path if path and os.path.isfile(path) else None
+
+    def restore(self, path):
+        self._keras_model.load_weights(path)
+
+    def save(self, step):
+        name = f"ckpt-{step}{self.SUFFIX}"
+        with atomic_path(os.path.join(self._directory, name)) as partial:
+            self._keras_model.save_weights(partial)
+        atomic_write(os.path.join(self._directory, INDEX), f'model_checkpoint_path: "{name}"\n')
+        for old in _numbered(self._directory, self.SUFFIX)[self._max_to_keep :]:
+            os.remove(os.path.join(self._directory, old))
 
 
 class CheckpointWriteError(Exception):
@@ -136,12 +196,9 @@ class Checkpointer(keras.callbacks.Callback):
 
     def _get_manager(self):
         if self._manager is None:
-            optimizer = self.model.optimizer
-            optimizer.build(self.model.trainable_variables)
-            checkpoint = tf.train.Checkpoint(model=self.model, optimizer=optimizer)
-            self._manager = tf.train.CheckpointManager(
-                checkpoint, self.directory, max_to_keep=self.max_to_keep
-            )
+            self.model.optimizer.build(self.model.trainable_variables)
+            store = _TensorFlowStore if backend.NAME == "tensorflow" else _KerasStore
+            self._manager = store(self.model, self.directory, self.max_to_keep)
         return self._manager
 
     def restore(self, model):
@@ -156,8 +213,8 @@ class Checkpointer(keras.callbacks.Callback):
         index = os.path.join(self.directory, INDEX)
         _read_small(index, fix, limit=MAX_INDEX_BYTES, parse=False)  # before TensorFlow reads it
         manager = self._get_manager()
-        latest = manager.latest_checkpoint
-        found = _numbered(self.directory)
+        latest = manager.latest
+        found = _numbered(self.directory, manager.SUFFIX)
         if latest is None and found:  # TensorFlow would start from step 0 and save over them
             raise ValueError(
                 f"{index} is missing or damaged, but {self.directory} holds {found[0]} (the "
@@ -175,10 +232,10 @@ class Checkpointer(keras.callbacks.Callback):
             difference = _signature_difference(saved, model_signature(model))
             if difference:
                 raise ValueError(f"{latest} was written by another model: {difference}. {fix}")
-        # TensorFlow's own checks, which stop at the first error: the only check of checkpoints
-        # written without a signature file.
+        # TensorFlow's (or Keras's) own checks, which stop at the first error: the only check
+        # of checkpoints written without a signature file.
         try:
-            manager.checkpoint.restore(latest).assert_existing_objects_matched()
+            manager.restore(latest)
         except (ValueError, AssertionError) as error:
             raise ValueError(
                 f"{latest} does not fit this model ({str(error).splitlines()[0]}). {fix}"
@@ -198,12 +255,12 @@ class Checkpointer(keras.callbacks.Callback):
                     signature = model_signature(self.model)
                     write_json(os.path.join(self.directory, SIGNATURE), signature)
                     self._signed = True
-                manager.save(checkpoint_number=step)
-            except (OSError, tf.errors.OpError) as error:
-                kept = manager.latest_checkpoint or "no checkpoint yet"
+                manager.save(step)
+            except manager.errors as error:
+                kept = manager.latest or "no checkpoint yet"
                 raise CheckpointWriteError(step, self.directory, kept, error) from None
             self._last_saved = step
-        return manager.latest_checkpoint
+        return manager.latest
 
     def on_train_batch_end(self, batch, logs=None):
         step = global_step(self.model)
@@ -300,7 +357,8 @@ class AdversarialImages(keras.callbacks.Callback):
 
     def __init__(self, log_dir, images, labels):
         super().__init__()
-        self.writer = tf.summary.create_file_writer(str(log_dir))
+        self.log_dir = str(log_dir)
+        self.writer = None  # tf.summary's, made at the first epoch end (TensorFlow needed there)
         self.images, self.labels = images, labels
 
     def adversarial(self):
@@ -308,11 +366,14 @@ class AdversarialImages(keras.callbacks.Callback):
         return self.model.adversarial_examples(self.images, self.labels, training=False)
 
     def on_epoch_end(self, epoch, logs=None):
-        adv = self.adversarial()
+        summary = backend.tensorflow("TensorBoard images").summary
+        if self.writer is None:
+            self.writer = summary.create_file_writer(self.log_dir)
+        adv = backend.to_numpy(self.adversarial())
         delta = np.asarray(adv) - np.asarray(self.images)
         scale = max(float(np.abs(delta).max()), 1e-6)
         with self.writer.as_default(step=epoch):
-            tf.summary.image("clean", np.asarray(self.images) / 255.0, max_outputs=4)
-            tf.summary.image("adversarial", np.asarray(adv) / 255.0, max_outputs=4)
-            tf.summary.image("perturbation", 0.5 + 0.5 * delta / scale, max_outputs=4)
+            summary.image("clean", np.asarray(self.images) / 255.0, max_outputs=4)
+            summary.image("adversarial", np.asarray(adv) / 255.0, max_outputs=4)
+            summary.image("perturbation", 0.5 + 0.5 * delta / scale, max_outputs=4)
         self.writer.flush()

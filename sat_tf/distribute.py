@@ -1,4 +1,17 @@
-"""Distribution strategies and a custom training loop that works under all of them.
+"""Distribution strategies (TensorFlow) or `keras.distribution` (JAX), and a custom training loop
+that works under every TensorFlow strategy.
+
+Under JAX, `get_strategy` returns a `KerasDistribution`: `keras.distribution.DataParallel` behind
+the two members of a strategy that `sat_tf.training` uses (`scope()`, `num_replicas_in_sync`).
+"mirrored" replicates the model on every local device (GPUs, TPU cores; or the CPU devices of
+XLA_FLAGS=--xla_force_host_platform_device_count=N) and splits each global batch between them;
+BatchNorm and the loss see the global batch, so the step equals the one-device step
+(tests/test_jax_training.py). "multi_worker" first calls `keras.distribution.initialize()`, which
+starts `jax.distributed` from KERAS_DISTRIBUTION_JOB_ADDRESSES (the coordinator's host:port
+first), KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID, then spreads the
+batch over the devices of all processes; every process runs the same command (on Cloud TPU pods
+the variables may be left unset: JAX finds the pod itself). The multi-process path was not run
+here (one machine, no second host).
 
 `keras.Model.fit` works with the default strategy and `MirroredStrategy`, but in Keras
 3.15 it fails under `MultiWorkerMirroredStrategy` (a PerReplica reduction error when it
@@ -18,13 +31,48 @@ Typical use::
     train(model, dataset_fn, strategy=strategy, epochs=90, steps_per_epoch=5000)
 """
 
+import contextlib
 import socket
 
 import keras
-import tensorflow as tf
 
 from sat_tf import _keras_compat as compat
+from sat_tf import backend
 from sat_tf.options import STRATEGIES
+
+
+class KerasDistribution:
+    """A `keras.distribution.Distribution` (or None: one device) with the strategy members
+    `sat_tf.training` uses.
+
+    Attributes:
+        distribution: The `keras.distribution.DataParallel`, or None.
+        num_replicas_in_sync: The devices a global batch is split between.
+    """
+
+    def __init__(self, distribution=None):
+        self.distribution = distribution
+        devices = distribution.device_mesh.devices if distribution is not None else [None]
+        self.num_replicas_in_sync = int(getattr(devices, "size", len(devices)))
+
+    def scope(self):
+        """Variables created and `fit` run inside are laid out by the distribution."""
+        if self.distribution is None:
+            return contextlib.nullcontext()
+        return self.distribution.scope()
+
+
+def _keras_distribution(name):
+    if name == "tpu":
+        raise ValueError(
+            "--strategy=tpu is TensorFlow's TPUStrategy; under KERAS_BACKEND=jax use "
+            "--strategy=mirrored (all local TPU cores) or multi_worker (a pod)."
+        )
+    if name == "default":
+        return KerasDistribution()
+    if name == "multi_worker":
+        keras.distribution.initialize()
+    return KerasDistribution(keras.distribution.DataParallel())
 
 
 def local_hosts(count):
@@ -40,7 +88,7 @@ def local_hosts(count):
 
 
 def get_strategy(name, tpu=None):
-    """Returns the `tf.distribute.Strategy` called `name`.
+    """Returns the `tf.distribute.Strategy` called `name` (under JAX: a `KerasDistribution`).
 
     Args:
         name: "default" (the current/no-op strategy), "mirrored" (all local GPUs, or the
@@ -52,7 +100,7 @@ def get_strategy(name, tpu=None):
             which has no TPU, so it is kept to exactly that.
 
     Raises:
-        ValueError: For an unknown name, or `tpu` given with another strategy.
+        ValueError: For an unknown name, or `tpu` given with another strategy (or under JAX).
     """
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}. Valid names: {', '.join(STRATEGIES)}.")
@@ -60,6 +108,9 @@ def get_strategy(name, tpu=None):
         raise ValueError(
             f"`tpu` is only used with name='tpu'. Received: name={name!r}, tpu={tpu!r}"
         )
+    if backend.NAME == "jax":
+        return _keras_distribution(name)
+    tf = backend.tensorflow("tf.distribute strategies")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -81,6 +132,7 @@ def _logs(model):
 def build_variables(model, strategy, dataset_fn):
     """Creates the model's metric and optimizer variables before any replica context,
     as Keras's fit does, from the dataset's element spec."""
+    tf = backend.tensorflow("sat_tf.distribute.train")
     element_spec = dataset_fn(tf.distribute.InputContext()).element_spec
     with strategy.scope():
         compat.symbolic_build(model, element_spec)
@@ -90,6 +142,7 @@ def make_step(model, strategy, validation=False):
     """`run(iterator) -> logs`: one `strategy.run` of the model's train (or test) step, compiled;
     the logs are read in cross-replica context."""
     step = model.test_step if validation else model.train_step
+    tf = backend.tensorflow("sat_tf.distribute.train")
 
     @tf.function
     def run(iterator):
@@ -121,7 +174,8 @@ def train(
     initial_epoch=0,
     verbose=0,
 ):
-    """Trains `model` with its own `train_step` under `strategy`; works for every strategy.
+    """Trains `model` with its own `train_step` under `strategy`; works for every strategy
+    (TensorFlow only: under JAX `fit` runs under `keras.distribution`).
 
     The model must be created and compiled under `strategy.scope()`.
 

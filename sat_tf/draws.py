@@ -35,9 +35,16 @@ _START, _COUNTER, _POSITION = 0x9E3779B9, 0x6A09E667, 0xBB67AE85
 
 
 def _u32(value):
-    """A uint32 tensor: Python ints modulo 2**32, integer tensors truncated to their low word."""
+    """A uint32 tensor: Python ints and NumPy integers modulo 2**32 (on the host, so 64-bit
+    values work where the backend has no int64, as JAX by default), integer tensors truncated
+    to their low word (two's complement)."""
     if isinstance(value, int | np.integer):
         return keras.ops.convert_to_tensor(int(value) & _WORD, "uint32")
+    if isinstance(value, np.ndarray | list | tuple):
+        value = np.asarray(value)
+        if value.dtype.kind not in "iu":
+            raise ValueError(f"Expected integers. Received: dtype={value.dtype}")
+        return keras.ops.convert_to_tensor((value.astype(np.int64) & _WORD).astype(np.uint32))
     return keras.ops.cast(value, "uint32")
 
 
@@ -62,18 +69,25 @@ def _seed_words(seed):
         if not -(2**63) <= seed < 2**64:
             raise ValueError(f"A seed must fit in 64 bits. Received: seed={seed}")
         return _u32(seed), _u32(seed >> 32)
-    seed = keras.ops.cast(seed, "int64")
+    seed = keras.ops.convert_to_tensor(seed)
     if len(seed.shape) != 0:
         raise ValueError(f"A seed tensor must be a scalar. Received: shape={tuple(seed.shape)}")
-    return _u32(seed), _u32(keras.ops.right_shift(seed, keras.ops.convert_to_tensor(32, "int64")))
+    dtype = keras.backend.standardize_dtype(seed.dtype)
+    if dtype == "int64":
+        return _u32(seed), _u32(keras.ops.right_shift(seed, keras.ops.convert_to_tensor(32, dtype)))
+    # A narrower seed (JAX has no int64: seeds arrive as int32) is sign-extended to 64 bits.
+    high = keras.ops.where(seed < 0, _u32(_WORD), _u32(0)) if dtype.startswith("int") else _u32(0)
+    return _u32(seed), high
 
 
 def keys(seed, ids, stream):
     """Per-example keys: a hash of (stream, seed, example index).
 
     Args:
-        seed: An int (64 bits; negative ones as two's complement) or a scalar integer tensor.
-        ids: [B] int indices of the examples in the whole evaluation (below 2**32).
+        seed: An int (64 bits; negative ones as two's complement) or a scalar integer tensor
+            (int32 ones, as under JAX, are sign-extended: -1 and 2**64 - 1 are one seed).
+        ids: [B] int indices of the examples in the whole evaluation (below 2**32), a tensor
+            or a NumPy array (int64 ones are reduced modulo 2**32 on the host).
         stream: A name of `STREAMS`: the attack drawing.
 
     Returns:
@@ -85,7 +99,7 @@ def keys(seed, ids, stream):
     low, high = _seed_words(seed)
     h = _absorb(_u32(_START), _u32(STREAMS[stream]))
     h = _absorb(_absorb(h, low), high)
-    return _absorb(h, _u32(keras.ops.cast(ids, "int64")))
+    return _absorb(h, _u32(ids))
 
 
 def uniform(keys, shape, counter):
@@ -98,8 +112,8 @@ def uniform(keys, shape, counter):
     Args:
         keys: [B] uint32 keys (`keys`).
         shape: The static per-example shape, e.g. (H, W, C) or () for one number each.
-        counter: Which draw: an int in [0, 2**32) or an integer scalar tensor (a `tf.while_loop`
-            variable works).
+        counter: Which draw: an int in [0, 2**32) or an integer scalar tensor (a loop variable
+            of `keras.ops.while_loop` or `fori_loop` works).
 
     Returns:
         [B, *shape] float32: the high 24 bits of each hash times 2**-24 (exact in float32).

@@ -21,9 +21,7 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-import tensorflow as tf
-
-from sat_tf import atomic, card, data, evalstate, options, rundir, saving, shards
+from sat_tf import atomic, card, evalstate, options, rundir, saving, shards
 from sat_tf.config import EvalConfig, TrainConfig
 from sat_tf.examples import Shard
 
@@ -249,6 +247,7 @@ def _resolve(config):
 
 
 def _evaluate(config, target, command):
+    _data()  # every --dataset is a tf.data pipeline: one line when TensorFlow is missing
     from sat_tf import training
 
     training.seed_everything(config.seed, deterministic=config.deterministic)
@@ -303,6 +302,7 @@ def _sat(config, target, model, surrogate, command):
         step_size = target.run.eval_step_size if target.run else 1.0
     spec = target.data_spec(config)
     image_size = _image_size(config, target, model)
+    data = _data()
     try:
         loaded = data.load(
             spec,
@@ -337,7 +337,7 @@ def _sat(config, target, model, surrogate, command):
             discard_state=config.discard_state,
             settings={"deterministic": config.deterministic},
         )
-    except tf.errors.InvalidArgumentError as error:  # a bad record, named by sat_tf.data
+    except preflight.bad_record_errors() as error:  # a bad record, named by sat_tf.data
         problem = preflight.data_problem(error)
         if problem is None:
             raise
@@ -450,6 +450,16 @@ def _robustbench(config, target, model, name, command):
     return entry
 
 
+def _data():
+    """`sat_tf.data` (the tf.data pipelines every --dataset goes through); EvalError in one line
+    saying what to install when TensorFlow is missing."""
+    try:
+        from sat_tf import data
+    except ImportError as error:
+        raise EvalError(str(error)) from None
+    return data
+
+
 def _image_size(config, target, model, default=None):
     """The evaluation resolution: --image_size, the run's, or `default`; it must be the one the
     model takes when its input has a fixed size."""
@@ -467,6 +477,8 @@ def _image_size(config, target, model, default=None):
 def _robustbench_data(config, target, protocol, model):
     """`(images, labels, source)`: the protocol's first --num_examples examples, in its order."""
     from sat_tf import evaluation
+
+    data = _data()  # first: one line when TensorFlow is missing
     from sat_tf.data import robustbench_data
 
     spec = target.data_spec(config)
@@ -495,6 +507,7 @@ def _robustbench_data(config, target, protocol, model):
 
 def _robustbench_imagenet(config, target, spec, n, image_size):
     """RobustBench's ImageNet subset (the first n of --robustbench_ids) from tfrecord:/folder:."""
+    data = _data()
     from sat_tf.data import robustbench_data
 
     if not config.robustbench_ids:

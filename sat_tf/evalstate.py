@@ -26,6 +26,7 @@ import json
 import math
 import zipfile
 
+import keras
 import numpy as np
 
 from sat_tf import atomic
@@ -68,6 +69,7 @@ _PARTS = {
     "seed": "the seed",
     "batch_size": "the batch size",
     "surrogate": "the surrogate model's weights",
+    "backend": "the Keras backend",
 }
 
 
@@ -79,7 +81,7 @@ def weights_digest(model):
     """sha256 over every weight's path, shape, dtype and bytes, in the model's order."""
     digest = hashlib.sha256()
     for weight in model.weights:
-        value = np.ascontiguousarray(weight.numpy())
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
         digest.update(f"{weight.path}:{value.shape}:{value.dtype};".encode())
         digest.update(value.tobytes())
     return "sha256 " + digest.hexdigest()[:16]

@@ -1,10 +1,10 @@
 """The examples of an evaluation, read in order, a chunk at a time, one shard's part only.
 
-An evaluation never holds its whole split: `Examples.chunks` reads arrays or a tf.data dataset
-in order and hands out chunks of `chunk_size` examples, each with the examples' `ids`, their
-positions in the whole evaluation (0, 1, 2, ... in reading order, up to `num_examples`). Every
-pass of every attack runs on a chunk before the next one is read (`sat_tf.jobs.run`), so memory
-is bounded by the chunk and the batch, not by the split.
+An evaluation never holds its whole split: `Examples.chunks` reads arrays, a tf.data dataset or
+an iterable of batches in order and hands out chunks of `chunk_size` examples, each with the
+examples' `ids`, their positions in the whole evaluation (0, 1, 2, ... in reading order, up to
+`num_examples`). Every pass of every attack runs on a chunk before the next one is read
+(`sat_tf.jobs.run`), so memory is bounded by the chunk and the batch, not by the split.
 
 A shard `I/N` keeps the examples whose id is I modulo N: N processes (one per device, or one per
 machine) with the same flags and shards 0/N .. N-1/N attack every example once between them, and
@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import re
 
+import keras
 import numpy as np
 
 # A dataset is read and attacked this many batches at a time (`Examples.default_chunk_size`):
@@ -100,8 +101,10 @@ class Examples:
     """Where an evaluation reads its examples from.
 
     Args:
-        data: (images, labels) arrays (labels may be one-hot), or a tf.data.Dataset of
-            (images, labels), batched or not.
+        data: (images, labels) arrays (labels may be one-hot), a tf.data.Dataset of
+            (images, labels), batched or not, or another iterable of (images, labels) batches
+            (arrays or tensors), not a tuple or list (those are the arrays) and iterated afresh
+            for each read (so not a one-shot generator): a loader without TensorFlow.
         num_examples: Read only the first N examples (None: all).
         shard: A `Shard` (or "I/N"): keep only the examples whose id is I modulo N.
     """
@@ -136,8 +139,9 @@ class Examples:
             for i in range(0, len(labels), step):
                 yield np.asarray(images[i : i + step]), np.asarray(labels[i : i + step])
             return
-        for x, y in self.data.as_numpy_iterator():
-            x, y = np.asarray(x), np.asarray(y)
+        data = self.data
+        for x, y in data.as_numpy_iterator() if hasattr(data, "as_numpy_iterator") else data:
+            x, y = keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y)
             if y.ndim == 0 or (y.ndim == 1 and x.ndim == 3):  # an unbatched dataset
                 x, y = x[None], y[None]
             yield x, y

@@ -12,28 +12,36 @@ gets an error, not a confident wrong class) and clips the small overshoot of bic
 [0, 255], the domain the model was trained on; `serving_bytes` names each image it cannot decode.
 The export is written under a temporary name and renamed to `<export_dir>/<version>` when
 complete: TF Serving (which watches numeric sub-directories) never loads a half-written model.
+
+A SavedModel is TensorFlow's format, so exporting needs TensorFlow under any Keras backend. Under
+JAX the model's forward pass is converted with jax2tf, as Keras's own `ExportArchive` does (its
+StableHLO is embedded for the CPU and CUDA platforms), and the two signatures around it are the
+same TensorFlow code as under the TensorFlow backend.
 """
 
 import json
 from pathlib import Path
 
 import keras
-import tensorflow as tf
+import numpy as np
 
-from sat_tf import data, rundir
+from sat_tf import backend, rundir
 from sat_tf.atomic import atomic_path
+
+tf = backend.tensorflow("SavedModel export (sat_tf.export)")
+
+from sat_tf import data  # noqa: E402  (tf.data preprocessing of serving_bytes)
 
 # Pixels within this distance outside [0, 255] are clipped (resampling overshoot); further out
 # the request is refused: the values are not [0, 255] pixels.
 PIXEL_TOLERANCE = 1.0
 
 
-def _outputs(model, images, top_k):
+def _outputs(logits_of, num_classes, images, top_k):
     # An empty batch trips some layers (BatchNorm broadcasting); answer it without the model.
-    num_classes = int(model.output_shape[-1])
     logits = tf.cond(
         tf.shape(images)[0] > 0,
-        lambda: tf.cast(model(images, training=False), tf.float32),
+        lambda: logits_of(images),
         lambda: tf.zeros([0, num_classes], tf.float32),
     )
     probabilities = tf.nn.softmax(logits)
@@ -71,10 +79,12 @@ def export_saved_model(
     final = Path(export_dir) / str(int(version))
     if final.exists():
         raise FileExistsError(f"{final} exists; pick another --version or remove it first.")
-    top_k = min(top_k, int(model.output_shape[-1]))
+    num_classes = int(model.output_shape[-1])
+    top_k = min(top_k, num_classes)
     augmentation = "inception" if central_crop else "cifar"  # eval counterpart of each
     archive = keras.export.ExportArchive()
     archive.track(model)
+    logits_of = _logits_function(model, archive, image_size)
 
     pixels_spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
     bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
@@ -92,16 +102,22 @@ def export_saved_model(
             images = tf.identity(images)
         with tf.control_dependencies(_pixel_checks(images)):
             images = tf.clip_by_value(images, 0.0, 255.0)
-        return _outputs(model, images, top_k)
+        return _outputs(logits_of, num_classes, images, top_k)
 
     def decode(encoded):
         return data.preprocess_for_eval(encoded, image_size=image_size, augmentation=augmentation)
 
     def from_bytes(image_bytes):
-        return _outputs(model, _decode_all(image_bytes, decode, image_size), top_k)
+        return _outputs(logits_of, num_classes, _decode_all(image_bytes, decode, image_size), top_k)
 
-    archive.add_endpoint("serving_default", from_pixels, input_signature=[pixels_spec])
-    archive.add_endpoint("serving_bytes", from_bytes, input_signature=[bytes_spec])
+    # Traced here (TensorFlow code under every backend), so the archive takes them as they are.
+    for name, fn, spec in (
+        ("serving_default", from_pixels, pixels_spec),
+        ("serving_bytes", from_bytes, bytes_spec),
+    ):
+        traced = tf.function(fn, input_signature=[spec], autograph=False)
+        traced.get_concrete_function()
+        archive.add_endpoint(name, traced)
 
     try:
         with atomic_path(final) as partial:
@@ -120,6 +136,41 @@ def export_saved_model(
             error,
         ) from None
     return final
+
+
+def _logits_function(model, archive, image_size):
+    """TensorFlow function: float32 pixels [N, S, S, 3] -> float32 logits of `model`.
+
+    TensorFlow backend: the model itself. JAX: the model's forward pass converted by jax2tf with
+    its weights as arguments (so they are saved as variables, not constants), bound to the
+    TensorFlow copies of them `archive.track` made, as Keras's JAX export does.
+    """
+    if backend.NAME == "tensorflow":
+        return lambda images: tf.cast(model(images, training=False), tf.float32)
+    from jax.experimental import jax2tf
+
+    weights = [*model.trainable_variables, *model.non_trainable_variables]
+    copies = list(archive.variables)  # in that order: checked, value by value
+    if len(copies) != len(weights) or not all(
+        tuple(c.shape) == tuple(w.shape)
+        and np.array_equal(c.numpy(), keras.ops.convert_to_numpy(w))
+        for c, w in zip(copies, weights, strict=False)
+    ):
+        raise RuntimeError(
+            "keras.export.ExportArchive's TensorFlow copies of the model's weights are not in "
+            "the model's order in this Keras version; export under KERAS_BACKEND=tensorflow."
+        )
+
+    def logits(values, images):
+        with keras.StatelessScope(state_mapping=list(zip(weights, values, strict=True))):
+            return keras.ops.cast(model(images, training=False), "float32")
+
+    converted = jax2tf.convert(
+        logits,
+        polymorphic_shapes=[None, f"(batch, {image_size}, {image_size}, 3)"],
+        native_serialization_platforms=("cpu", "cuda"),
+    )
+    return lambda images: converted(copies, images)
 
 
 def _listed(bad, what=None):

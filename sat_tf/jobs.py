@@ -31,10 +31,10 @@ import dataclasses
 import re
 from pathlib import Path
 
+import keras
 import numpy as np
-import tensorflow as tf
 
-from sat_tf import attacks, evalstate, options, passes
+from sat_tf import attacks, backend, evalstate, options, passes
 from sat_tf.apgd import apgd, check_num_classes
 from sat_tf.attacks import target_classes
 from sat_tf.examples import Examples
@@ -124,6 +124,17 @@ class Attack:
     dlr: bool = False
 
 
+def _seed_tensor(seed):
+    """A seed as a traced argument: int64 under TensorFlow, int32 under JAX (no 64-bit types
+    there), so every restart's seed reuses one compiled attack."""
+    if backend.NAME == "jax" and not -(2**31) <= seed < 2**31:
+        raise ValueError(
+            f"Under JAX a PGD/FGSM seed must fit in int32 (JAX runs without 64-bit types). "
+            f"Received: seed={seed}; use a seed below 2**31."
+        )
+    return keras.ops.convert_to_tensor(seed, passes.ID_DTYPE)
+
+
 def _gradient_attack(source, kind, epsilon, spec, seed, jit_compile):
     """`sat_tf.attacks` FGSM or PGD on one batch (default step 2.5 * epsilon / K, Madry et al.
     2018), compiled once per (model, kind, epsilon, steps, step, jit_compile) for every batch;
@@ -132,7 +143,7 @@ def _gradient_attack(source, kind, epsilon, spec, seed, jit_compile):
     if step_size is None and kind == "pgd":
         step_size = 2.5 * epsilon / spec.num_steps
     key = ("evaluation", kind, float(epsilon), spec.num_steps, step_size)
-    seed = tf.constant(seed, tf.int64)
+    seed = _seed_tensor(seed)
 
     def build(ref):
         if kind == "fgsm":
@@ -149,7 +160,7 @@ def _gradient_attack(source, kind, epsilon, spec, seed, jit_compile):
         )
 
     def attack(x, y, ids):
-        run = attacks.compiled(source, key, build, x, y, seed, ids, jit_compile=jit_compile)
+        run = backend.compiled(source, key, build, x, y, seed, ids, jit_compile=jit_compile)
         return run(x, y, seed, ids)
 
     return attack
@@ -350,7 +361,7 @@ def job(spec, epsilon, context):
 
 def count_classes(model, images):
     """The model's number of classes, from one forward pass on the first example."""
-    x = tf.constant(np.asarray(images[:1], np.float32))
+    x = keras.ops.convert_to_tensor(np.asarray(images[:1], np.float32))
     return int(model(x, training=False).shape[-1])
 
 
@@ -437,6 +448,8 @@ def run(
         settings["surrogate"] = surrogate
     if examples.shard.count > 1:
         settings["shard"] = str(examples.shard)
+    if backend.NAME != "tensorflow":  # another backend's numbers differ in the last bits
+        settings["backend"] = backend.NAME
     record = evalstate.EvaluationState.open(
         Path(state) if state else None,
         num_examples=examples.num_examples,
@@ -458,7 +471,7 @@ def run(
         record,
         batch_size=min(batch_size, chunk_size),
         chunk_size=chunk_size,
-        pad=bool(jit_compile),
+        pad=bool(jit_compile) or backend.NAME == "jax",  # few compilations per attack
         adversarial=adversarial,
         verbose=int(verbose),
         num_examples=examples.count,

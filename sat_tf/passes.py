@@ -9,21 +9,28 @@ attacks the examples with `fooled_by` ROBUST or >= p, in fixed batches, so a run
 after batch b of pass p resumes at batch b + 1 with exactly the batches an uninterrupted run
 would have attacked (`run_job`'s `checkpoint` sees every finished batch).
 
-The compiled attacks are traced for any batch size (`sat_tf.attacks.compiled`), so the last,
-smaller batch needs no new trace. Under XLA (`pad=True`, for `jit_compile`) every new shape is a
-new compilation, so there the last batch is padded to `batch_size` with repeats of its own
-examples, which count nowhere.
+The compiled attacks are traced for any batch size under TensorFlow (`sat_tf.backend.compiled`),
+so the last, smaller batch needs no new trace. Under XLA (`jit_compile`, and always under JAX,
+which traces and compiles once per shape) every new shape is a new compilation, so there
+(`pad=True`) the last batch of a pass is padded with repeats of its own examples, which count
+nowhere, up to the next power of two (at most `batch_size`): an attack meets a few shapes, each
+compiled once, and the few examples a late pass has left are not attacked `batch_size` times
+over. An attack treats every example on its own, so the padding changes no result.
 """
 
 import dataclasses
 import time
 
+import keras
 import numpy as np
-import tensorflow as tf
 
-from sat_tf import attacks, examples, progress
+from sat_tf import backend, examples, progress
 
 ROBUST = -1
+# The dtype of the example indices (and seeds) handed to attacks: int64 under TensorFlow; JAX
+# runs without 64-bit types, and indices below 2**31 are the same numbers in int32
+# (`sat_tf.draws` keys on their low 32 bits either way).
+ID_DTYPE = "int32" if backend.NAME == "jax" else "int64"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +40,8 @@ class Pass:
     Attributes:
         name: e.g. "clean", "restart" (of PGD-KxR), "apgd-t".
         attack: `(images, labels, ids) -> adversarial images` on one batch (tensors; `ids` are
-            the examples' int64 indices in the whole evaluation, which key their random draws,
-            `sat_tf.draws`), or None for the clean pass (the images themselves).
+            the examples' indices in the whole evaluation, `ID_DTYPE`, which key their random
+            draws, `sat_tf.draws`), or None for the clean pass (the images themselves).
         gradients: Input gradients per attacked example, worst case (every step, every target).
         queries: Forward passes per attacked example besides gradients (Square's queries, the
             final check), worst case.
@@ -80,11 +87,13 @@ def standing(fooled_by, index):
 
 
 def batches(indices, batch_size, pad=False):
-    """`indices` in batches of `batch_size`: (batch, count) pairs. With `pad`, the last batch is
-    filled up with repeats of its own examples (the first `count` entries are the real ones)."""
+    """`indices` in batches of `batch_size`: (batch, count) pairs. With `pad`, a smaller last
+    batch is filled up with repeats of its own examples to the next power of two, at most
+    `batch_size` (the first `count` entries are the real ones)."""
     for i in range(0, len(indices), batch_size):
         chunk = indices[i : i + batch_size]
-        yield (np.resize(chunk, batch_size) if pad else chunk), len(chunk)
+        size = min(batch_size, 1 << (len(chunk) - 1).bit_length()) if pad else len(chunk)
+        yield np.resize(chunk, size), len(chunk)
 
 
 def robust_after(fooled_by, index):
@@ -102,13 +111,25 @@ def accuracy_so_far(fooled_by, done, standing):
 
 
 def predict(model, images):
-    """Arg-max classes of one batch (compiled once per model, for every batch size)."""
+    """Arg-max classes of one batch (compiled once per model: for every batch size under
+    TensorFlow, per padded batch shape under JAX)."""
 
     def build(ref):
-        return lambda x: tf.argmax(ref()(x, training=False), axis=-1, output_type=tf.int32)
+        return lambda x: keras.ops.cast(
+            keras.ops.argmax(ref()(x, training=False), axis=-1), "int32"
+        )
 
-    x = tf.convert_to_tensor(images, tf.float32)
-    return attacks.compiled(model, ("predict",), build, x)(x).numpy()
+    x = keras.ops.convert_to_tensor(np.asarray(images, np.float32))
+    return backend.to_numpy(backend.compiled(model, ("predict",), build, x)(x))
+
+
+def _tensors(images, labels, ids):
+    """One batch as the attacks take it: float32 images, int32 labels, `ID_DTYPE` ids."""
+    return (
+        keras.ops.convert_to_tensor(images, "float32"),
+        keras.ops.convert_to_tensor(labels, "int32"),
+        keras.ops.convert_to_tensor(np.asarray(ids).astype(ID_DTYPE)),
+    )
 
 
 def run_job(
@@ -142,13 +163,13 @@ def run_job(
         checkpoint: Called as `checkpoint((pass, batches done), seconds)` after every batch and
             once with `(len(passes), 0)` at the end; `seconds` is the time since the last call.
         adversarial: Optional [N, H, W, C] array: each fooling image is written into it.
-        pad: Pad the last batch of each pass to `batch_size` (one XLA compilation per attack).
+        pad: Pad the last batch of each pass to a power of two (few XLA compilations per attack).
         verbose: 1 shows a progress bar (or log lines) per pass.
-        ids: [N] int64 indices of the examples in the whole evaluation (their random draws are
+        ids: [N] int indices of the examples in the whole evaluation (their random draws are
             keyed by them, so a chunk or shard attacks each example as the whole run would);
             None: 0..N-1.
     """
-    ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    ids = np.arange(len(labels)) if ids is None else np.asarray(ids)
     first, first_batch = start
     last_time = time.perf_counter()
 
@@ -177,9 +198,7 @@ def run_job(
                 continue
             x, y = np.asarray(images[batch], np.float32), labels[batch]
             if pass_.attack is not None:
-                x = np.asarray(
-                    pass_.attack(tf.constant(x), tf.constant(y), tf.constant(ids[batch]))
-                )
+                x = backend.to_numpy(pass_.attack(*_tensors(x, y, ids[batch])))
             wrong = (predict(model, x) != y)[:count]
             fooled = batch[:count][wrong]
             fooled_by[fooled] = index

@@ -10,13 +10,12 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
 from sat_tf import activations, models, rundir, saving
-from sat_tf.data import demo
 from sat_tf.models import cifar, efficientnet, resnet
 
 MIN_FREE_BYTES = 200 * 2**20
@@ -122,6 +121,8 @@ def check_names(config):
         )
     specs = {config.data_spec(training=True), config.data_spec(training=False)}
     if "demo" in specs and config.image_size > DEMO_MAX_IMAGE_SIZE:
+        from sat_tf.data import demo  # tf.data: only when the demo data is used
+
         held = demo.NUM_EXAMPLES * config.image_size**2 * 3 * 4 / 2**30
         raise RunError(
             f"--image_size={config.image_size} is too large for --dataset=demo: the demo holds "
@@ -193,13 +194,21 @@ def check_first_batches(config, train, evaluation):
     for split in (train, evaluation):
         try:
             next(iter(split.dataset.take(1)))
-        except tf.errors.InvalidArgumentError as error:
+        except bad_record_errors() as error:
             raise data_error(config, error, resumable=False) from None
         except StopIteration:
             raise RunError(
                 f"--dataset={config.dataset}: the {'training' if split.training else 'eval'} "
                 "split yields no batch; check the files and --global_batch_size."
             ) from None
+
+
+def bad_record_errors():
+    """The exceptions a tf.data pipeline raises for a bad record, for an `except` clause:
+    TensorFlow's InvalidArgumentError once TensorFlow is loaded, else none (no pipeline ran, and
+    TensorFlow is not imported for nothing: it is optional under JAX)."""
+    tf = sys.modules.get("tensorflow")
+    return (tf.errors.InvalidArgumentError,) if tf is not None else ()
 
 
 def data_problem(error):

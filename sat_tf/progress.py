@@ -14,9 +14,8 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from sat_tf import attacks
+from sat_tf import attacks, backend
 
 LOG_EVERY = 0.05  # fraction of a pass between two log lines when output is not a terminal
 
@@ -119,8 +118,8 @@ def time_batch(model, images, labels, *, batch_size, repeats=1):
     `images`, repeated to fill the batch.
     """
     index = np.resize(np.arange(len(labels)), batch_size)
-    x = tf.constant(np.asarray(images[index], np.float32))
-    y = tf.constant(labels[index], tf.int32)
+    x = keras.ops.convert_to_tensor(np.asarray(images[index], np.float32))
+    y = keras.ops.convert_to_tensor(np.asarray(labels[index]), "int32")
 
     def gradient(ref):
         return lambda x, y: attacks.input_gradient(ref(), x, y)[1]
@@ -128,13 +127,13 @@ def time_batch(model, images, labels, *, batch_size, repeats=1):
     def forward(ref):
         return lambda x: ref()(x, training=False)
 
-    grad_fn = attacks.compiled(model, ("timing", "gradient"), gradient, x, y)
-    forward_fn = attacks.compiled(model, ("timing", "forward"), forward, x)
+    grad_fn = backend.compiled(model, ("timing", "gradient"), gradient, x, y)
+    forward_fn = backend.compiled(model, ("timing", "forward"), forward, x)
     seconds = []
     for fn, args in ((grad_fn, (x, y)), (forward_fn, (x,))):
-        np.asarray(fn(*args))  # warm: the first call may still allocate
+        backend.to_numpy(fn(*args))  # warm: the first call may still allocate (JAX: compiles)
         start = time.perf_counter()
         for _ in range(repeats):
-            np.asarray(fn(*args))
+            backend.to_numpy(fn(*args))
         seconds.append((time.perf_counter() - start) / repeats)
     return tuple(seconds)

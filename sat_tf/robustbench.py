@@ -17,9 +17,10 @@ ball of radius 255 * eps01 around x: epsilon 8/255 == 8 pixels, 4/255 == 4 pixel
 `unit_interval_model` wraps one of our models for RobustBench's [0, 1] convention.
 
 Where this differs from RobustBench's own run (every result lists what applies in `deviations`):
-    - AutoAttack is sat_tf.autoattack (TF), not the reference PyTorch code: the same stages
-      (APGD-CE, APGD-T, FAB-T, Square) and settings, but other random draws; on one CIFAR-10 CNN
-      it agreed with the reference code (docs/robustbench.md, "Agreement with the reference").
+    - AutoAttack is sat_tf.autoattack (Keras, on the backend Keras runs), not the reference
+      PyTorch code: the same stages (APGD-CE, APGD-T, FAB-T, Square) and settings, but other
+      random draws; on one CIFAR-10 CNN it agreed with the reference code (docs/robustbench.md,
+      "Agreement with the reference").
     - ImageNet: our evaluation crop (the central 224/256 of the shorter side, then a TF bilinear
       resize) covers the same region as torchvision's Resize(256) + CenterCrop(224) but resamples
       differently (PIL antialiased bilinear before the crop), so pixels differ slightly.
@@ -30,7 +31,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from sat_tf import autoattack, jobs, reporting
+from sat_tf import autoattack, backend, jobs, reporting
 from sat_tf.examples import CHUNK_BATCHES, Examples
 from sat_tf.rows import Row
 
@@ -140,7 +141,10 @@ class Result:
     def deviations(self):
         """How this run differs from RobustBench's own evaluation, in words."""
         p = self.protocol
-        found = ["AutoAttack run by sat_tf.autoattack (TF), not the reference PyTorch code"]
+        found = [
+            f"AutoAttack run by sat_tf.autoattack (Keras, {backend.NAME} backend), not the "
+            "reference PyTorch code"
+        ]
         if self.num_examples < p.num_examples:
             found.append(f"first {self.num_examples} of the protocol's {p.num_examples} examples")
         if self.version != "standard":

@@ -14,6 +14,7 @@ plus `.sat_tf_run.json`, the manifest that marks the folder as a run and lists t
 while a process works on the run, its lock `.sat_tf_run.lock` (`sat_tf.rundir`).
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,15 +24,15 @@ import time
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
+from sat_tf import backend, card, data, distribute, models, rundir, saving, schedules
 from sat_tf import callbacks as callbacks_lib
-from sat_tf import card, data, distribute, models, rundir, saving, schedules
 from sat_tf.adversarial import AdversarialModel
 from sat_tf.atomic import atomic_path, write_json
 from sat_tf.config import TrainConfig
 from sat_tf.preflight import (
     RunError,  # what `run` raises, named here for its callers
+    bad_record_errors,
     check_batch_fits,
     check_first_batches,
     check_model_dir,
@@ -105,7 +106,7 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
             steps_per_epoch=steps_per_epoch,
             epochs=config.epochs,
         )
-    except tf.errors.InvalidArgumentError as error:
+    except bad_record_errors() as error:
         raise data_error(config, error, resumable=True) from None
     except callbacks_lib.CheckpointWriteError as error:
         raise rundir.write_failure(
@@ -115,7 +116,8 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
         stop.on_train_end()  # the previous signal handlers again, also after an error
     if model.stop_training:  # SIGTERM / Ctrl-C: checkpoint saved, no final model yet
         return {"stopped": True, "signal": stop.requested, "step": callbacks_lib.global_step(model)}
-    results = model.evaluate(evaluation.dataset, return_dict=True, verbose=0)
+    with _fit_scope(strategy):
+        results = model.evaluate(evaluation.dataset, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
     config_dict = dataclasses.asdict(config)
     summary = {
@@ -139,16 +141,18 @@ def _run_locked(config, command, started, strategy, model_dir, train, evaluation
 
 
 def seed_everything(seed, *, deterministic=False):
-    """Seeds Python, NumPy and TensorFlow; with `deterministic`, also makes every op deterministic.
+    """Seeds Python, NumPy and the backend; with `deterministic`, also makes every op
+    deterministic.
 
     Op determinism (`tf.config.experimental.enable_op_determinism`) stays on for the process:
     kernels with nondeterministic reductions pick deterministic ones or raise, and tf.data runs
-    its random transformations in order. Same seed, same data, same machine and versions:
+    its random transformations in order (also under JAX, whose input is still tf.data; JAX's
+    own CPU ops are deterministic). Same seed, same data, same machine and versions:
     bit-identical weights.
     """
     keras.utils.set_random_seed(seed)
     if deterministic:
-        tf.config.experimental.enable_op_determinism()
+        backend.tensorflow("--deterministic").config.experimental.enable_op_determinism()
 
 
 def check_inputs(config):
@@ -202,12 +206,17 @@ def load_split(config, *, training, input_context=None):
             data_dir=config.data_dir or None,
             augmentation=None if config.augmentation == "none" else config.augmentation,
         )
-    except (ValueError, FileNotFoundError, tf.errors.NotFoundError) as error:
+    except (ValueError, FileNotFoundError, *_not_found_errors()) as error:
         raise RunError(f"--dataset={config.dataset}: {error}") from None
     if config.eval_examples and not training:  # whole batches: rounded up to a batch multiple
         batches = math.ceil(config.eval_examples / config.global_batch_size)
         split = dataclasses.replace(split, dataset=split.dataset.take(batches))
     return _one_hot(split, config.num_classes)
+
+
+def _not_found_errors():
+    tf = sys.modules.get("tensorflow")  # loaded by sat_tf.data before it can raise
+    return (tf.errors.NotFoundError,) if tf is not None else ()
 
 
 def load_data(config):
@@ -217,6 +226,8 @@ def load_data(config):
 
 def _one_hot(split, num_classes):
     """Label smoothing needs one-hot labels; a padding weight (third element) is kept."""
+
+    tf = backend.tensorflow("tf.data input")
 
     def convert(images, labels, *weights):
         return (images, tf.one_hot(labels, num_classes), *weights)
@@ -285,6 +296,9 @@ def build_model(config, steps_per_epoch):
         eval_num_steps=config.eval_num_steps,
         smooth_gradients=config.smooth_gradients,
         weight_decay=config.weight_decay,
+        # JAX draws keyed random starts (no random state in a jitted step): the run's seed.
+        # TensorFlow keeps its stateful draws, seeded by seed_everything.
+        seed=config.seed if backend.NAME == "jax" else None,
     )
     model.compile(
         optimizer=build_optimizer(config, steps_per_epoch),
@@ -311,11 +325,14 @@ def _callbacks(config, model_dir, checkpointer, evaluation, command):
 
 
 def _fit_function(config, model, strategy, train, evaluation):
-    """`fit(epochs, initial_epoch, steps_per_epoch, callbacks)`: Keras `fit`, or the custom loop
-    of `sat_tf.distribute` under MultiWorkerMirroredStrategy (where Keras 3.15's fit fails)."""
+    """`fit(epochs, initial_epoch, steps_per_epoch, callbacks)`: Keras `fit` (under JAX inside the
+    `keras.distribution` scope), or the custom loop of `sat_tf.distribute` under TensorFlow's
+    MultiWorkerMirroredStrategy (where Keras 3.15's fit fails)."""
     verbose = 1 if sys.stdout.isatty() else 2
-    if config.strategy != "multi_worker":
+    if config.strategy != "multi_worker" or backend.NAME == "jax":
         return functools.partial(
+            _fit_in_scope,
+            strategy,
             model.fit,
             train.dataset,
             validation_data=evaluation.dataset,
@@ -335,6 +352,17 @@ def _fit_function(config, model, strategy, train, evaluation):
         validation_fn=dataset_fn(False),
         validation_steps=sum(1 for _ in evaluation.dataset),
     )
+
+
+def _fit_scope(strategy):
+    """Under JAX, `keras.distribution` lays out `fit`'s and `evaluate`'s batches only inside its
+    scope; TensorFlow's strategies need none there (nothing changes for them)."""
+    return strategy.scope() if backend.NAME == "jax" else contextlib.nullcontext()
+
+
+def _fit_in_scope(strategy, fit, *args, **kwargs):
+    with _fit_scope(strategy):
+        return fit(*args, **kwargs)
 
 
 def fit_resumable(fit, model, *, callbacks, start_step, steps_per_epoch, epochs):

@@ -39,6 +39,17 @@ if HAS_TENSORFLOW:
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_ignore_collect(collection_path, config):
+    """Without TensorFlow, collect only the modules that have `backends` tests: the others
+    import TensorFlow at the top (a collection error there), and `-m backends` would deselect
+    all their tests anyway."""
+    if HAS_TENSORFLOW or not collection_path.name.startswith("test_"):
+        return None
+    if collection_path.suffix == ".py" and "mark.backends" not in collection_path.read_text():
+        return True
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     """Every test starts from the float32 policy and a fixed seed."""

@@ -11,6 +11,8 @@ import pytest
 from sat_tf import activations, attacks
 from sat_tf.adversarial import AdversarialModel
 
+pytestmark = pytest.mark.backends
+
 PHASE_SETTINGS = [(), ("attack",), ("update",), ("attack", "update")]
 ALPHA, EPSILON, LR, WEIGHT_DECAY = 1.0, 4.0, 0.05, 0.01
 
@@ -143,7 +145,7 @@ def test_fit_and_evaluate_log_clean_and_adversarial_metrics():
     assert len(seen) == 4 and set(seen[-1]) == {"loss", "adv_accuracy"}  # 2 executions x 2.
     results = model.evaluate(images, labels, batch_size=16, return_dict=True, verbose=0)
     logits = model.classifier.predict(images, verbose=0)
-    clean_loss = sparse_ce()(labels, logits).numpy()
+    clean_loss = keras.ops.convert_to_numpy(sparse_ce()(labels, logits))
     np.testing.assert_allclose(results["loss"], clean_loss, rtol=1e-5)
     np.testing.assert_allclose(results["accuracy"], np.mean(logits.argmax(1) == labels))
     assert 0.0 <= results["adv_accuracy"] <= 1.0 and results["adv_loss"] > clean_loss
@@ -212,13 +214,13 @@ def test_mixed_float16_training_has_nonzero_gradients():
     model.compile(keras.optimizers.SGD(0.1), sparse_ce(), metrics=["accuracy"])
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert attacks.uses_float16(classifier)
-    before = [v.numpy().copy() for v in classifier.trainable_variables]
+    before = [np.array(v) for v in classifier.trainable_variables]
     images, labels = images_and_labels(16, seed=4)
     history = model.fit(images, labels, batch_size=16, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     for old, new in zip(before, classifier.trainable_variables, strict=True):
-        assert np.all(np.isfinite(new.numpy()))
-        assert np.abs(new.numpy() - old).max() > 0, new.path
+        assert np.all(np.isfinite(np.array(new)))
+        assert np.abs(np.array(new) - old).max() > 0, new.path
 
 
 def test_save_and_load_keep_classifier_and_attack_settings(tmp_path):
@@ -285,7 +287,7 @@ def test_adversarial_images_callback_runs_the_models_eval_attack(phases, tmp_pat
     rng = np.random.default_rng(3)
     x = rng.uniform(0.5, 2.0, (16, 4)).astype("float32")  # moderate logits: no saturation
     y = rng.integers(0, 3, 16)
-    params = [w.numpy().astype(np.float64) for w in classifier.weights]
+    params = [np.array(w, np.float64) for w in classifier.weights]
     model = AdversarialModel(
         classifier,
         epsilon=2.0,
@@ -306,3 +308,36 @@ def test_adversarial_images_callback_runs_the_models_eval_attack(phases, tmp_pat
     clean = AdversarialModel(classifier, eval_num_steps=0, random_start=False)
     images.set_model(clean)  # no steps, no random start: the images themselves
     np.testing.assert_array_equal(np.asarray(images.adversarial()), x)
+
+
+def test_attack_leaves_batchnorm_statistics_to_the_training_forward():
+    """One step with a 3-step attack: the moving statistics move once, by the adversarial
+    batch's statistics (NumPy), as if the attack's forwards (inference mode) never ran."""
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(5)
+    norm = keras.layers.BatchNormalization(momentum=0.9)
+    x = keras.layers.ReLU()(norm(dense(inputs)))
+    model = AdversarialModel(
+        keras.Model(inputs, keras.layers.Dense(3)(x)),
+        epsilon=8.0,
+        step_size=4.0,
+        num_steps=3,
+        seed=2,
+    )
+    model.compile(keras.optimizers.SGD(0.1), sparse_ce())
+    rng = np.random.default_rng(6)
+    images = rng.uniform(0, 255, (8, 4)).astype("float32")
+    labels = rng.integers(0, 3, 8)
+    kernel, bias = (np.array(w, np.float64) for w in dense.weights)
+    # The step's adversarial batch: keyed by (seed, example 0..7 of step 0).
+    x_adv = model.adversarial_examples(images, labels, training=True, ids=np.arange(8))
+    x_adv = np.array(keras.ops.convert_to_numpy(x_adv), np.float64)
+    np.testing.assert_array_equal(np.array(norm.moving_mean), 0.0)  # the attack wrote nothing
+    np.testing.assert_array_equal(np.array(norm.moving_variance), 1.0)
+    assert np.abs(x_adv - images).max() > 1.0
+    model.fit(images, labels, batch_size=8, shuffle=False, verbose=0)
+    z = x_adv @ kernel + bias
+    np.testing.assert_allclose(np.array(norm.moving_mean), 0.1 * z.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(norm.moving_variance), 0.9 + 0.1 * z.var(0), rtol=1e-4, atol=1e-4
+    )

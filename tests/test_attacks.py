@@ -1,14 +1,39 @@
-"""Tests for sat_tf.attacks: PGD/FGSM properties and agreement with an independent reference."""
+"""Tests for sat_tf.attacks: PGD/FGSM properties and agreement with an independent reference,
+under every backend (the reference's gradients come from the backend's own autodiff)."""
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import BACKEND, only_tensorflow
 
-from sat_tf import attacks
+from sat_tf import attacks, backend
+
+pytestmark = pytest.mark.backends
 
 # |(x + eps) - x| in float32 can exceed eps by one rounding step at pixel scale 255.
 FLOAT_SLACK = 1e-4
+# Unseeded random starts are TensorFlow's stateful draws; JAX has none, so there tests seed them.
+SEEDS = [None, 3] if BACKEND == "tensorflow" else [3]
+
+
+def numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def autodiff(fn, x):
+    """d fn(x) / d x with the backend's own autodiff, written independently of sat_tf."""
+    if BACKEND == "jax":
+        import jax
+
+        return np.asarray(jax.grad(fn)(keras.ops.convert_to_tensor(x)))
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = fn(x)
+    gradient = tape.gradient(value, x)
+    return None if gradient is None else gradient.numpy()
 
 
 def tiny_classifier(num_classes=3, policy="float32"):
@@ -47,22 +72,25 @@ def trained():
 
 
 def ce(model, images, labels):
-    logits = model(tf.constant(images), training=False)
-    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy()
+    logits = model(images, training=False)
+    return numpy(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+
+
+def mean_ce(model, labels):
+    def loss(x):
+        logits = model(x, training=False)
+        return keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        )
+
+    return loss
 
 
 def reference_pgd(model, images, labels, *, epsilon, step_size, num_steps, targeted=False):
-    """Plain GradientTape + NumPy projection, written independently of sat_tf.attacks."""
+    """The backend's autodiff + NumPy projection, written independently of sat_tf.attacks."""
     x_adv = images.copy()
     for _ in range(num_steps):
-        x = tf.constant(x_adv)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            logits = model(x, training=False)
-            loss = tf.reduce_mean(
-                keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-            )
-        grad = tape.gradient(loss, x).numpy()
+        grad = autodiff(mean_ce(model, labels), x_adv)
         x_adv = x_adv + (-1.0 if targeted else 1.0) * step_size * np.sign(grad)
         x_adv = np.clip(np.clip(x_adv, images - epsilon, images + epsilon), 0.0, 255.0)
     return x_adv
@@ -74,25 +102,31 @@ def test_pgd_matches_reference_loop(trained, targeted):
     kwargs = {"epsilon": 8.0, "step_size": 2.0, "num_steps": 5}
     got = attacks.pgd(trained, images, labels, random_start=False, targeted=targeted, **kwargs)
     want = reference_pgd(trained, images, labels, targeted=targeted, **kwargs)
-    np.testing.assert_allclose(got.numpy(), want, atol=1e-3)
+    np.testing.assert_allclose(numpy(got), want, atol=1e-3)
     # One-hot labels are the same attack.
     one_hot = np.eye(3, dtype="float32")[labels]
     got_1h = attacks.pgd(trained, images, one_hot, random_start=False, targeted=targeted, **kwargs)
-    np.testing.assert_allclose(got_1h.numpy(), want, atol=1e-3)
+    np.testing.assert_allclose(numpy(got_1h), want, atol=1e-3)
 
 
 def test_fgsm_is_one_signed_step_of_epsilon(trained):
     images, labels = toy_data(16, seed=6)
-    x = tf.constant(images)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        loss = tf.reduce_sum(
-            keras.losses.sparse_categorical_crossentropy(labels, trained(x), from_logits=True)
-        )
-    want = np.clip(images + 6.0 * np.sign(tape.gradient(loss, x).numpy()), 0, 255)
-    np.testing.assert_allclose(attacks.fgsm(trained, images, labels, epsilon=6.0), want, atol=1e-3)
+    grad = autodiff(mean_ce(trained, labels), images)
+    want = np.clip(images + 6.0 * np.sign(grad), 0, 255)
+    got = attacks.fgsm(trained, images, labels, epsilon=6.0)
+    np.testing.assert_allclose(numpy(got), want, atol=1e-3)
 
 
+def test_input_gradient_is_the_per_example_cross_entropy_gradient(trained):
+    images, labels = toy_data(16, seed=16)
+    losses, gradient = attacks.input_gradient(trained, images, labels)
+    np.testing.assert_allclose(numpy(losses), ce(trained, images, labels), rtol=1e-5, atol=1e-6)
+    # The gradient of the summed loss is that of the mean times the batch size.
+    want = 16 * autodiff(mean_ce(trained, labels), images)
+    np.testing.assert_allclose(numpy(gradient), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -102,13 +136,13 @@ def test_fgsm_is_one_signed_step_of_epsilon(trained):
         {"epsilon": 2.0, "step_size": 5.0, "num_steps": 3, "clip_min": 10.0, "clip_max": 200.0},
     ],
 )
-def test_stays_in_epsilon_ball_and_pixel_range(trained, kwargs):
+def test_stays_in_epsilon_ball_and_pixel_range(trained, kwargs, seed):
     images, labels = toy_data(64, seed=7)
     images[:8] = 0.0  # Pixels at both ends of the range: the random start would leave it.
     images[8:16] = 255.0
     clip_min, clip_max = kwargs.get("clip_min", 0.0), kwargs.get("clip_max", 255.0)
     images = np.clip(images, clip_min, clip_max)
-    x_adv = attacks.pgd(trained, images, labels, **kwargs).numpy()
+    x_adv = numpy(attacks.pgd(trained, images, labels, seed=seed, **kwargs))
     assert x_adv.dtype == np.float32
     assert np.abs(x_adv - images).max() <= kwargs["epsilon"] + FLOAT_SLACK
     assert x_adv.min() >= clip_min and x_adv.max() <= clip_max
@@ -118,7 +152,9 @@ def test_loss_rises_on_trained_model(trained):
     images, labels = toy_data(64, seed=8)
     clean = ce(trained, images, labels)
     assert clean.mean() < 0.7  # The model did learn the task.
-    x_adv = attacks.pgd(trained, images, labels, epsilon=16.0, step_size=4.0, num_steps=5).numpy()
+    x_adv = numpy(
+        attacks.pgd(trained, images, labels, epsilon=16.0, step_size=4.0, num_steps=5, seed=1)
+    )
     adversarial = ce(trained, x_adv, labels)
     assert adversarial.mean() > 2 * clean.mean()
     assert np.mean(adversarial > clean) > 0.9
@@ -127,24 +163,33 @@ def test_loss_rises_on_trained_model(trained):
 def test_targeted_lowers_target_loss(trained):
     images, labels = toy_data(64, seed=9)
     targets = (labels + 1) % 3
-    x_adv = attacks.pgd(
-        trained, images, targets, epsilon=16.0, step_size=4.0, num_steps=5, targeted=True
-    ).numpy()
+    x_adv = numpy(
+        attacks.pgd(
+            trained,
+            images,
+            targets,
+            epsilon=16.0,
+            step_size=4.0,
+            num_steps=5,
+            targeted=True,
+            seed=1,
+        )
+    )
     before, after = ce(trained, images, targets), ce(trained, x_adv, targets)
     assert after.mean() < 0.8 * before.mean()
     assert np.mean(after < before) > 0.9
 
 
 def test_weights_and_batchnorm_statistics_unchanged(trained):
-    before = [v.numpy().copy() for v in trained.variables]
+    before = [numpy(v).copy() for v in trained.variables]
     bn = next(
         layer for layer in trained.layers if isinstance(layer, keras.layers.BatchNormalization)
     )
-    assert np.abs(bn.moving_mean.numpy()).max() > 0  # Trained: the check below is not vacuous.
+    assert np.abs(numpy(bn.moving_mean)).max() > 0  # Trained: the check below is not vacuous.
     images, labels = toy_data(32, seed=10)
-    attacks.pgd(trained, images, labels, epsilon=8.0, step_size=2.0, num_steps=3)
+    attacks.pgd(trained, images, labels, epsilon=8.0, step_size=2.0, num_steps=3, seed=SEEDS[0])
     for old, new in zip(before, trained.variables, strict=True):
-        np.testing.assert_array_equal(old, new.numpy())
+        np.testing.assert_array_equal(old, numpy(new))
 
 
 def test_no_steps_and_no_random_start_returns_input(trained):
@@ -152,30 +197,38 @@ def test_no_steps_and_no_random_start_returns_input(trained):
     got = attacks.pgd(
         trained, images, labels, epsilon=8.0, step_size=2.0, num_steps=0, random_start=False
     )
-    np.testing.assert_array_equal(got.numpy(), images)
+    np.testing.assert_array_equal(numpy(got), images)
     as_uint8 = images.astype("uint8")
     got = attacks.pgd(
         trained, as_uint8, labels, epsilon=8.0, step_size=2.0, num_steps=0, random_start=False
     )
-    np.testing.assert_array_equal(got.numpy(), as_uint8.astype("float32"))
+    np.testing.assert_array_equal(numpy(got), as_uint8.astype("float32"))
 
 
 def test_result_carries_no_gradient(trained):
     images, labels = toy_data(4, seed=12)
-    x = tf.constant(images)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        x_adv = attacks.pgd(trained, x, labels, epsilon=4.0, step_size=4.0, num_steps=1)
-        total = tf.reduce_sum(x_adv)
-    assert tape.gradient(total, x) is None
+
+    def total(x):
+        kwargs = {"epsilon": 4.0, "step_size": 4.0, "num_steps": 1, "seed": SEEDS[0]}
+        return keras.ops.sum(attacks.pgd(trained, x, labels, **kwargs))
+
+    gradient = autodiff(total, images)  # TensorFlow: None; JAX: zeros
+    assert gradient is None or not np.any(gradient)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow has stateful draws")
+def test_unseeded_random_start_asks_for_a_seed(trained):
+    images, labels = toy_data(4, seed=12)
+    with pytest.raises(ValueError, match="seed"):
+        attacks.pgd(trained, images, labels, epsilon=4.0, step_size=1.0, num_steps=1)
 
 
 def test_seed_makes_random_start_reproducible(trained):
     images, labels = toy_data(8, seed=13)
     kwargs = {"epsilon": 8.0, "step_size": 2.0, "num_steps": 2}
-    a = attacks.pgd(trained, images, labels, seed=3, **kwargs).numpy()
-    b = attacks.pgd(trained, images, labels, seed=3, **kwargs).numpy()
-    c = attacks.pgd(trained, images, labels, seed=4, **kwargs).numpy()
+    a = numpy(attacks.pgd(trained, images, labels, seed=3, **kwargs))
+    b = numpy(attacks.pgd(trained, images, labels, seed=3, **kwargs))
+    c = numpy(attacks.pgd(trained, images, labels, seed=4, **kwargs))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -186,7 +239,7 @@ def test_prob_start_from_clean_is_drawn_per_example(trained):
     kwargs = {"epsilon": 8.0, "step_size": 1.0, "num_steps": 0}
     for prob, low, high in ((0.0, 0.0, 0.0), (0.3, 0.22, 0.38), (1.0, 1.0, 1.0)):
         x0 = attacks.pgd(trained, images, labels, prob_start_from_clean=prob, seed=1, **kwargs)
-        clean = np.all(x0.numpy() == images, axis=(1, 2, 3))
+        clean = np.all(numpy(x0) == images, axis=(1, 2, 3))
         assert low <= clean.mean() <= high, (prob, clean.mean())
 
 
@@ -205,7 +258,7 @@ def test_float16_attack_moves_as_many_pixels_as_float32():
     model16.set_weights(model32.get_weights())
     assert attacks.uses_float16(model16) and not attacks.uses_float16(model32)
     images, labels = toy_data(64, seed=14)
-    logits = np.sort(model32(images).numpy(), axis=1)
+    logits = np.sort(numpy(model32(images)), axis=1)
     assert np.median(logits[:, -1] - logits[:, -2]) > 15  # Confident enough to underflow.
 
     def moved(model, **kwargs):
@@ -219,7 +272,7 @@ def test_float16_attack_moves_as_many_pixels_as_float32():
             random_start=False,
             **kwargs,
         )
-        return int(np.sum(x_adv.numpy() != images))
+        return int(np.sum(numpy(x_adv) != images))
 
     full = moved(model32)
     assert full > 0.9 * images.size
@@ -227,7 +280,27 @@ def test_float16_attack_moves_as_many_pixels_as_float32():
     assert moved(model16) >= 0.999 * full  # ...with the automatic scale it does not.
 
 
+def test_runs_compiled_for_any_batch_size(trained):
+    images, labels = toy_data(8, seed=15)
+    kwargs = {"epsilon": 8.0, "step_size": 2.0, "num_steps": 2}
+
+    def build(model_ref):
+        return lambda x, y, seed, ids: attacks.pgd(model_ref(), x, y, seed=seed, ids=ids, **kwargs)
+
+    seed, ids = np.int32(5), np.arange(8, dtype=np.int32)
+    run = backend.compiled(trained, ("test-pgd",), build, images, labels, seed, ids)
+    eager = numpy(attacks.pgd(trained, images, labels, seed=5, **kwargs))
+    np.testing.assert_allclose(numpy(run(images, labels, seed, ids)), eager, atol=1e-4)
+    # A smaller batch (an evaluation's last chunk): the same examples, the same images.
+    np.testing.assert_allclose(
+        numpy(run(images[3:], labels[3:], seed, ids[3:])), eager[3:], atol=1e-4
+    )
+
+
+@only_tensorflow
 def test_runs_in_tf_function_and_replica_context(trained):
+    import tensorflow as tf
+
     images, labels = toy_data(8, seed=15)
     kwargs = {"epsilon": 8.0, "step_size": 2.0, "num_steps": 2, "random_start": False}
     eager = attacks.pgd(trained, images, labels, **kwargs).numpy()

@@ -9,6 +9,8 @@ import pytest
 
 from sat_tf import card, rundir
 
+pytestmark = pytest.mark.backends
+
 CARD = {"format": "sat_tf.robustness_card/1", "evaluations": []}
 
 

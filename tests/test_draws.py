@@ -4,11 +4,17 @@ and is attacked the same way, in any batch."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import only_tensorflow
 
-from sat_tf import apgd, attacks, draws, square
+from sat_tf import apgd, attacks, backend, draws, square
+
+pytestmark = pytest.mark.backends
 
 MASK = 0xFFFFFFFF
+
+
+def numpy(x):
+    return keras.ops.convert_to_numpy(x)
 
 
 def lowbias32(x):
@@ -36,7 +42,8 @@ def reference_uniform(seed, ids, stream, shape, counter):
 
 
 def draw(seed, ids, shape, counter, stream="pgd"):
-    return draws.uniform(draws.keys(seed, tf.constant(ids, tf.int64), stream), shape, counter)
+    """NumPy int64 ids: reduced modulo 2**32 on the host, so ids up to 2**32 work on JAX too."""
+    return numpy(draws.uniform(draws.keys(seed, np.asarray(ids, np.int64), stream), shape, counter))
 
 
 @pytest.mark.parametrize("seed", [0, 7, -3, 2**40 + 5])
@@ -47,14 +54,14 @@ def test_uniform_equals_numpy_reference_bit_for_bit(seed):
         ("apgd", (), 5),
         ("square", (4,), 2**32 - 1),
     ):
-        got = draw(seed, ids, shape, counter, stream).numpy()
+        got = draw(seed, ids, shape, counter, stream)
         want = reference_uniform(seed, ids, draws.STREAMS[stream], shape, counter)
         assert got.dtype == np.float32 and got.shape == (len(ids), *shape)
         np.testing.assert_array_equal(got.astype(np.float64), want)
 
 
 def test_values_are_uniform_in_unit_interval():
-    u = draw(3, np.arange(1000), (100,), 0).numpy().ravel()  # 1e5 draws
+    u = draw(3, np.arange(1000), (100,), 0).ravel()  # 1e5 draws
     assert u.min() >= 0.0 and u.max() < 1.0
     assert abs(u.mean() - 0.5) < 0.005  # std of the mean: 0.0009
     assert abs(u.var() - 1 / 12) < 0.002
@@ -70,7 +77,7 @@ def correlation(a, b):
 
 def test_streams_are_uncorrelated():
     ids = np.arange(2000)
-    base = draw(1, ids, (50,), 0).numpy()  # 1e5 numbers: |r| of independent ones ~ 0.003
+    base = draw(1, ids, (50,), 0)  # 1e5 numbers: |r| of independent ones ~ 0.003
     assert correlation(base, draw(1, ids, (50,), 1)) < 0.015  # next counter
     assert correlation(base, draw(2, ids, (50,), 0)) < 0.015  # next seed
     assert correlation(base, draw(1 + 2**32, ids, (50,), 0)) < 0.015  # seed's high word
@@ -78,23 +85,53 @@ def test_streams_are_uncorrelated():
     assert correlation(base, draw(1, ids, (50,), 0, "apgd")) < 0.015  # another attack
     assert correlation(base[:, :-1], base[:, 1:]) < 0.015  # neighbouring positions
     # A (seed, stream) gives distinct keys to distinct examples.
-    keys = draws.keys(1, tf.range(100000, dtype=tf.int64), "pgd").numpy()
+    keys = numpy(draws.keys(1, keras.ops.arange(100000, dtype="int32"), "pgd"))
     assert len(np.unique(keys)) == len(keys)
 
 
 def test_an_example_draws_the_same_in_any_batch():
-    whole = draw(5, np.arange(12), (3, 2), 4).numpy()
-    alone = np.concatenate([draw(5, [i], (3, 2), 4).numpy() for i in range(12)])
+    whole = draw(5, np.arange(12), (3, 2), 4)
+    alone = np.concatenate([draw(5, [i], (3, 2), 4) for i in range(12)])
     order = np.random.default_rng(0).permutation(12)
-    permuted = draw(5, order, (3, 2), 4).numpy()
+    permuted = draw(5, order, (3, 2), 4)
     np.testing.assert_array_equal(alone, whole)
     np.testing.assert_array_equal(permuted, whole[order])
-    # An int seed and a scalar tensor seed are the same seed.
-    np.testing.assert_array_equal(draw(tf.constant(5, tf.int64), np.arange(12), (3, 2), 4), whole)
-    np.testing.assert_array_equal(draw(-1, [3], (), 0), draw(tf.constant(-1), [3], (), 0))
+    # An int seed and a scalar tensor seed are the same seed; int32 tensors (all JAX has) are
+    # sign-extended, as a negative Python int is.
+    tensor = keras.ops.convert_to_tensor
+    np.testing.assert_array_equal(draw(tensor(5, "int32"), np.arange(12), (3, 2), 4), whole)
+    np.testing.assert_array_equal(draw(-1, [3], (), 0), draw(tensor(-1, "int32"), [3], (), 0))
+    # Tensor ids (int32 on every backend) and a tensor counter are the same draws.
+    keys = draws.keys(5, tensor(np.arange(12), "int32"), "pgd")
+    np.testing.assert_array_equal(numpy(draws.uniform(keys, (3, 2), tensor(4, "int32"))), whole)
 
 
+def test_works_in_a_compiled_loop():
+    """The counter is a loop variable of a compiled function, the seed and ids its arguments."""
+    ids = np.arange(6, dtype=np.int32)
+
+    def build(model_ref):
+        def loop(seed, ids):
+            keys = draws.keys(seed, ids, "square")
+
+            def body(c, out):
+                return keras.ops.scatter_update(out, [[c]], draws.uniform(keys, (4,), c)[None])
+
+            return keras.ops.fori_loop(0, 3, body, keras.ops.zeros((3, 6, 4)))
+
+        return loop
+
+    eager = np.stack([draw(9, ids, (4,), c, "square") for c in range(3)])
+    seed = np.int32(9)
+    model = keras.Sequential([keras.layers.Identity()])  # `compiled` caches per model
+    loop = backend.compiled(model, ("test-draws",), build, seed, ids)
+    np.testing.assert_array_equal(numpy(loop(seed, ids)), eager)
+
+
+@only_tensorflow
 def test_works_in_tf_function_and_under_xla():
+    import tensorflow as tf
+
     ids = tf.range(6, dtype=tf.int64)
 
     def loop(seed, ids):  # the counter is a while-loop variable
@@ -106,19 +143,20 @@ def test_works_in_tf_function_and_under_xla():
         out = tf.TensorArray(tf.float32, size=3)
         return tf.while_loop(lambda c, _: c < 3, body, (tf.constant(0), out))[1].stack()
 
-    eager = np.stack([draw(9, ids, (4,), c, "square").numpy() for c in range(3)])
+    eager = np.stack([draw(9, ids.numpy(), (4,), c, "square") for c in range(3)])
     seed = tf.constant(9, tf.int64)
     np.testing.assert_array_equal(tf.function(loop)(seed, ids), eager)
     np.testing.assert_array_equal(tf.function(loop, jit_compile=True)(seed, ids), eager)
 
 
 def test_bad_seed_and_stream_raise():
+    ids = np.arange(2)
     with pytest.raises(ValueError, match="64 bits"):
-        draws.keys(2**64, tf.range(2), "pgd")
+        draws.keys(2**64, ids, "pgd")
     with pytest.raises(ValueError, match="scalar"):
-        draws.keys(tf.constant([1, 0]), tf.range(2), "pgd")
+        draws.keys(keras.ops.convert_to_tensor([1, 0]), ids, "pgd")
     with pytest.raises(ValueError, match="stream"):
-        draws.keys(0, tf.range(2), "fgsm")
+        draws.keys(0, ids, "fgsm")
 
 
 # The attacks: one call on 12 examples, two calls on [0:5] and [5:12], and a permuted call give
@@ -170,8 +208,7 @@ def test_attack_is_the_same_in_any_batch(model_and_data, name):
     attack = ATTACKS[name]
 
     def run(index, seed=0):
-        ids = tf.constant(index, tf.int64)
-        return np.asarray(attack(model, images[index], labels[index], ids, seed))
+        return numpy(attack(model, images[index], labels[index], index, seed))
 
     everyone = np.arange(12)
     whole = run(everyone)
@@ -184,25 +221,24 @@ def test_attack_is_the_same_in_any_batch(model_and_data, name):
     assert not np.array_equal(run(everyone, seed=1), whole)
 
 
-class Countdown(keras.Model):
-    """Class 0 wins by a margin that shrinks at every call: Square keeps every candidate."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = keras.Variable(0.0, trainable=False)
+class FlatColumns(keras.Model):
+    """Class 0 wins by a margin that shrinks as the columns of the image stop being constant:
+    Square's vertical stripes start with every column constant, so each of its candidates (a
+    window that differs from the stripes somewhere) lowers the margin and is kept. Stateless, so
+    it reads the same inside any compiled function on any backend."""
 
     def call(self, x, training=False):
-        self.calls.assign_add(1.0)
-        zeros = tf.zeros(tf.shape(x)[:1])
-        return tf.stack([zeros + 1e6 - self.calls, zeros], axis=1)
+        unevenness = keras.ops.sum(keras.ops.var(x, axis=1), axis=(1, 2))
+        return keras.ops.stack([1e6 - 100.0 * unevenness, keras.ops.zeros_like(unevenness)], 1)
 
 
 def test_square_draws_a_window_per_example():
     """One query on twelve copies of one image: each moves its own 3x3 window (p 0.1 of 8x8)."""
     images, labels = np.full((12, 8, 8, 3), 128.0, np.float32), np.zeros(12, np.int32)
-    start = square.square(Countdown(), images, labels, epsilon=8.0, num_queries=0, p_init=0.1)
-    adv = square.square(Countdown(), images, labels, epsilon=8.0, num_queries=1, p_init=0.1)
-    changed = np.any(np.asarray(adv) != np.asarray(start), axis=3)  # [12, 8, 8]
+    model = FlatColumns()
+    start = square.square(model, images, labels, epsilon=8.0, num_queries=0, p_init=0.1)
+    adv = square.square(model, images, labels, epsilon=8.0, num_queries=1, p_init=0.1)
+    changed = np.any(numpy(adv) != numpy(start), axis=3)  # [12, 8, 8]
     first_rows, first_cols = [], []
     for moved in changed:
         rows, cols = np.flatnonzero(moved.any(axis=1)), np.flatnonzero(moved.any(axis=0))

@@ -8,9 +8,12 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import BACKEND
 from test_autoattack import EPSILON, make_data, train_tiny_model
 
 from sat_tf import evalstate, evaluation
+
+pytestmark = pytest.mark.backends
 
 OPTIONS = dict(attacks=["clean", "pgd-3x2"], epsilons=[EPSILON], batch_size=8, checks=False)
 
@@ -159,3 +162,21 @@ def test_a_resume_under_other_settings_is_refused(model, data, finished, tmp_pat
         evaluation.evaluate(
             model, data, **OPTIONS, verbose=0, state=path, settings={"deterministic": True}
         )
+
+
+def test_a_state_of_another_backend_is_refused(model, data, finished, tmp_path):
+    """Another backend's numbers differ in the last bits: its record does not resume here. A
+    TensorFlow state (the default backend) has no "backend" in its fingerprint, as before."""
+    arrays = arrays_of(finished[0])
+    fingerprint = json.loads(str(arrays["fingerprint"]))
+    assert fingerprint.get("backend") == (None if BACKEND == "tensorflow" else BACKEND)
+    other = "jax" if BACKEND == "tensorflow" else None
+    fingerprint["backend"] = other
+    if other is None:  # as TensorFlow writes it
+        del fingerprint["backend"]
+    arrays["fingerprint"] = np.array(json.dumps(fingerprint))
+    arrays["digest"] = np.array(evalstate.digest(fingerprint, arrays))
+    path = tmp_path / "state.npz"
+    write(path, arrays)
+    here = None if BACKEND == "tensorflow" else BACKEND
+    refused(model, data, path, rf"the Keras backend \({other} -> {here}\)")

@@ -1,19 +1,41 @@
 """Serving signatures under careless or hostile requests: bad images named by index, empty
-batches answered, non-finite pixels refused, pixels outside [0, 255] clipped or refused."""
+batches answered, non-finite pixels refused, pixels outside [0, 255] clipped or refused.
+
+Under every backend (JAX: the forward pass converted by jax2tf); the SavedModel needs TensorFlow,
+and without it the export refuses in one line.
+"""
 
 import errno
+import importlib
 import io
 import os
+import sys
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import HAS_TENSORFLOW, needs_tensorflow
 from PIL import Image
 
-from sat_tf import export, models, rundir
+from sat_tf import models, rundir
+
+pytestmark = pytest.mark.backends
+if HAS_TENSORFLOW:
+    import tensorflow as tf
+
+    from sat_tf import export
 
 SIZE = 16
+
+
+@pytest.mark.skipif(HAS_TENSORFLOW, reason="checks the refusal without TensorFlow")
+def test_export_without_tensorflow_says_what_to_install():
+    sys.modules.pop("sat_tf.export", None)
+    with pytest.raises(ImportError) as info:
+        importlib.import_module("sat_tf.export")
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    assert "SavedModel export" in message and "pip install 'sat_tf[cpu]'" in message
 
 
 def jpeg(seed):
@@ -29,7 +51,7 @@ def classifier():
     model = models.build(
         "small_cnn", num_classes=10, activation="silu", input_shape=(SIZE, SIZE, 3)
     )
-    assert any(isinstance(layer, tf.keras.layers.BatchNormalization) for layer in model.layers)
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
     return model
 
 
@@ -41,6 +63,7 @@ def served(classifier, tmp_path_factory):
     return tf.saved_model.load(str(path)).signatures
 
 
+@needs_tensorflow
 def test_undecodable_images_are_named_by_index(served):
     good = jpeg(0)
     cut = good[: len(good) // 2]  # a valid header: only the decoder notices
@@ -55,6 +78,7 @@ def test_undecodable_images_are_named_by_index(served):
         served["serving_bytes"](image_bytes=tf.constant([good, jpeg(1), cut]))
 
 
+@needs_tensorflow
 def test_good_bytes_match_the_model_on_decoded_pixels(served, classifier):
     payload = [jpeg(0), jpeg(1)]
     decoded = np.stack(
@@ -67,19 +91,21 @@ def test_good_bytes_match_the_model_on_decoded_pixels(served, classifier):
     np.testing.assert_allclose(out["logits"], classifier(decoded), atol=1e-3)
 
 
+@needs_tensorflow
 @pytest.mark.parametrize(
-    ("signature", "request_"),
+    ("signature", "name", "shape", "dtype"),
     [
-        ("serving_default", {"images": tf.zeros([0, SIZE, SIZE, 3])}),
-        ("serving_bytes", {"image_bytes": tf.zeros([0], tf.string)}),
+        ("serving_default", "images", [0, SIZE, SIZE, 3], "float32"),
+        ("serving_bytes", "image_bytes", [0], "string"),
     ],
 )
-def test_empty_batch_gives_empty_outputs(served, signature, request_):
-    out = served[signature](**request_)
+def test_empty_batch_gives_empty_outputs(served, signature, name, shape, dtype):
+    out = served[signature](**{name: tf.zeros(shape, dtype)})
     assert out["logits"].shape == (0, 10) and out["probabilities"].shape == (0, 10)
     assert out["top_k_classes"].shape == (0, 3) and out["top_k_probabilities"].shape == (0, 3)
 
 
+@needs_tensorflow
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_pixels_are_refused_with_the_index(served, value):
     images = np.full((3, SIZE, SIZE, 3), 100.0, np.float32)
@@ -88,6 +114,7 @@ def test_non_finite_pixels_are_refused_with_the_index(served, value):
         served["serving_default"](images=tf.constant(images))
 
 
+@needs_tensorflow
 @pytest.mark.parametrize("value", [1e38, 300.0, -2.0, 65535.0])
 def test_pixels_far_outside_0_255_are_refused(served, value):
     images = np.full((2, SIZE, SIZE, 3), 100.0, np.float32)
@@ -98,6 +125,7 @@ def test_pixels_far_outside_0_255_are_refused(served, value):
         served["serving_default"](images=tf.constant(images))
 
 
+@needs_tensorflow
 def test_resampling_overshoot_is_clipped_to_0_255(served, classifier):
     images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
     images[0, :4] = 255.0 + export.PIXEL_TOLERANCE  # the edge of what is accepted
@@ -106,6 +134,7 @@ def test_resampling_overshoot_is_clipped_to_0_255(served, classifier):
     np.testing.assert_allclose(out["logits"], classifier(np.clip(images, 0, 255)), atol=1e-4)
 
 
+@needs_tensorflow
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_failed_export_write_is_one_line_and_publishes_nothing(
     classifier, tmp_path, monkeypatch, code

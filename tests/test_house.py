@@ -1,12 +1,16 @@
 """House rules that code review alone would miss: Keras internals stay in one module, the
-modules of sat_tf import each other without a cycle, and sat_tf imports nothing of the repository
-outside itself (tools/, benchmarks/, study/ import sat_tf, never the other way)."""
+modules of sat_tf import each other without a cycle, sat_tf imports nothing of the repository
+outside itself (tools/, benchmarks/, study/ import sat_tf, never the other way), and the
+requirements files pin one version of each package, inside pyproject.toml's ranges."""
 
 import ast
 import re
 from pathlib import Path
 
 import keras
+import pytest
+import tomllib
+from packaging.requirements import Requirement
 
 from sat_tf import _keras_compat
 
@@ -30,6 +34,9 @@ def _private_keras_names():
     names = {name for obj in objects for name in dir(obj)}
     names |= {name for obj in objects[:3] for name in vars(obj)}
     return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+pytestmark = pytest.mark.backends
 
 
 def test_keras_is_a_version_the_compat_module_was_checked_on():
@@ -119,3 +126,48 @@ def test_sat_tf_imports_nothing_outside_the_package():
         f"sat_tf imports {'/, '.join(OUTSIDE)}/ (not installed; they import sat_tf, not the "
         "other way): move what it needs into sat_tf\n" + "\n".join(found)
     )
+
+
+REQUIREMENTS = ("requirements.txt", "requirements-dev.txt", "requirements-jax.txt")
+
+
+def _pins(name):
+    """{package: Requirement} of a requirements file, with its `-r` includes."""
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            pins |= _pins(line[3:].strip())
+        elif line:
+            requirement = Requirement(line)
+            pins[requirement.name.lower().replace("_", "-")] = requirement
+    return pins
+
+
+def test_requirements_pin_one_version_inside_the_declared_ranges():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [
+        Requirement(r)
+        for extra in ("cpu", "jax", "dev")
+        for r in project["optional-dependencies"][extra]
+    ]
+    ranges = {r.name.lower().replace("_", "-"): r.specifier for r in declared}
+    core = {Requirement(r).name for r in project["dependencies"]}
+    needs_tensorflow = {"tensorboard", "tensorflow-datasets"}  # of use only with TensorFlow
+    assert not {n for n in core if n.startswith("tensorflow") or n in needs_tensorflow}, (
+        "TensorFlow belongs in the cpu/gpu extras: the core runs without it under JAX"
+    )
+    versions, found = {}, []
+    for name in REQUIREMENTS:
+        for package, requirement in _pins(name).items():
+            (spec,) = requirement.specifier  # exactly one `==` pin
+            assert spec.operator == "==", f"{name}: pin {requirement} exactly"
+            if versions.setdefault(package, spec.version) != spec.version:
+                found.append(f"{name}: {package}=={spec.version}, elsewhere {versions[package]}")
+            if package in ranges and spec.version not in ranges[package]:
+                found.append(
+                    f"{name}: {package}=={spec.version} outside pyproject's {ranges[package]}"
+                )
+    assert not found, "Requirements disagree:\n" + "\n".join(found)
+    assert "tensorflow-cpu" not in _pins("requirements-jax.txt")  # the TF-free suite stays TF-free

@@ -1,5 +1,6 @@
 """The README's code never rots: its Python blocks run, its commands name real files and flags."""
 
+import functools
 import os
 import re
 import shlex
@@ -52,6 +53,19 @@ def test_the_two_setup_commands_exist():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+@functools.cache
+def _helpfull(tool):
+    """`python <tool> --helpfull`, once per tool (each run imports TensorFlow: ~5 s)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / tool), "--helpfull"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    ).stdout
+
+
 @pytest.mark.parametrize("argv", list(_commands()), ids=lambda a: " ".join(a[:3]))
 def test_commands_name_real_tools_flagfiles_and_flags(argv):
     tool = ROOT / argv[1]
@@ -60,14 +74,7 @@ def test_commands_name_real_tools_flagfiles_and_flags(argv):
         if arg.startswith("--flagfile="):
             assert (ROOT / arg.split("=", 1)[1]).is_file(), arg
     # Each flag must be one the tool defines (absl lists them in --helpfull).
-    helpfull = subprocess.run(
-        [sys.executable, str(tool), "--helpfull"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    ).stdout
+    helpfull = _helpfull(argv[1])
     for arg in argv[2:]:
         name = arg.lstrip("-").split("=", 1)[0]
         if name != "flagfile":

@@ -39,6 +39,10 @@ Many devices or machines (either protocol, docs/evaluation.md): run the same com
 examples whose index is I mod N into <output>/shard-I-of-N and resumes on its own. --status
 says which shards are done, running, stopped or missing; the same command with --merge (instead
 of --shard) checks the shards, joins them and writes the reports and card entry of the whole run.
+
+Backends: KERAS_BACKEND=jax runs the model and the attacks under JAX (the same per-example
+results as under TensorFlow, the default; a record is resumed and merged only under the backend
+that wrote it). Every --dataset is a tf.data pipeline, so TensorFlow reads the data either way.
 """
 
 import shlex

@@ -8,7 +8,8 @@
 # into <output>/shard-I-of-N and logs to $LOG_DIR/shard-I-of-N.log (default: eval_logs). A shard
 # that dies is named at the end; rerun this script (finished shards return at once, the others
 # resume), then merge. On N machines, run `tools/eval.py ... --shard=I/N` on machine I instead
-# (docs/evaluation.md). No scheduling of its own: each shard is one plain process.
+# (docs/evaluation.md). No scheduling of its own: each shard is one plain process. The processes
+# inherit KERAS_BACKEND; JAX on GPUs honours CUDA_VISIBLE_DEVICES as TensorFlow does.
 set -euo pipefail
 
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then

@@ -4,7 +4,8 @@
 
 Writes `<model_dir>/export/<version>/` with the `serving_default` (float pixels) and
 `serving_bytes` (encoded JPEG/PNG) signatures; see `sat_tf.export`. The robustness card of the run
-(if `tools/eval.py` wrote one) goes into the export's `assets.extra/`.
+(if `tools/eval.py` wrote one) goes into the export's `assets.extra/`. Under KERAS_BACKEND=jax the
+model's forward pass is converted with jax2tf; either way TensorFlow must be installed.
 """
 
 import contextlib
@@ -62,8 +63,12 @@ def main(argv):
         central_crop = image_size > 64
     export_dir = Path(FLAGS.export_dir) if FLAGS.export_dir else model_path.parent / rundir.EXPORT
 
-    from sat_tf import export, saving
+    from sat_tf import saving
 
+    try:  # a SavedModel is TensorFlow's format, under any Keras backend
+        from sat_tf import export
+    except ImportError as error:
+        sys.exit(f"error: {error}")
     try:
         model = saving.load_model(model_path)  # safe_mode=True, with checks of the file
     except saving.ModelFileError as error:

@@ -61,7 +61,7 @@ def main(argv):
             moving_average=moving_average,
             ignore=FLAGS.ignore,
         )
-    except ValueError as error:  # OfficialCheckpointError and unknown arch/activation names
+    except (ValueError, ImportError) as error:  # OfficialCheckpointError, unknown names, no TF
         sys.exit(f"error: {error}")
     from sat_tf import rundir
     from sat_tf.pretrained import model_dir

@@ -12,6 +12,11 @@ here, so no attack is written twice. The module for the backend Keras runs
     compiled once per (model, key) (TensorFlow: `tf.function`, traced for any batch size; JAX:
     `jax.jit`, reading the model's variables as arguments, so a compiled function always sees
     the current weights).
+  - `compiled_call(model, key, build, *args)`: `build(model_ref)(*args)`, through `compiled`
+    where an eager call would be slow (JAX: an eager loop compiles its body at every call;
+    inside a traced function, and under TensorFlow, it runs as it is).
+  - `batch_bucket(batch)`: the batch size to pad to before calling a compiled function whose
+    batch varies (TensorFlow: `batch`, traced for any size; JAX: the next power of two).
   - `uniform(shape, minval, maxval)`: stateful uniform draws, for training without a seed
     (TensorFlow only: under JAX a compiled function cannot hold random state, and sat_tf's
     training draws are keyed (`sat_tf.draws`) there).
@@ -42,6 +47,8 @@ value_and_gradient = _impl.value_and_gradient
 compiled = _impl.compiled
 uniform = _impl.uniform
 replica = _impl.replica
+compiled_call = _impl.compiled_call
+batch_bucket = _impl.batch_bucket
 
 
 def to_numpy(x):
@@ -65,7 +72,9 @@ def tensorflow(feature):
 __all__ = [
     "NAME",
     "SUPPORTED",
+    "batch_bucket",
     "compiled",
+    "compiled_call",
     "replica",
     "tensorflow",
     "to_numpy",

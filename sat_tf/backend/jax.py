@@ -52,3 +52,21 @@ def uniform(shape, minval, maxval):
 def replica():
     """(0, 1): under JAX a step sees the global batch, however it is sharded."""
     return 0, 1
+
+
+def compiled_call(model, key, build, *args):
+    """`build(model_ref)(*args)`; called eagerly, through `compiled` (once per key and shapes).
+
+    An eager `keras.ops.fori_loop` traces and compiles its body at every call, so an attack
+    called outside `jax.jit` is compiled whole and cached; inside a traced function (a train
+    step, `jax.grad`) it runs inline.
+    """
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(args)):
+        return build(weakref.ref(model))(*args)
+    return compiled(model, key, build, *args)(*args)
+
+
+def batch_bucket(batch):
+    """The power of two >= `batch`: `jax.jit` compiles once per shape, so a caller whose batch
+    shrinks (APGD's early exit) pads to these sizes and compiles O(log batch) times."""
+    return 1 << max(int(batch) - 1, 0).bit_length()

@@ -52,3 +52,15 @@ def replica():
     if context is None:  # cross-replica context
         return 0, strategy.num_replicas_in_sync
     return context.replica_id_in_sync_group, strategy.num_replicas_in_sync
+
+
+def compiled_call(model, key, build, *args):
+    """`build(model_ref)(*args)`, run as it is: TensorFlow runs an eager loop op by op, and
+    inside a `tf.function` it is traced into the caller's graph."""
+    del key
+    return build(weakref.ref(model))(*args)
+
+
+def batch_bucket(batch):
+    """`batch`: a `tf.function` from `compiled` is traced once for any batch size."""
+    return batch

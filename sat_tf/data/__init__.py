@@ -10,17 +10,24 @@ Specs:
 
 Every dataset yields `(float32 images [B, S, S, 3] in [0, 255], int32 labels [B])` batches
 (plus float32 weights with `pad_final_batch`), with 0-based labels.
+
+These are tf.data pipelines: they need TensorFlow, under any Keras backend (under JAX they feed
+`fit` and the evaluation as NumPy batches). Without TensorFlow, importing this package (or any of
+its modules) raises an ImportError in one line saying what to install; the core of sat_tf
+(models, attacks, training and evaluation on arrays) does not import it.
 """
 
 import dataclasses
 import json
 import os
 
-import tensorflow as tf
+from sat_tf.backend import tensorflow
 
-from sat_tf.data import checks, demo, folder, pipeline, preprocessing, tfrecord
-from sat_tf.data.preprocessing import preprocess_for_eval, preprocess_for_train
-from sat_tf.data.tfrecord import build_dataset, parse_example
+tf = tensorflow("sat_tf.data (the tf.data input pipelines)")
+
+from sat_tf.data import checks, demo, folder, pipeline, preprocessing, tfrecord  # noqa: E402
+from sat_tf.data.preprocessing import preprocess_for_eval, preprocess_for_train  # noqa: E402
+from sat_tf.data.tfrecord import build_dataset, parse_example  # noqa: E402
 
 SCHEMES = ("tfrecord", "tfds", "folder", "demo")
 

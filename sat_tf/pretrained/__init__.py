@@ -3,7 +3,8 @@
     model = sat_tf.pretrained.load_official("Res50-silu/Res50-silu")  # a keras.Model, [0, 255] RGB
 
 The official models are TF1 checkpoints (Tensorpack ResNets in NCHW, tensorflow/tpu
-EfficientNets). They are read with `tf.train.load_checkpoint` only (no TF1 graph, no Tensorpack),
+EfficientNets). They are read with `tf.train.load_checkpoint` only (no TF1 graph, no Tensorpack;
+TensorFlow is imported only for the reading, and the imported model runs under any backend),
 the architecture is inferred from the variable names and shapes, and every variable is copied onto
 a model from `sat_tf.models.build`, so an imported model is the same Keras model as one trained
 here. Nothing is silent: a checkpoint variable that is neither used nor a known training-only
@@ -25,9 +26,8 @@ import re
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
-from sat_tf import models
+from sat_tf import backend, models
 from sat_tf.pretrained import bundle, efficientnet, released, resnet
 from sat_tf.pretrained.released import RELEASED, Released, download
 
@@ -35,6 +35,7 @@ __all__ = ["RELEASED", "Imported", "OfficialCheckpointError", "Released", "downl
 __all__ += ["MAX_CLASSES", "check_finite", "import_official", "load_official"]
 _FAMILIES = (resnet, efficientnet)
 _LIST = 8  # names shown per category in an error
+_READING = "reading the official TF1 checkpoints"
 MAX_CLASSES = 100_000  # the official heads have 1000; a larger claim is a damaged index
 
 
@@ -152,10 +153,11 @@ def _check(prefix, plan, entries, family, ignore):
 def _read(prefix, reader, plan):
     """[(variable, name, float32 value)]; the shapes and dtypes were checked by `_check`."""
     values = []
+    op_error = backend.tensorflow(_READING).errors.OpError
     for variable, name, transform in plan:
         try:
             value = reader.get_tensor(name)
-        except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as error:
+        except (op_error, ValueError, IndexError, RuntimeError) as error:
             reason = str(error).splitlines()[0][:160]
             _fail(
                 prefix, f"reading {name} failed ({reason}); the .data file is truncated or corrupt"
@@ -204,8 +206,11 @@ def import_official(
         OfficialCheckpointError: one line naming the problem (no files, an index that does not
             describe its .data files, truncated data, another family, every missing /
             mismatched / unused / non-float variable, or weights holding NaN or Inf).
+        ImportError: TensorFlow, which reads the checkpoint, is not installed (one line saying
+            what to install).
     """
     prefix = _resolve_prefix(checkpoint_prefix)
+    tf = backend.tensorflow(_READING)  # the index's protos, then the reader
     try:
         index = bundle.read(prefix)
     except (bundle.BundleError, OSError) as error:

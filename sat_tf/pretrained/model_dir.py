@@ -11,7 +11,7 @@ from pathlib import Path
 
 import keras
 
-from sat_tf import atomic, card, config, preflight, pretrained, rundir, training
+from sat_tf import atomic, card, config, preflight, pretrained, rundir
 from sat_tf.pretrained import released
 
 # Conventions of the official evaluation that no layer of the imported model can hold.
@@ -161,6 +161,9 @@ def write(imported, model_dir, *, command="", overwrite=False):
             payload = official_config(imported, model_dir)
             atomic.write_json(model_dir / rundir.CONFIG, payload)
             card.write(model_dir, official_card(imported, command=command))
+            # training imports sat_tf.data (TensorFlow): only when a folder is written.
+            from sat_tf import training
+
             training.save_model_atomically(imported.model, target)
         except OSError as error:
             raise rundir.write_failure(

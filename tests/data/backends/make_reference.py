@@ -1,8 +1,9 @@
 """Writes tests/data/backends/reference.npz: what the TensorFlow backend computes on one trained
 model, for tests/test_backends.py to check every other backend against.
 
-The model is cifar_relu.keras here, a copy of results/reference_autoattack/model.keras (small_cnn, ReLU, PGD-trained by sat_tf on
-CIFAR-10 at epsilon 8; its training command is in that folder's README). The images are the first
+The model is cifar_relu.keras here, a copy of results/reference_autoattack/model.keras
+(small_cnn, ReLU, PGD-trained by sat_tf on CIFAR-10 at epsilon 8; its training command is in that
+folder's README). The images are the first
 `--per_class` CIFAR-10 test JPEGs of each class of ../shared/data/cifar10-jpeg.tar.gz, interleaved
 by class and decoded with Pillow (the test decodes them the same way, so no pixel is stored here).
 Run it under the TensorFlow backend from the repository root:
