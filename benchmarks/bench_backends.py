@@ -1,4 +1,4 @@
-"""JAX against TensorFlow on this CPU, side by side in one run (benchmarks/BACKENDS.md).
+"""JAX against TensorFlow on this CPU, side by side in one run (benchmarks/README.md, "Backends").
 
 Keras fixes its backend per process, so this driver starts two long-lived workers, one with
 KERAS_BACKEND=tensorflow and one with KERAS_BACKEND=jax, and asks them in turn (TF JAX TF JAX

@@ -201,10 +201,14 @@ def fab_targeted(
         active = np.flatnonzero(~fooled)
         if not len(active):
             break
-        adv_run, dist = run(u[active], y[active], ranking[active, rank])
+        # Padded to a batch bucket (copies of the last one; each example runs on its own), so
+        # under JAX the shrinking set of examples compiles a few shapes, not one per target.
+        rows = active[np.minimum(np.arange(backend.batch_bucket(len(active))), len(active) - 1)]
+        adv_run, dist = run(u[rows], y[rows], ranking[rows, rank])
+        adv_run = backend.to_numpy(adv_run)[: len(active)]
         # Success needs a misclassified point within epsilon (fab_base.py `perturb`).
-        hit = backend.to_numpy(dist) <= epsilon / width
-        adv[active[hit]] = backend.to_numpy(adv_run)[hit]
+        hit = backend.to_numpy(dist)[: len(active)] <= epsilon / width
+        adv[active[hit]] = adv_run[hit]
         fooled[active[hit]] = True
     # Mapping back to pixels can round a hair past epsilon: project (float noise only); the
     # examples FAB-T did not fool get their clean image back exactly.

@@ -201,8 +201,15 @@ def square(
         s, index = {name: v[active] for name, v in s.items()}, index[active]
         if not len(index):
             break
-        s = chunk(s, int32(first), int32(min(first + chunk_size, num_queries)))
-        s = {name: backend.to_numpy(v) for name, v in s.items()}
+        # Padded to a batch bucket (copies of the last example; each runs on its own), so under
+        # JAX the shrinking batch compiles a few shapes, not one per chunk.
+        rows = np.minimum(np.arange(backend.batch_bucket(len(index))), len(index) - 1)
+        s = chunk(
+            {name: v[rows] for name, v in s.items()},
+            int32(first),
+            int32(min(first + chunk_size, num_queries)),
+        )
+        s = {name: backend.to_numpy(v)[: len(index)] for name, v in s.items()}
     out[index] = s["x_best"]
     return ops.stop_gradient(ops.convert_to_tensor(out))
 

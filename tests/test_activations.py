@@ -1,5 +1,12 @@
-"""Activations against NumPy formulas, finite differences, and .keras round trips."""
+"""Activations against NumPy formulas, finite differences, and .keras round trips.
 
+Run under each backend (`backends`). The exact reference of the fused gradients is float64
+autodiff of the plain formulas, under JAX inside `jax.enable_x64` (JAX computes without 64-bit
+types otherwise); the fused layers always run in float32 and meet the same tolerances on both.
+"""
+
+import contextlib
+import functools
 import json
 import math
 import pathlib
@@ -8,9 +15,12 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import BACKEND, only_tensorflow
+from keras import ops
 
-from sat_tf import activations
+from sat_tf import activations, backend
+
+pytestmark = pytest.mark.backends
 
 GRID = np.array([-1e4, -50.0, -3.0, -1.0, -0.3, -1e-3, 0.0, 1e-3, 0.3, 1.0, 3.0, 50.0, 1e4])
 
@@ -38,6 +48,39 @@ def _smooth_relu(x, b):
     return np.maximum(x - np.log1p(beta * np.abs(x)) / beta, 0.0)
 
 
+def _tensor(x, dtype="float32"):
+    return ops.convert_to_tensor(np.asarray(x), dtype)
+
+
+def _numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def _gradient(fn, x):
+    """d sum(fn(x)) / dx (x a tensor or a list of tensors): each element's derivative."""
+    return backend.value_and_gradient(lambda x: (ops.sum(fn(x)), None), x)[2]
+
+
+def _compiled(fn):
+    """`fn` compiled as the backend compiles a step (tf.function / jax.jit)."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    return tf.function(fn)
+
+
+def _float64():
+    """A context in which the backend computes in float64 (JAX: `jax.enable_x64`)."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
 # (layer, numpy reference) pairs, with non-default arguments where there are any.
 CASES = {
     "softplus_a1": (lambda: activations.Softplus(), _softplus),
@@ -58,7 +101,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_values_match_numpy_float32(name):
     make, ref = CASES[name]
-    y = np.asarray(make()(tf.constant(GRID, tf.float32)))
+    y = _numpy(make()(_tensor(GRID)))
     assert np.all(np.isfinite(y))
     np.testing.assert_allclose(y, ref(GRID), rtol=1e-5, atol=1e-5)
 
@@ -68,12 +111,12 @@ def test_values_match_numpy_float32(name):
 def test_low_precision_is_finite_and_close(name, dtype):
     make, ref = CASES[name]
     keras.config.set_dtype_policy(dtype)  # layers compute in the policy's dtype
-    y = make()(tf.constant(GRID, dtype))
-    assert y.dtype == tf.as_dtype(dtype)
-    y = np.asarray(tf.cast(y, tf.float32))
+    y = make()(_tensor(GRID, dtype))
+    assert keras.backend.standardize_dtype(y.dtype) == dtype
+    y = _numpy(ops.cast(y, "float32"))
     assert np.all(np.isfinite(y)), f"{name} overflowed in {dtype}: {y}"
     # Half types carry about 3 (bf16: 2) significant digits; inputs are rounded too.
-    x = np.asarray(tf.cast(tf.constant(GRID, dtype), tf.float32), np.float64)
+    x = _numpy(ops.cast(_tensor(GRID, dtype), "float32")).astype(np.float64)
     np.testing.assert_allclose(y, ref(x), rtol=2e-2, atol=2e-2)
 
 
@@ -82,49 +125,36 @@ def test_gradients_match_finite_differences(name):
     make, ref = CASES[name]
     layer = make()
     x = np.array([-4.0, -1.0, -0.3, -0.05, 0.05, 0.3, 1.0, 4.0])
-    xt = tf.constant(x, tf.float64)
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = layer(tf.cast(xt, tf.float32))
-    grad = tape.gradient(y, xt).numpy()
+    grad = _numpy(_gradient(layer, _tensor(x)))
     h = 1e-5
     numeric = (ref(x + h) - ref(x - h)) / (2 * h)
     np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
 
 
 def test_softplus_gradient_at_zero_and_extremes():
-    x = tf.constant([-1e4, 0.0, 1e4])
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = activations.Softplus(alpha=10.0)(x)
-    np.testing.assert_allclose(tape.gradient(y, x).numpy(), [0.0, 0.5, 1.0], atol=1e-6)
+    grad = _gradient(activations.Softplus(alpha=10.0), _tensor([-1e4, 0.0, 1e4]))
+    np.testing.assert_allclose(_numpy(grad), [0.0, 0.5, 1.0], atol=1e-6)
 
 
 def test_smooth_grad_relu_forward_is_exactly_relu():
-    x = tf.random.normal([1000]) * 10
+    x = np.random.default_rng(0).normal(size=1000).astype("float32") * 10
     for enabled in (True, False):
         with activations.smooth_gradients(enabled):
-            y = activations.SmoothGradReLU(alpha=10.0)(x)
-        np.testing.assert_array_equal(y.numpy(), tf.nn.relu(x).numpy())
+            y = activations.SmoothGradReLU(alpha=10.0)(_tensor(x))
+        np.testing.assert_array_equal(_numpy(y), np.maximum(x, 0.0))
 
 
 def _smooth_grad_relu_gradient(x, alpha, enabled=None, default=True):
     layer = activations.SmoothGradReLU(alpha=alpha, smooth_backward=default)
 
-    def run():
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x)
-        return tape.gradient(y, x)
-
     if enabled is None:
-        return run().numpy()
+        return _numpy(_gradient(layer, x))
     with activations.smooth_gradients(enabled):
-        return run().numpy()
+        return _numpy(_gradient(layer, x))
 
 
 def test_smooth_grad_relu_gradient_switch():
-    x = tf.constant(GRID[2:-2], tf.float32)
+    x = _tensor(GRID[2:-2])
     np.testing.assert_allclose(
         _smooth_grad_relu_gradient(x, 10.0, enabled=True), _sigmoid(10.0 * GRID[2:-2]), atol=1e-6
     )
@@ -137,26 +167,27 @@ def test_smooth_grad_relu_gradient_switch():
     )
 
 
-def test_smooth_grad_switch_inside_tf_function():
+def test_smooth_grad_switch_inside_a_compiled_function():
+    # The switch is read at trace time: one compiled function can hold both phases.
     layer = activations.SmoothGradReLU(alpha=2.0)
-    x = tf.constant([-1.0, 0.5])
 
-    @tf.function
+    @_compiled
     def two_phases(x):
         grads = []
         for enabled in (True, False):
-            with activations.smooth_gradients(enabled), tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x)
-            grads.append(tape.gradient(y, x))
+            with activations.smooth_gradients(enabled):
+                grads.append(_gradient(layer, x))
         return grads
 
-    smooth, hard = two_phases(x)
-    np.testing.assert_allclose(smooth.numpy(), _sigmoid(2.0 * np.array([-1.0, 0.5])), atol=1e-6)
-    np.testing.assert_array_equal(hard.numpy(), [0.0, 1.0])
+    smooth, hard = two_phases(_tensor([-1.0, 0.5]))
+    np.testing.assert_allclose(_numpy(smooth), _sigmoid(2.0 * np.array([-1.0, 0.5])), atol=1e-6)
+    np.testing.assert_array_equal(_numpy(hard), [0.0, 1.0])
 
 
+@only_tensorflow
 def test_smooth_grad_switch_under_mirrored_strategy():
+    import tensorflow as tf
+
     devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
     if len(devices) < 2:
         pytest.skip("needs two logical CPU devices (set up in conftest.py)")
@@ -184,13 +215,22 @@ def test_smooth_grad_switch_under_mirrored_strategy():
         np.testing.assert_array_equal(value.numpy(), [0.0, 1.0])
 
 
+def _weight_gradients(layer, x):
+    """d sum(layer(x)) / d layer.trainable_variables, through `stateless_call`."""
+    if not layer.built:
+        layer.build(x.shape)
+    frozen = [v.value for v in layer.non_trainable_variables]
+
+    def fn(values):
+        return layer.stateless_call(values, frozen, x)[0]
+
+    return _gradient(fn, [v.value for v in layer.trainable_variables])
+
+
 def test_smooth_relu_beta_is_learnable():
     layer = activations.SmoothReLU(beta_init=2.0)
-    x = tf.constant([0.5, 2.0])
-    with tf.GradientTape() as tape:
-        y = tf.reduce_sum(layer(x))
-    (grad,) = tape.gradient(y, layer.trainable_weights)
-    assert float(grad) != 0.0
+    (grad,) = _weight_gradients(layer, _tensor([0.5, 2.0]))
+    assert float(_numpy(grad)) != 0.0
     frozen = activations.SmoothReLU(beta_init=2.0, trainable_beta=False)
     frozen.build((2,))
     assert frozen.trainable_weights == []
@@ -265,7 +305,7 @@ def test_get_resolves_every_identifier_kind():
     config = keras.saving.serialize_keras_object(activations.Softplus(alpha=4.0))
     assert activations.get(config)().alpha == 4.0
     wrapped = activations.get(keras.activations.silu)()
-    np.testing.assert_allclose(wrapped(tf.constant([1.0])), [1.0 * _sigmoid(1.0)], rtol=1e-6)
+    np.testing.assert_allclose(_numpy(wrapped(_tensor([1.0]))), [_sigmoid(1.0)], rtol=1e-6)
 
 
 def test_get_unknown_name_lists_valid_ones():
@@ -277,24 +317,47 @@ def test_get_unknown_name_lists_valid_ones():
 
 # --- Fused ops: gradients against autodiff of the plain formulas --------------------------------
 
-# The plain formulas, written here in TensorFlow ops so that a tape differentiates them: the
-# reference the fused forward/backward kernels must match. Each takes (x, b) where b is the
-# SmoothReLU parameter (ignored by the others).
+# The plain formulas, written here in array ops `m` (keras.ops, or jax.numpy for JAX's float64
+# reference, see `_ops`) so that the backend's autodiff differentiates them: the reference the
+# fused forward/backward kernels must match. Each takes (m, x, b) where b is the SmoothReLU
+# parameter (ignored by the others).
 _C = math.sqrt(2.0 / math.pi)
 PLAIN = {
-    "softplus_a1": lambda x, b: tf.math.softplus(x),
-    "softplus_a10": lambda x, b: tf.math.softplus(10.0 * x) / 10.0,
-    "silu": lambda x, b: x * tf.sigmoid(x),
-    "gelu_tanh": lambda x, b: 0.5 * x * (1.0 + tf.tanh(_C * (x + 0.044715 * x**3))),
-    "gelu_erf": lambda x, b: 0.5 * x * (1.0 + tf.math.erf(x / math.sqrt(2.0))),
-    # expm1 of min(x, 0): exp(1e4) in the branch where() drops would make autodiff NaN.
-    "elu": lambda x, b: tf.where(x > 0, x, 0.5 * tf.math.expm1(tf.minimum(x, 0.0))),
-    "elu_a1": lambda x, b: tf.where(x > 0, x, tf.math.expm1(tf.minimum(x, 0.0))),
-    "mish": lambda x, b: x * tf.tanh(tf.math.softplus(x)),
-    "smooth_relu": lambda x, b: tf.nn.relu(x - tf.math.log1p(b * b * tf.abs(x)) / (b * b)),
+    "softplus_a1": lambda m, x, b: m.softplus(x),
+    "softplus_a10": lambda m, x, b: m.softplus(10.0 * x) / 10.0,
+    "silu": lambda m, x, b: x * m.sigmoid(x),
+    "gelu_tanh": lambda m, x, b: 0.5 * x * (1.0 + m.tanh(_C * (x + 0.044715 * x**3))),
+    "gelu_erf": lambda m, x, b: 0.5 * x * (1.0 + m.erf(x / math.sqrt(2.0))),
+    # expm1 of where(x > 0, 0, x): exp(1e4) in the branch where() drops would make autodiff NaN,
+    # and where (not minimum, whose gradient JAX splits at a tie) gives the left derivative at 0.
+    "elu": lambda m, x, b: m.where(x > 0, x, 0.5 * m.expm1(m.where(x > 0, 0.0, x))),
+    "elu_a1": lambda m, x, b: m.where(x > 0, x, m.expm1(m.where(x > 0, 0.0, x))),
+    "mish": lambda m, x, b: x * m.tanh(m.softplus(x)),
+    "smooth_relu": lambda m, x, b: m.relu(x - m.log1p(b * b * m.abs(x)) / (b * b)),
     # SmoothGradReLU's smooth backward is the derivative of Softplus(alpha=10).
-    "smooth_grad_relu": lambda x, b: tf.math.softplus(10.0 * x) / 10.0,
+    "smooth_grad_relu": lambda m, x, b: m.softplus(10.0 * x) / 10.0,
 }
+
+
+def _ops(dtype):
+    """The array ops the plain formulas run on: keras.ops, except for float64 under JAX, where
+    keras.ops computes some functions (tanh) in float32 even inside `jax.enable_x64`."""
+    if BACKEND != "jax" or dtype != "float64":
+        return ops
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    return types.SimpleNamespace(
+        **{n: getattr(jnp, n) for n in ("tanh", "where", "expm1", "log1p", "abs")},
+        softplus=jax.nn.softplus,
+        sigmoid=jax.nn.sigmoid,
+        relu=jax.nn.relu,
+        erf=jax.scipy.special.erf,
+    )
+
+
 FUSED = {
     "softplus_a1": lambda: activations.Softplus(),
     "softplus_a10": lambda: activations.Softplus(alpha=10.0),
@@ -317,32 +380,30 @@ GRAD_GRID = np.concatenate(
 
 
 def _grads(fn, x, b, order):
-    """d^order fn / dx^order (upstream ones) and, for order 1, d sum(fn) / db."""
-    with tf.GradientTape() as outer:
-        outer.watch(x)
-        with tf.GradientTape(persistent=True) as inner:
-            inner.watch([x, b])
-            y = fn(x, b)
-        dx, db = inner.gradient(y, [x, b], unconnected_gradients="zero")
-    if order == 1:
-        return dx.numpy(), db.numpy()
-    return outer.gradient(dx, x).numpy(), None
+    """d^order fn(x, b) / dx^order (upstream ones) and, for order 1, d sum(fn) / db.
+
+    `x` and `b` are NumPy arrays computed in `dtype`: float64 (the exact reference, under JAX
+    inside `jax.enable_x64`) or float32 (the floor: float32 autodiff's own error).
+    """
+    dtype = x.dtype.name
+    fn = functools.partial(fn, _ops(dtype))
+    with _float64() if dtype == "float64" else contextlib.nullcontext():
+        x, b = _tensor(x, dtype), _tensor(b, dtype)
+        if order == 1:
+            dx, db = _gradient(lambda xb: fn(*xb), [x, b])
+            return _numpy(dx), (0.0 if db is None else _numpy(db))  # TF: None if unconnected
+        return _numpy(_gradient(lambda x: _gradient(lambda x: fn(x, b), x), x)), None
 
 
 def _fused_grads(name, x, order):
     """The fused layer's gradients; for SmoothReLU also the gradient of its variable b."""
     layer = FUSED[name]()
     layer.build((None,))
-    with tf.GradientTape() as outer:
-        outer.watch(x)
-        with tf.GradientTape() as inner:
-            inner.watch(x)
-            y = layer(x)
-        sources = [x] + list(layer.trainable_weights)
-        grads = inner.gradient(y, sources)
+    x = _tensor(x)
     if order == 2:
-        return outer.gradient(grads[0], x).numpy(), None
-    return grads[0].numpy(), (grads[1].numpy() if len(grads) > 1 else None)
+        return _numpy(_gradient(lambda x: _gradient(layer, x), x)), None
+    weights = _weight_gradients(layer, x)
+    return _numpy(_gradient(layer, x)), (_numpy(weights[0]) if weights else None)
 
 
 def _assert_as_accurate(got, exact, autodiff32, rtol, atol, what):
@@ -365,13 +426,9 @@ def _assert_as_accurate(got, exact, autodiff32, rtol, atol, what):
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("name", sorted(FUSED))
 def test_fused_gradients_equal_autodiff_of_the_plain_formula(name, order):
-    x32 = tf.constant(GRAD_GRID)
-    got, got_db = _fused_grads(name, x32, order)
-    b = 3.0
-    exact, exact_db = _grads(
-        PLAIN[name], tf.constant(GRAD_GRID, tf.float64), tf.constant(b, tf.float64), order
-    )
-    auto32, _ = _grads(PLAIN[name], x32, tf.constant(b, tf.float32), order)
+    got, got_db = _fused_grads(name, GRAD_GRID, order)
+    exact, exact_db = _grads(PLAIN[name], GRAD_GRID.astype(np.float64), np.float64(3.0), order)
+    auto32, _ = _grads(PLAIN[name], GRAD_GRID, np.float32(3.0), order)
     assert np.all(np.isfinite(got))
     tol = {1: (1e-6, 1e-7), 2: (1e-5, 1e-6)}[order]  # (rtol, atol): about one ulp of 1.0 for atol
     _assert_as_accurate(got, exact, auto32, *tol, f"{name} order {order}")
@@ -380,46 +437,40 @@ def test_fused_gradients_equal_autodiff_of_the_plain_formula(name, order):
         np.testing.assert_allclose(got_db, exact_db, rtol=1e-5)
 
 
-def test_fused_second_derivatives_inside_tf_function():
-    # Graph mode takes another path through tf.custom_gradient than eager mode.
-    x = tf.constant(GRAD_GRID)
+def test_fused_second_derivatives_inside_a_compiled_function():
+    # TensorFlow's graph mode takes another path through tf.custom_gradient than eager mode;
+    # under JAX every call is traced, and jit compiles the whole second derivative.
     layers = {name: FUSED[name]() for name in FUSED}
+    for layer in layers.values():
+        layer.build((None,))
 
-    @tf.function
+    def second_derivative(layer, x):
+        return _gradient(lambda x: _gradient(layer, x), x)
+
+    @_compiled
     def second(x):
-        out = {}
-        for name, layer in layers.items():
-            with tf.GradientTape() as outer:
-                outer.watch(x)
-                with tf.GradientTape() as inner:
-                    inner.watch(x)
-                    y = layer(x)
-                dx = inner.gradient(y, x)
-            out[name] = outer.gradient(dx, x)
-        return out
+        return {name: second_derivative(layer, x) for name, layer in layers.items()}
 
-    got = second(x)
-    b = tf.constant(3.0, tf.float64)
+    got = second(_tensor(GRAD_GRID))
     for name in FUSED:
-        exact, _ = _grads(PLAIN[name], tf.constant(GRAD_GRID, tf.float64), b, 2)
-        auto32, _ = _grads(PLAIN[name], x, tf.cast(b, tf.float32), 2)
-        _assert_as_accurate(got[name].numpy(), exact, auto32, 1e-5, 1e-6, f"{name} (graph)")
+        exact, _ = _grads(PLAIN[name], GRAD_GRID.astype(np.float64), np.float64(3.0), 2)
+        auto32, _ = _grads(PLAIN[name], GRAD_GRID, np.float32(3.0), 2)
+        _assert_as_accurate(_numpy(got[name]), exact, auto32, 1e-5, 1e-6, f"{name} (compiled)")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(FUSED))
 def test_fused_gradients_in_half_precision(name, dtype):
     keras.config.set_dtype_policy(dtype)
-    x = tf.constant(GRAD_GRID, dtype)
+    x = _tensor(GRAD_GRID, dtype)
     layer = FUSED[name]()
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x)
-    got = tape.gradient(y, x)
+    y = layer(x)
+    got = _gradient(layer, x)
     assert y.dtype == x.dtype and got.dtype == x.dtype
-    got = tf.cast(got, tf.float64).numpy()
+    got = _numpy(ops.cast(got, "float32")).astype(np.float64)
     # Exact gradient at the rounded inputs, then one rounding to the half type's precision.
-    exact, _ = _grads(PLAIN[name], tf.cast(x, tf.float64), tf.constant(3.0, tf.float64), 1)
+    rounded = _numpy(ops.cast(x, "float32")).astype(np.float64)
+    exact, _ = _grads(PLAIN[name], rounded, np.float64(3.0), 1)
     rtol = {"float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
     np.testing.assert_allclose(got, exact, rtol=rtol, atol=1e-6)
 
@@ -427,14 +478,14 @@ def test_fused_gradients_in_half_precision(name, dtype):
 def test_smooth_relu_beta_gradient_under_mixed_precision():
     keras.config.set_dtype_policy("mixed_float16")
     layer = activations.SmoothReLU(beta_init=3.0)
-    x = tf.constant(GRAD_GRID[np.abs(GRAD_GRID) < 100], tf.float16)
-    with tf.GradientTape() as tape:
-        y = layer(x)
-    (db,) = tape.gradient(y, layer.trainable_weights)
-    assert layer.b.dtype == "float32" and y.dtype == tf.float16
-    _, exact = _grads(PLAIN["smooth_relu"], tf.cast(x, tf.float64), tf.constant(3.0, tf.float64), 1)
+    x = _tensor(GRAD_GRID[np.abs(GRAD_GRID) < 100], "float16")
+    (db,) = _weight_gradients(layer, x)
+    y = layer(x)
+    assert layer.b.dtype == "float32" and keras.backend.standardize_dtype(y.dtype) == "float16"
+    rounded = _numpy(ops.cast(x, "float32")).astype(np.float64)
+    _, exact = _grads(PLAIN["smooth_relu"], rounded, np.float64(3.0), 1)
     # Keras reads b as float16 under this policy, so its gradient passes a float16 cast.
-    np.testing.assert_allclose(float(db), exact, rtol=2.0**-10)
+    np.testing.assert_allclose(float(_numpy(db)), exact, rtol=2.0**-10)
 
 
 def test_models_saved_before_fusion_load_with_the_same_outputs():
@@ -450,4 +501,4 @@ def test_models_saved_before_fusion_load_with_the_same_outputs():
             config = {k: v for k, v in layer.get_config().items() if k != "dtype"}
             assert config == {k: v for k, v in saved[layer.name].items() if k != "dtype"}
     arrays = np.load(data / "activations_before.npz")
-    np.testing.assert_allclose(model(arrays["x"]), arrays["y"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_numpy(model(arrays["x"])), arrays["y"], rtol=1e-6, atol=1e-6)

@@ -7,6 +7,8 @@ import pytest
 from sat_tf import activations
 from sat_tf.convert import convert_activations
 
+# Each test is `backends` but the MobileNetV2 case below.
+
 
 def _relu_left(model):
     found = []
@@ -26,16 +28,28 @@ def _check_same_weights(original, converted):
             np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
 
 
+@pytest.fixture(scope="module")
+def resnet50():
+    """One Keras Applications ResNet-50 for the tests below (convert_activations copies, never
+    changes, the model it is given): building one takes seconds, under JAX most of ten."""
+    keras.utils.set_random_seed(0)
+    return keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+
+
 @pytest.mark.parametrize(
-    "make",
+    "name",
     [
-        lambda: keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10),
-        lambda: keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10),
+        pytest.param("ResNet50", marks=pytest.mark.backends),
+        # Not `backends`: the same rewrite as ResNet-50's (ReLU6 layers are ReLU layers), and a
+        # second Keras Applications build costs ten seconds under JAX.
+        "MobileNetV2",
     ],
-    ids=["ResNet50", "MobileNetV2"],
 )
-def test_keras_applications_lose_every_relu_and_keep_weights(make):
-    original = make()
+def test_keras_applications_lose_every_relu_and_keep_weights(request, name):
+    if name == "ResNet50":
+        original = request.getfixturevalue("resnet50")
+    else:
+        original = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
     assert _relu_left(original), "the fixture should start with ReLUs"
     converted = convert_activations(original, "silu")
     assert _relu_left(converted) == []
@@ -48,8 +62,9 @@ def test_keras_applications_lose_every_relu_and_keep_weights(make):
     _check_same_weights(original, converted)
 
 
-def test_relu_like_activation_keeps_outputs_close():
-    original = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+@pytest.mark.backends
+def test_relu_like_activation_keeps_outputs_close(resnet50):
+    original = resnet50
     # A very sharp softplus is ReLU up to log(2) / alpha; a config dict is a valid identifier.
     config = keras.saving.serialize_keras_object(activations.Softplus(alpha=1e3))
     converted = convert_activations(original, config)
@@ -59,6 +74,7 @@ def test_relu_like_activation_keeps_outputs_close():
     np.testing.assert_allclose(out, ref, atol=5e-3)
 
 
+@pytest.mark.backends
 def test_fused_conv_and_dense_relu_and_sequential():
     model = keras.Sequential(
         [
@@ -84,6 +100,7 @@ def test_fused_conv_and_dense_relu_and_sequential():
     np.testing.assert_allclose(np.asarray(converted(x)), h @ w2 + b2, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.backends
 def test_converted_model_saves_and_loads_safely(tmp_path):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.ReLU()(inputs)))
@@ -94,6 +111,7 @@ def test_converted_model_saves_and_loads_safely(tmp_path):
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(converted(x)), rtol=1e-6)
 
 
+@pytest.mark.backends
 def test_subclassed_model_gets_a_clear_error():
     class Custom(keras.Model):
         def __init__(self):

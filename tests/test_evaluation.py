@@ -1,14 +1,19 @@
-"""Tests for sat_tf.evaluation, sat_tf.masking and sat_tf.reporting."""
+"""Tests for sat_tf.evaluation, sat_tf.masking and sat_tf.reporting (under every backend;
+reading tf.data datasets needs TensorFlow)."""
 
 import json
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import HAS_TENSORFLOW, needs_tensorflow, only_tensorflow
 
-from sat_tf import evaluation, jobs, masking
+from sat_tf import backend, evaluation, jobs, masking
 from sat_tf.rows import AttackSpec, Row
+
+pytestmark = pytest.mark.backends
+if HAS_TENSORFLOW:
+    import tensorflow as tf
 
 NUM_CLASSES, SIZE = 5, 8
 
@@ -47,7 +52,7 @@ class Quantized(keras.Model):
         self.inner = inner
 
     def call(self, x, training=False):
-        rounded = tf.stop_gradient(tf.round(x / 32.0) * 32.0)
+        rounded = keras.ops.stop_gradient(keras.ops.round(x / 32.0) * 32.0)
         return self.inner(rounded + 0.0 * x, training=False)  # 0 * x: a zero, not None, gradient.
 
 
@@ -66,11 +71,20 @@ def test_parse_attack():
             spec(bad)
 
 
-def test_collect_reads_arrays_and_datasets(data):
+def test_collect_reads_arrays(data):
+    images, labels = data
+    one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+    for source in ((images, labels), (images, one_hot)):
+        x, y = evaluation.collect(source, num_examples=50)
+        np.testing.assert_array_equal(x, images[:50])
+        np.testing.assert_array_equal(y, labels[:50])
+
+
+@needs_tensorflow
+def test_collect_reads_datasets(data):
     images, labels = data
     one_hot = tf.one_hot(labels, NUM_CLASSES)
     for source in (
-        (images, labels),
         tf.data.Dataset.from_tensor_slices((images, labels)),
         tf.data.Dataset.from_tensor_slices((images, one_hot)).batch(10),
     ):
@@ -79,6 +93,9 @@ def test_collect_reads_arrays_and_datasets(data):
         np.testing.assert_array_equal(y, labels[:50])
 
 
+# TensorFlow only: the reports and plots do not depend on the backend, and every attack here is
+# run under each backend by the tests below.
+@only_tensorflow
 def test_evaluate_writes_json_markdown_and_plots(model, data, tmp_path, capsys):
     results = evaluation.evaluate(
         model,
@@ -129,7 +146,7 @@ def test_logits_and_determinism_checks(model, data):
     assert masking.check_logits(probabilities, images).passed is False
 
     def noisy(x, training=False):
-        return model(x, training=training) + tf.random.normal([tf.shape(x)[0], NUM_CLASSES])
+        return model(x, training=training) + keras.random.normal([len(x), NUM_CLASSES])
 
     assert masking.check_deterministic(model, images).passed
     randomized = masking.check_deterministic(noisy, images)
@@ -225,7 +242,12 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
 
     def counting(*args):
         attack = original(*args)
-        return lambda x, y, ids: sizes.append(len(x)) or attack(x, y, ids)
+
+        def count(x, y, ids):  # distinct examples: under JAX a last batch is padded with repeats
+            sizes.append(len(np.unique(backend.to_numpy(ids))))
+            return attack(x, y, ids)
+
+        return count
 
     monkeypatch.setattr(jobs, "_gradient_attack", counting)
     row, robust = run_one(model, "pgd-5x3", images, labels, epsilon=eps, batch_size=16)
@@ -241,7 +263,7 @@ def test_padded_last_chunk_counts_nowhere(model, data):
     images, labels = data
     fgsm = AttackSpec("fgsm")  # deterministic: same answer whatever the batching
     _, whole = run_one(model, fgsm, images, labels, epsilon=24.0, batch_size=64)
-    # 64 = 2 * 25 + 14: under XLA the last chunk is padded with 11 repeats of its own examples.
+    # 64 = 2 * 25 + 14: under XLA the last batch is padded to 16 with repeats of its own.
     row, ragged = run_one(
         model, fgsm, images, labels, epsilon=24.0, batch_size=25, jit_compile=True
     )
@@ -249,8 +271,19 @@ def test_padded_last_chunk_counts_nowhere(model, data):
     assert row.accuracy == whole.mean()
 
 
+def test_padding_repeats_the_last_batch_up_to_a_power_of_two():
+    from sat_tf import passes
+
+    found = list(passes.batches(np.arange(53), 25, pad=True))
+    assert [(len(b), count) for b, count in found] == [(25, 25), (25, 25), (4, 3)]
+    np.testing.assert_array_equal(found[-1][0], [50, 51, 52, 50])  # repeats count nowhere
+    assert [len(b) for b, _ in passes.batches(np.arange(170), 100, pad=True)] == [100, 100]
+    assert [len(b) for b, _ in passes.batches(np.arange(53), 25)] == [25, 25, 3]
+
+
+@only_tensorflow
 def test_one_trace_per_attack_config_over_a_whole_evaluation(model, data):
-    from sat_tf import attacks
+    from sat_tf.backend import tf as tf_backend
 
     fresh = keras.models.clone_model(model)  # its own entries in the compiled-function caches
     fresh.set_weights(model.get_weights())
@@ -265,12 +298,14 @@ def test_one_trace_per_attack_config_over_a_whole_evaluation(model, data):
         verbose=False,
     )
     traces = {
-        key: fn.experimental_get_tracing_count() for key, fn in attacks._COMPILED[fresh].items()
+        key: fn.experimental_get_tracing_count() for key, fn in tf_backend._COMPILED[fresh].items()
     }
-    # Per epsilon: PGD; APGD-CE and APGD-T (init, segment each); Square. APGD's and Square's
-    # batches also shrink as examples are fooled: the same trace serves them.
-    # Plus one forward pass that checks every adversarial batch.
-    assert len(traces) == 2 * 6 + 1 and traces[("predict", False)] == 1
+    # Per epsilon: PGD; APGD-CE and APGD-T (init, segment each); Square (its start, its
+    # queries): as many functions at each epsilon. APGD's and Square's batches also shrink as
+    # examples are fooled: the same trace serves them. Plus one forward pass that checks every
+    # adversarial batch.
+    assert len(traces) >= 2 * 6 + 1 and (len(traces) - 1) % 2 == 0
+    assert traces[("predict", False)] == 1
     assert set(traces.values()) == {1}, traces
 
 
@@ -298,6 +333,7 @@ def test_every_registered_attack_parses_to_itself():
         assert set(version["attacks"]) <= set(jobs.STAGES)
 
 
+@needs_tensorflow
 def test_collect_reads_only_as_far_as_num_examples():
     read = []
 

@@ -21,6 +21,7 @@ def tiny(head):
     return keras.Model(inputs, logits)
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("head", ["fused", "layer"])
 def test_every_entry_point_rejects_probabilities(head):
     model = tiny(head)
@@ -38,6 +39,7 @@ def test_every_entry_point_rejects_probabilities(head):
     assert attacks.output_activation(tiny("logits")) is None
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("head", ["fused", "layer"])
 def test_to_logits_keeps_weights_and_drops_only_the_softmax(head):
     model = tiny(head)
@@ -49,6 +51,8 @@ def test_to_logits_keeps_weights_and_drops_only_the_softmax(head):
     assert to_logits(logits) is logits  # Already logits: unchanged.
 
 
+# Not `backends`: finding the softmax and dropping it is graph surgery, the same under any backend
+# (the tiny models above check it under JAX); training a ResNet-50 there costs half a minute.
 @pytest.mark.slow
 def test_keras_applications_resnet50_trains_after_to_logits():
     keras.utils.set_random_seed(0)

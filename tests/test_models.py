@@ -6,12 +6,19 @@ Big models are only built (cheap) and run forward at 32x32 pixels, never at thei
 
 import functools
 import math
+import pathlib
 
 import keras
 import numpy as np
 import pytest
 
-from sat_tf import activations, models
+from sat_tf import activations, models, saving
+
+# Under JAX (`backends`) only the tests marked so run: building a model there compiles each
+# initializer once per weight shape (an EfficientNet: a minute on 2 cores), so the backend suite
+# builds the small nets and loads the tiny saved fixtures of every family (loading builds too:
+# he_resnet8 there is the option-A CIFAR ResNet that resnet20 would repeat).
+JAX_BUILT = {"small_cnn", "resnet18"}
 
 # Published trainable-parameter counts, 1000 classes: torchvision's ResNet/ResNeXt tables and
 # the EfficientNet paper / official checkpoints (equal to keras.applications' trainable counts).
@@ -220,9 +227,17 @@ def test_formulas_reproduce_published_counts(name):
     assert formula_params(name, _num_classes(name)) == published
 
 
-@pytest.mark.parametrize(
-    "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in models.names()]
-)
+def _marks(name):
+    return (
+        (pytest.mark.backends,)
+        if name in JAX_BUILT
+        else ()
+        if name in FAST
+        else (pytest.mark.slow,)
+    )
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in models.names()])
 def test_every_model_count_activations_and_forward(name):
     num_classes = _num_classes(name)
     model = models.build(name, num_classes=num_classes, activation="silu", input_shape=(32, 32, 3))
@@ -395,19 +410,26 @@ def test_save_load_round_trip(tmp_path, name, activation, attribute, value):
     assert loaded.name == name
 
 
+@functools.cache
+def _float32_reference(name):
+    """(weights, float32 logits on `_pixels(4, 32)`) of a perturbed float32 model, built once for
+    both policies below (under the float32 policy and seed 0 each test starts from)."""
+    reference = models.build(name, num_classes=10, input_shape=(32, 32, 3))
+    _perturb(reference)
+    return reference.get_weights(), np.asarray(reference(_pixels(4, 32), training=False))
+
+
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("name", ["resnet20", "efficientnet_b0"])
 def test_mixed_precision_matches_float32(policy, name):
-    reference = models.build(name, num_classes=10, input_shape=(32, 32, 3))
-    _perturb(reference)
+    weights, expected = _float32_reference(name)
     keras.config.set_dtype_policy(policy)
     model = models.build(name, num_classes=10, input_shape=(32, 32, 3))
-    model.set_weights(reference.get_weights())
+    model.set_weights(weights)
     assert model.get_layer("stem_conv").compute_dtype == policy[6:]
     x = _pixels(4, 32)
     logits = model(x, training=False)
     assert keras.backend.standardize_dtype(logits.dtype) == "float32"
-    expected = np.asarray(reference(x, training=False))
     scale = np.abs(expected).max()
     assert (
         np.abs(np.asarray(logits) - expected).max()
@@ -427,6 +449,7 @@ def test_same_seed_same_weights_different_activation():
     assert diff.max() > 1e-3 * np.abs(np.asarray(silu(x, training=False))).max()
 
 
+@pytest.mark.backends
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"Valid names: .*efficientnet_b0.*resnet50.*small_cnn"):
         models.build("resnet51", num_classes=10)
@@ -436,3 +459,36 @@ def test_bad_arguments():
         models.build("resnet20", num_classes=10, width=3)
     with pytest.raises(ValueError, match="has no dropout"):
         models.build("resnet20", num_classes=10, dropout_rate=0.3)
+
+
+# Tiny zoo models saved under TensorFlow (`<name>.keras`) and under JAX (`<name>.jax.keras`),
+# with the logits TensorFlow computed: tests/data/make_backend_models.py.
+BACKEND_MODELS = pathlib.Path(__file__).parent / "data" / "backend_models"
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("file", sorted(p.name for p in BACKEND_MODELS.glob("*.keras")))
+def test_a_model_saved_under_any_backend_loads_with_its_logits(file, tmp_path):
+    arrays = np.load(BACKEND_MODELS.parent / "backend_models.npz")
+    images, expected = arrays["images"], arrays[file.split(".")[0]]
+    model = saving.load_model(BACKEND_MODELS / file)
+    logits = keras.ops.convert_to_numpy(model(images, training=False))
+    atol = 1e-5 * np.abs(expected).max()  # 1e-5 relative to the logits' scale
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=atol)
+    # ... and saved again under this backend, it loads with the same logits.
+    model.save(tmp_path / file)
+    again = saving.load_model(tmp_path / file)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(images, training=False)), logits)
+
+
+@pytest.mark.backends
+def test_the_backends_compute_the_same_logits_from_the_same_weights():
+    # The fixture script drew the weights from NumPy under each backend: same model, same numbers.
+    arrays = np.load(BACKEND_MODELS.parent / "backend_models.npz")
+    names = [key[len("jax/") :] for key in arrays.files if key.startswith("jax/")]
+    assert names
+    for name in names:
+        expected = arrays[name]
+        np.testing.assert_allclose(
+            arrays[f"jax/{name}"], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+        )

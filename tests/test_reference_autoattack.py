@@ -6,6 +6,7 @@ reduced budgets on a few dozen images. Needs the bench extras (`pip install -r
 requirements-bench.txt`); skips where torch or pyautoattack is not installed.
 """
 
+import os
 import pathlib
 import sys
 
@@ -33,16 +34,31 @@ EPSILON = 2.0  # pixels, 2/255 for the reference: this clean-trained model is ~6
 N = 16
 
 
+def _train(model):
+    x, y = sat_tf.data.demo.arrays("train")
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(True))
+    model.fit(x, y, epochs=6, batch_size=32, verbose=0)
+
+
 @pytest.fixture(scope="module")
-def models():
+def models(tmp_path_factory):
     keras.utils.set_random_seed(0)
     torch.manual_seed(0)
-    x, y = sat_tf.data.demo.arrays("train")
     model = sat_tf.models.build(
         "small_cnn", num_classes=10, activation="relu", input_shape=(16, 16, 3), width=8
     )
-    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(True))
-    model.fit(x, y, epochs=6, batch_size=32, verbose=0)
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # no xdist
+        _train(model)
+    else:  # under xdist: trained once, by the first worker here; the others load its weights
+        from filelock import FileLock  # a torch dependency
+
+        weights = tmp_path_factory.getbasetemp().parent / "reference_small_cnn.weights.h5"
+        with FileLock(f"{weights}.lock"):
+            if weights.is_file():
+                model.load_weights(weights)
+            else:
+                _train(model)
+                model.save_weights(weights)
     return model, torch_twin(model)
 
 

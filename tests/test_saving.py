@@ -13,6 +13,8 @@ import pytest
 
 from sat_tf import saving
 
+pytestmark = pytest.mark.backends
+
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):

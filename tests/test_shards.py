@@ -2,19 +2,22 @@
 
 The reference is always the same evaluation run whole in one process (arrays at once): read a
 few examples at a time, or split over 3 processes and merged, it must give exactly its records,
-table and evaluation id. Merges that cannot give that result are refused in one line.
+table and evaluation id. Merges that cannot give that result are refused in one line. Under
+every backend; the tool's runs read tf.data pipelines, which need TensorFlow.
 """
 
 import json
 
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import HAS_TENSORFLOW, needs_tensorflow, only_tensorflow
 from test_autoattack import make_data, train_tiny_model
 from test_resume import OPTIONS, KillError, interrupt_after
 
 from sat_tf import evaluation, examples, shards
 from sat_tf.examples import Shard
+
+pytestmark = pytest.mark.backends
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,25 @@ def whole(model, data, tmp_path_factory):
     return evaluation.evaluate(model, data, **OPTIONS, verbose=0, state=path)
 
 
+class Batches:
+    """A loader without TensorFlow: NumPy batches of the arrays, in order, afresh each time."""
+
+    def __init__(self, data, batch):
+        self.data, self.batch = data, batch
+
+    def __iter__(self):
+        images, labels = self.data
+        for i in range(0, len(labels), self.batch):
+            yield images[i : i + self.batch], labels[i : i + self.batch]
+
+
 def dataset(data, batch=5):
-    """The arrays as a batched tf.data pipeline, read in order, as tools/eval.py reads."""
+    """The arrays as a batched tf.data pipeline, read in order, as tools/eval.py reads (without
+    TensorFlow: the same NumPy batches, `Batches`; either way its length is not known up front)."""
+    if not HAS_TENSORFLOW:
+        return Batches(data, batch)
+    import tensorflow as tf
+
     return tf.data.Dataset.from_tensor_slices(data).batch(batch)
 
 
@@ -152,6 +172,7 @@ def test_merges_that_cannot_give_the_whole_result_are_refused(model, data, tmp_p
     refused(r"not a shard's state", [folders[0], folders[1], whole_state])
 
 
+@needs_tensorflow
 def test_the_tool_runs_shards_reports_their_status_and_merges_them(tmp_path, capsys):
     from test_eval_tool import classifier
 
@@ -195,7 +216,10 @@ def test_the_tool_runs_shards_reports_their_status_and_merges_them(tmp_path, cap
         evalrun.run(config(out, shard="3/3"))
 
 
+# TensorFlow only: under JAX each process would compile its attacks again for the same check of
+# the launcher (the shards themselves are checked under every backend above).
 @pytest.mark.slow
+@only_tensorflow
 def test_the_launcher_runs_one_process_per_device_and_the_merge_gives_the_whole(tmp_path):
     import os
     import subprocess
@@ -209,10 +233,11 @@ def test_the_launcher_runs_one_process_per_device_and_the_merge_gives_the_whole(
 
     root = Path(__file__).resolve().parents[1]
     path = classifier(tmp_path / "m.keras", 10)
-    options = dict(model_path=str(path), dataset="demo", image_size=16, num_examples=24)
+    options = dict(model_path=str(path), dataset="demo", image_size=16, num_examples=8)
     flags = [f"--{name}={value}" for name, value in options.items()]
-    options |= dict(epsilons=(8.0,), num_steps=(2,), batch_size=4)
-    flags += ["--epsilons=8", "--num_steps=2", "--batch_size=4"]
+    options |= dict(epsilons=(8.0,), num_steps=(2,), batch_size=4, progress=False)
+    # --noprogress: no up-front timing of a batch in each process (the status is still shown).
+    flags += ["--epsilons=8", "--num_steps=2", "--batch_size=4", "--noprogress"]
     env = {**os.environ, "PYTHON": sys.executable, "LOG_DIR": str(tmp_path / "logs")}
     launched = subprocess.run(
         ["tools/eval_shards.sh", "2", *flags, f"--output_dir={tmp_path / 'sharded'}"],
@@ -226,7 +251,6 @@ def test_the_launcher_runs_one_process_per_device_and_the_merge_gives_the_whole(
     assert "shard 0/2: done" in launched.stdout and "shard 1/2: done" in launched.stdout
     logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
     assert logs == ["shard-0-of-2.log", "shard-1-of-2.log"]
-    options |= dict(progress=False)
     evalrun.run(EvalConfig(**options, output_dir=str(tmp_path / "sharded"), merge=True))
     evalrun.run(EvalConfig(**options, output_dir=str(tmp_path / "whole")))
     got = np.load(tmp_path / "sharded" / "per_example.npz")
@@ -234,6 +258,7 @@ def test_the_launcher_runs_one_process_per_device_and_the_merge_gives_the_whole(
     np.testing.assert_array_equal(got["fooled_by"], want["fooled_by"])
 
 
+@needs_tensorflow
 def test_the_robustbench_protocol_runs_in_shards_and_merges_to_the_whole_entry(tmp_path):
     from test_eval_tool import classifier
 

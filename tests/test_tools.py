@@ -18,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 SMOKE = "--flagfile=configs/demo_smoke.cfg"
+# The module's trained run: also the first of the two runs the determinism test compares.
+DETERMINISTIC = [SMOKE, "--deterministic", "--seed=3"]
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +38,91 @@ def tool(name, *args, check=True, timeout=300):
     return result
 
 
+# Runs several refused commands of the tools in ONE interpreter: it imports what the tools import
+# (the slow part of each start), then forks a pristine child per command, which runs
+# tools/<name>.py as __main__ with its own argv, stdout and stderr files and exit status.
+BATCH = r"""
+import json, logging, os, runpy, sys, time, traceback
+start = time.time()
+import tensorflow, keras, sat_tf.config, sat_tf.card, sat_tf.rundir  # what every tool imports
+imported = time.time() - start
+results = []
+for case in json.loads(sys.argv[1]):
+    start = time.time()
+    pid = os.fork()
+    if pid == 0:  # the child: a tool's process, from its command line on
+        for fd, name in ((1, case["stdout"]), (2, case["stderr"])):
+            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [f"tools/{case['tool']}.py", *case["args"]]
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as stop:  # what the interpreter does with it, at the top level
+            code = stop.code if isinstance(stop.code, int) else stop.code is not None
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        logging.shutdown()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)  # skips TensorFlow's teardown at exit (~1 s of CPU each)
+    status = os.waitpid(pid, 0)[1]
+    code = os.waitstatus_to_exitcode(status)
+    results.append(dict(code=code, seconds=imported + time.time() - start))
+print(json.dumps(results))
+"""
+
+
+def refused_batch(cases, directory):
+    """Runs {key: (tool, args)} through BATCH; returns {key: (result, seconds)}, `result` as
+    subprocess.run gives it and `seconds` from the start of the interpreter to the exit."""
+    jobs = {
+        key: dict(
+            tool=name,
+            args=[str(arg) for arg in args],
+            stdout=str(directory / f"{i}.out"),
+            stderr=str(directory / f"{i}.err"),
+        )
+        for i, (key, (name, args)) in enumerate(cases.items())
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", BATCH, json.dumps(list(jobs.values()))],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    return {
+        key: (
+            subprocess.CompletedProcess(
+                [job["tool"], *job["args"]],
+                outcome["code"],
+                Path(job["stdout"]).read_text(),
+                Path(job["stderr"]).read_text(),
+            ),
+            outcome["seconds"],
+        )
+        for (key, job), outcome in zip(jobs.items(), outcomes, strict=True)
+    }
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("run") / "smoke"
-    tool("train", SMOKE, f"--model_dir={model_dir}")
+    tool("train", *DETERMINISTIC, f"--model_dir={model_dir}")
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def relu_run(tmp_path_factory):
+    """A ReLU run trained under MultiWorkerMirroredStrategy: the multi-worker test's run, and
+    the ReLU model the --init_from test converts."""
+    model_dir = tmp_path_factory.mktemp("relu") / "mw"
+    tool("train", SMOKE, f"--model_dir={model_dir}", "--strategy=multi_worker", "--activation=relu")
     return model_dir
 
 
@@ -59,7 +142,7 @@ def test_train_writes_a_complete_run(trained):
 
 def test_finished_run_is_never_overwritten(trained):
     before = (trained / "model.keras").stat().st_mtime_ns
-    result = tool("train", SMOKE, f"--model_dir={trained}", check=False)
+    result = tool("train", *DETERMINISTIC, f"--model_dir={trained}", check=False)
     assert result.returncode != 0
     assert "holds a finished run" in result.stderr and "--overwrite" in result.stderr
     assert (trained / "model.keras").stat().st_mtime_ns == before
@@ -87,10 +170,9 @@ def test_eval_reports_clean_and_pgd_and_updates_the_card(trained, tmp_path):
     assert "tools/eval.py" in entry["command"]
 
 
-def test_deterministic_runs_give_bit_identical_weights_and_results(tmp_path):
-    runs = [tmp_path / "a", tmp_path / "b"]
-    for run in runs:
-        tool("train", SMOKE, f"--model_dir={run}", "--deterministic", "--seed=3")
+def test_deterministic_runs_give_bit_identical_weights_and_results(trained, tmp_path):
+    runs = [trained, tmp_path / "b"]  # `trained` ran the same command
+    tool("train", *DETERMINISTIC, f"--model_dir={runs[1]}")
     from sat_tf import saving
 
     weights = [saving.load_model(run / "model.keras").get_weights() for run in runs]
@@ -130,87 +212,120 @@ try:
     sys.exit("a 1-channel request was accepted")
 except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
     print("rejected:", type(error).__name__)
+# What `saved_model_cli show --all` lists, read from saved_model.pb itself (as the CLI does, and
+# without starting one more TensorFlow process for it):
+from tensorflow.core.protobuf import saved_model_pb2
+proto = saved_model_pb2.SavedModel()
+proto.ParseFromString(open({str(path / "saved_model.pb")!r}, "rb").read())
+signatures = proto.meta_graphs[0].signature_def
+assert "serving_bytes" in signatures, list(signatures)
+assert "top_k_probabilities" in signatures["serving_default"].outputs, signatures
+assert "top_k_probabilities" in signatures["serving_bytes"].outputs, signatures
 print("ok")
 """
     result = subprocess.run(
         [sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
-    cli = Path(sys.executable).parent / "saved_model_cli"
-    shown = subprocess.run(
-        [str(cli), "show", "--dir", str(path), "--all"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
+
+
+DAMAGED = {
+    "card": ("robustness_card.json", "{not json", "robustness_card.json is not valid JSON"),
+    "config-keys": (
+        "config.json",
+        '{"model": "small_cnn"}',
+        "lacks the run keys augmentation, dataset",
+    ),
+    "config-types": (
+        "config.json",
+        '{"image_size": "big", "augmentation": "auto", "dataset": "demo"}',
+        "config.json has image_size='big', not a number of pixels in [8, 4096]",
+    ),
+}
+EXPORT_FLAGS = [
+    (["--top_k=0"], "--top_k=0 is invalid: must be >= 1"),
+    (["--version=0"], "--version=0 is invalid: must be >= 1"),
+    (["--image_size=-1"], "--image_size=-1 is invalid: must be in [8, 4096]"),
+    (["--image_size=20000"], "--image_size=20000 is invalid: must be in [8, 4096]"),
+]
+BAD_TRAIN_FLAGS = [
+    # The command line's own paths, one case each (every flag check is tested in-process by
+    # test_bad_inputs.py::test_bad_flag_is_refused_before_any_work, through the same code):
+    (["--model=resnet9000"], "Unknown model 'resnet9000'"),  # a name check
+    (["--epsilon=inf"], "--epsilon=inf is invalid: must be in [0, 255]"),  # validate()
+    (["--dataset=tfrecord:/nonexistent/train-*"], "/nonexistent/train-*"),  # the data
+    (["--epslion=4"], "epslion"),  # absl
+    (["--decay_epochs=30,sixty"], "--decay_epochs=30,sixty is invalid: give epochs as numbers"),
+    (["--global_batch_size=2000"], "--global_batch_size=2000 is larger than the 1437 examples"),
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(trained, tmp_path_factory):
+    """Every refused command of this file, run once in one batch (BATCH): {key: (result,
+    seconds, folder)}; each export case has its own copy of the trained run."""
+    root = tmp_path_factory.mktemp("refusals")
+    cases, folders = {}, {}
+
+    def run_copy(key):
+        folders[key] = run = root / key / "run"
+        shutil.copytree(trained, run)
+        return run
+
+    for key, (name, payload, _) in DAMAGED.items():
+        (run_copy(f"damaged-{key}") / name).write_text(payload)
+        cases[f"damaged-{key}"] = ("export", [f"--model_dir={folders[f'damaged-{key}']}"])
+    run = run_copy("linked")
+    (root / "linked" / "outside").mkdir()
+    (run / "export").symlink_to(root / "linked" / "outside")
+    cases["linked"] = ("export", [f"--model_dir={run}"])
+    for args, _ in EXPORT_FLAGS:
+        cases[f"export{args}"] = ("export", [f"--model_dir={run_copy(f'export{args}')}", *args])
+    for args, _ in BAD_TRAIN_FLAGS:
+        folders[f"train{args}"] = root / f"train{args}"
+        cases[f"train{args}"] = (
+            "train",
+            [SMOKE, f"--model_dir={root / f'train{args}' / 'bad'}", *args],
+        )
+    folders["flagfile"] = root / "flagfile"
+    folders["flagfile"].mkdir()
+    cases["flagfile"] = (
+        "train",
+        ["--flagfile=configs/nope.cfg", f"--model_dir={folders['flagfile']}"],
     )
-    assert "serving_bytes" in shown.stdout and "top_k_probabilities" in shown.stdout
+    outcomes = refused_batch(cases, root)
+    return {key: (*outcomes[key], folders[key]) for key in cases}
 
 
-def run_copy(trained, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    return run
-
-
-def refused_export(run, *args):
+def refused_export(refusals, key):
     """tools/export.py's one-line refusal; nothing was exported and nothing took long."""
-    start = time.time()
-    result = tool("export", f"--model_dir={run}", *args, check=False)
+    result, seconds, run = refusals[key]
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr[-2000:]
     assert not (run / "export").exists() or (run / "export").is_symlink()
-    assert time.time() - start < 60
-    return lines[0]
+    assert seconds < 60
+    return lines[0], run
 
 
-@pytest.mark.parametrize(
-    ("name", "payload", "match"),
-    [
-        ("robustness_card.json", "{not json", "robustness_card.json is not valid JSON"),
-        ("config.json", '{"model": "small_cnn"}', "lacks the run keys augmentation, dataset"),
-        (
-            "config.json",
-            '{"image_size": "big", "augmentation": "auto", "dataset": "demo"}',
-            "config.json has image_size='big', not a number of pixels in [8, 4096]",
-        ),
-    ],
-    ids=["card", "config-keys", "config-types"],
-)
-def test_export_of_a_damaged_run_is_one_line_before_exporting(
-    trained, tmp_path, name, payload, match
-):
-    run = run_copy(trained, tmp_path)
-    (run / name).write_text(payload)
-    line = refused_export(run)
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_export_of_a_damaged_run_is_one_line_before_exporting(refusals, case):
+    name, payload, match = DAMAGED[case]
+    line, run = refused_export(refusals, f"damaged-{case}")
     assert f"error: {run / name}" in line and match in line, line
     assert (run / name).read_text() == payload  # kept as it is
 
 
-def test_export_never_writes_through_a_linked_export_folder(trained, tmp_path):
-    run = run_copy(trained, tmp_path)
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (run / "export").symlink_to(outside)
-    line = refused_export(run)
+def test_export_never_writes_through_a_linked_export_folder(refusals):
+    line, run = refused_export(refusals, "linked")
     assert f"{run / 'export'} is a symbolic link" in line, line
-    assert list(outside.iterdir()) == []
+    assert list((run.parent / "outside").iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        (["--top_k=0"], "--top_k=0 is invalid: must be >= 1"),
-        (["--version=0"], "--version=0 is invalid: must be >= 1"),
-        (["--image_size=-1"], "--image_size=-1 is invalid: must be in [8, 4096]"),
-        (["--image_size=20000"], "--image_size=20000 is invalid: must be in [8, 4096]"),
-    ],
-)
-def test_export_flags_are_checked_before_the_model_is_loaded(trained, tmp_path, args, match):
-    run = run_copy(trained, tmp_path)
-    assert match in refused_export(run, *args)
+@pytest.mark.parametrize(("args", "match"), EXPORT_FLAGS)
+def test_export_flags_are_checked_before_the_model_is_loaded(refusals, args, match):
+    assert match in refused_export(refusals, f"export{args}")[0]
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path):
@@ -243,9 +358,8 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert json.loads((model_dir / "results.json").read_text())["steps"] == 12
 
 
-def test_init_from_fine_tunes_a_converted_relu_model(tmp_path):
-    relu_dir, sat_dir = tmp_path / "relu", tmp_path / "sat"
-    tool("train", SMOKE, f"--model_dir={relu_dir}", "--activation=relu")
+def test_init_from_fine_tunes_a_converted_relu_model(relu_run, tmp_path):
+    relu_dir, sat_dir = relu_run, tmp_path / "sat"
     tool(
         "train",
         SMOKE,
@@ -269,38 +383,25 @@ print("ok")
     assert card["model"]["init_from"].endswith("model.keras")
 
 
-def test_multi_worker_strategy_trains_through_the_custom_loop(tmp_path):
+def test_multi_worker_strategy_trains_through_the_custom_loop(relu_run):
     # Keras 3.15's fit fails under MultiWorkerMirroredStrategy; training.run uses
     # sat_tf.distribute.train there (one local worker when TF_CONFIG is unset).
-    tool("train", SMOKE, f"--model_dir={tmp_path / 'mw'}", "--strategy=multi_worker")
-    assert json.loads((tmp_path / "mw" / "results.json").read_text())["steps"] == 2
+    assert json.loads((relu_run / "config.json").read_text())["strategy"] == "multi_worker"
+    assert json.loads((relu_run / "results.json").read_text())["steps"] == 2
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        # The command line's own paths, one case each (every flag check is tested in-process by
-        # test_bad_inputs.py::test_bad_flag_is_refused_before_any_work, through the same code):
-        (["--model=resnet9000"], "Unknown model 'resnet9000'"),  # a name check
-        (["--epsilon=inf"], "--epsilon=inf is invalid: must be in [0, 255]"),  # validate()
-        (["--dataset=tfrecord:/nonexistent/train-*"], "/nonexistent/train-*"),  # the data
-        (["--epslion=4"], "epslion"),  # absl
-        (["--decay_epochs=30,sixty"], "--decay_epochs=30,sixty is invalid: give epochs as numbers"),
-        (["--global_batch_size=2000"], "--global_batch_size=2000 is larger than the 1437 examples"),
-    ],
-)
-def test_bad_flags_fail_fast_with_one_clear_line(args, message, tmp_path):
-    start = time.time()
-    result = tool("train", SMOKE, f"--model_dir={tmp_path / 'bad'}", *args, check=False)
+@pytest.mark.parametrize(("args", "message"), BAD_TRAIN_FLAGS)
+def test_bad_flags_fail_fast_with_one_clear_line(refusals, args, message):
+    result, seconds, folder = refusals[f"train{args}"]
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert time.time() - start < 60
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+    assert seconds < 60
+    assert not (folder / "bad" / "checkpoints").exists()
 
 
-def test_missing_flagfile_is_named(tmp_path):
-    result = tool("train", "--flagfile=configs/nope.cfg", f"--model_dir={tmp_path}", check=False)
+def test_missing_flagfile_is_named(refusals):
+    result, _, _ = refusals["flagfile"]
     assert result.returncode != 0 and "configs/nope.cfg" in result.stderr
     assert "Traceback" not in result.stderr
 
