@@ -404,7 +404,19 @@ def _tool_main(script, *args, define=None):
     only under `__main__`. Returns what main returned; a sys.exit propagates as SystemExit."""
     from absl import flags
 
-    flag_values, before = flags.FLAGS, set(flags.FLAGS)
+    flag_values = flags.FLAGS
+    # Flags other tests' tool modules left in this worker (tests/test_build_tfrecords.py loads its
+    # tool at import) may share names with this tool's: set them aside while it runs.
+    absl_own = {
+        flag.name
+        for module, defined in flag_values.flags_by_module_dict().items()
+        if module.startswith("absl.")
+        for flag in defined
+    }
+    aside = {name: flag_values[name] for name in set(flag_values) - absl_own}
+    for name in aside:
+        delattr(flag_values, name)
+    before = set(flag_values)
     was_parsed = flag_values.is_parsed()
     spec = importlib.util.spec_from_file_location(f"_tool_{Path(script).stem}", ROOT / script)
     module = importlib.util.module_from_spec(spec)
@@ -419,6 +431,8 @@ def _tool_main(script, *args, define=None):
             delattr(flag_values, name)
         if not was_parsed:
             flag_values.unparse_flags()
+        for name, flag in aside.items():
+            flag_values[name] = flag
 
 
 def test_the_tool_refuses_non_finite_weights_in_one_line_and_writes_nothing(tmp_path):
