@@ -66,7 +66,9 @@ $(JAX_STAMP): requirements-jax.txt pyproject.toml
 	$(JAX_PY) -m pip install -q --no-deps -e .
 	touch $(JAX_STAMP)
 
-test: $(STAMP) $(JAX_STAMP)  ## Set up, then run the linter, the suite under TensorFlow, the backend suite under JAX.
+# The two virtual environments are built side by side (pip mostly waits on disk and network).
+test:  ## Set up, then run the linter, the suite under TensorFlow, the backend suite under JAX.
+	$(MAKE) -j2 --no-print-directory $(STAMP) $(JAX_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_ARGS)

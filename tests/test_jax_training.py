@@ -136,3 +136,34 @@ def test_strategies_under_jax_are_keras_distributions():
     assert mirrored.num_replicas_in_sync == 4  # conftest's 4 CPU devices
     with pytest.raises(ValueError, match="--strategy=mirrored"):
         distribute.get_strategy("tpu")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs under JAX")
+def test_evaluation_under_data_parallel_gives_the_same_per_example_records():
+    """An evaluation (clean, PGD-3 and APGD-CE, keyed draws) of a model laid out by
+    `DataParallel` on 4 devices gives, example by example, the record of a one-device model."""
+    import jax
+
+    from sat_tf.evaluation import evaluate
+
+    recipe = _recipe()
+    arrays = recipe.inputs()
+    weights = [arrays[f"init_{i}"] for i in range(8)]
+    x, y = arrays["images"][:24], arrays["labels"][:24]
+
+    def records(distribution):
+        keras.distribution.set_distribution(distribution)
+        try:
+            net = recipe.classifier()
+            net.set_weights(weights)
+            results = evaluate(
+                net, (x, y), attacks=["clean", "pgd-3", "apgd-ce"], epsilons=[8.0], batch_size=8,
+                checks=False, verbose=0,
+            )  # fmt: skip
+        finally:
+            keras.distribution.set_distribution(None)
+        return results.per_example.fooled_by
+
+    alone = records(None)
+    parallel = records(keras.distribution.DataParallel(devices=jax.devices("cpu")))
+    np.testing.assert_array_equal(parallel, alone)
