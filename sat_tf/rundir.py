@@ -71,8 +71,12 @@ def _hidden_ours(name):
 
 
 def _shard_folder(path):
-    """A shard's folder of a sharded evaluation (`sat_tf.shards`), with its manifest."""
-    return Shard.of_folder(path.name) is not None and (path / MANIFEST).is_file()
+    """A shard's folder of a sharded evaluation (`sat_tf.shards`): with its manifest, or still
+    being set up by its process (nothing in it but the lock and write probes yet): shards start
+    side by side, so one may look into the output folder while another creates its own."""
+    if Shard.of_folder(path.name) is None or not path.is_dir():
+        return False
+    return (path / MANIFEST).is_file() or all(_hidden_ours(p.name) for p in path.iterdir())
 
 
 def check_ours(model_dir, flag="--model_dir"):
