@@ -7,6 +7,14 @@ STAMP := $(VENV)/.installed
 JAX_VENV := .venv-jax
 JAX_PY := $(JAX_VENV)/bin/python
 JAX_STAMP := $(JAX_VENV)/.installed
+# The PyTorch backend suite, and the reference AutoAttack on the same model, in a third venv
+# without TensorFlow (torch's CPU build).
+TORCH_VENV := .venv-torch
+TORCH_PY := $(TORCH_VENV)/bin/python
+TORCH_STAMP := $(TORCH_VENV)/.installed
+# torch's CPU build: from a local wheel or PyPI mirror if one has it, else from PyTorch's index.
+TORCH_PIN := $(shell grep -m1 '^torch==' requirements-torch.txt)
+TORCH_INDEX := https://download.pytorch.org/whl/cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The Keras backend of `make demo` (and bench): `make demo BACKEND=jax` or `KERAS_BACKEND=jax make
 # demo`; TensorFlow by default. `make test` runs both backends whatever this says.
@@ -16,8 +24,9 @@ export KERAS_BACKEND := $(BACKEND)
 # on one worker finishing a long file alone.
 PYTEST_ARGS ?= -n 2 --dist worksteal --durations=15
 JAX_PYTEST_ARGS ?= -n 2 --dist worksteal --durations=10
+TORCH_PYTEST_ARGS ?= -n 2 --dist worksteal --durations=10
 
-.PHONY: help demo test test-jax lint format bench clean test-official
+.PHONY: help demo test test-jax test-torch lint format bench clean test-official
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -66,17 +75,31 @@ $(JAX_STAMP): requirements-jax.txt pyproject.toml
 	$(JAX_PY) -m pip install -q --no-deps -e .
 	touch $(JAX_STAMP)
 
-# The two virtual environments are built side by side (pip mostly waits on disk and network).
-test:  ## Set up, then run the linter, the suite under TensorFlow, the backend suite under JAX.
-	$(MAKE) -j2 --no-print-directory $(STAMP) $(JAX_STAMP)
+$(TORCH_STAMP): requirements-torch.txt pyproject.toml
+	test -x $(TORCH_PY) || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_PY) -m pip install -q --upgrade pip
+	$(TORCH_PY) -m pip install -q $(TORCH_PIN) 2>/dev/null \
+		|| $(TORCH_PY) -m pip install -q $(TORCH_PIN) --extra-index-url $(TORCH_INDEX)
+	$(TORCH_PY) -m pip install -q -r requirements-torch.txt
+	$(TORCH_PY) -m pip install -q --no-deps -e .
+	touch $(TORCH_STAMP)
+
+# The three virtual environments are built side by side (pip mostly waits on disk and network).
+test:  ## Set up, then run the linter, the suite under TensorFlow, the backend suites under JAX and PyTorch.
+	$(MAKE) -j3 --no-print-directory $(STAMP) $(JAX_STAMP) $(TORCH_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-jax
+	$(MAKE) --no-print-directory test-torch
 
 # pytest's exit status 5 (no test collected) fails this step like any other failure.
 test-jax: $(JAX_STAMP)  ## The tests marked `backends`, under JAX, without TensorFlow (.venv-jax).
 	KERAS_BACKEND=jax $(JAX_PY) -m pytest -m backends $(JAX_PYTEST_ARGS)
+
+# The reference AutoAttack's agreement with ours on one model runs here, on every CI run.
+test-torch: $(TORCH_STAMP)  ## The tests marked `backends`, under PyTorch, without TensorFlow (.venv-torch).
+	KERAS_BACKEND=torch $(TORCH_PY) -m pytest -m backends $(TORCH_PYTEST_ARGS)
 
 lint: $(STAMP)  ## Lint only.
 	$(VENV)/bin/ruff check .
@@ -86,4 +109,4 @@ format: $(STAMP)  ## Reformat the code in place.
 	$(VENV)/bin/ruff check --fix .
 
 clean:  ## Remove the virtual environment and caches.
-	rm -rf $(VENV) $(JAX_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(JAX_VENV) $(TORCH_VENV) .pytest_cache .ruff_cache

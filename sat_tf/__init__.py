@@ -1,7 +1,8 @@
 """sat_tf: Smooth Adversarial Training (Xie, Tan, Gong, Yuille, Le, 2020) in Keras 3.
 
 The core (activations, models, attacks, `AdversarialModel`, the evaluation) is `keras.ops` code
-for the TensorFlow (default) and JAX backends, and importing it needs no TensorFlow under JAX.
+for the TensorFlow (default), JAX and PyTorch backends, and importing it needs no TensorFlow under
+JAX or PyTorch. `sat_tf.torch_module(model)` hands a model to PyTorch's robustness tools.
 `sat_tf.data` (tf.data pipelines), `sat_tf.export` (SavedModel) and the TF1 checkpoint reader
 import TensorFlow when they are first used (`sat_tf.backend.tensorflow`).
 """
@@ -18,6 +19,12 @@ from sat_tf.convert import convert_activations  # noqa: E402
 _LAZY = ("data",)  # needs TensorFlow: imported on first use
 
 
+def torch_module(model):
+    """`model` as the `torch.nn.Module` PyTorch's robustness tools expect: NCHW images in
+    [0, 1] -> logits (`sat_tf.pytorch.TorchClassifier`; needs KERAS_BACKEND=torch)."""
+    return importlib.import_module("sat_tf.pytorch").torch_module(model)
+
+
 def __getattr__(name):
     if name in _LAZY:
         return importlib.import_module(f"sat_tf.{name}")
@@ -32,5 +39,6 @@ __all__ = [
     "convert_activations",
     "data",
     "models",
+    "torch_module",
 ]
 __version__ = "0.1.0"

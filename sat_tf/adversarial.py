@@ -223,9 +223,11 @@ class AdversarialModel(keras.Model):
         return self.train_metrics_result()
 
     def train_step(self, *args):
-        """One PGD-AT step: `(data)` under TensorFlow, `(state, data)` under JAX."""
+        """One PGD-AT step: `(data)` under TensorFlow and PyTorch, `(state, data)` under JAX."""
         if backend.NAME == "jax":
             return self._jax_train_step(*args)
+        if backend.NAME == "torch":
+            return self._torch_train_step(*args)
         return self._tf_train_step(*args)
 
     def _tf_train_step(self, data):
@@ -242,6 +244,24 @@ class AdversarialModel(keras.Model):
             gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
         return self._record_training(loss, x, y, y_pred, sample_weight)
+
+    def _torch_train_step(self, data):
+        import torch
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x_adv = self.adversarial_examples(x, y, training=True, ids=self._training_ids(x))
+        # Keras's own PyTorch step: clear the weights' gradients, backward, apply.
+        self.zero_grad()
+        with activations.smooth_gradients("update" in self.smooth_gradients):
+            y_pred = self(x_adv, training=True)
+            loss = compat.compute_loss(
+                self, x=x_adv, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            self.optimizer.scale_loss(loss).backward()  # Mixed precision: loss scaling.
+        with torch.no_grad():
+            variables = self.trainable_variables
+            self.optimizer.apply([v.value.grad for v in variables], variables)
+        return self._record_training(loss.detach(), x, y, y_pred.detach(), sample_weight)
 
     def _jax_train_step(self, state, data):
         import jax

@@ -199,8 +199,8 @@ _NOISE, _COIN = 0, 1
 
 def _uniform(images, minval, maxval, seed, ids, counter, *, per_pixel):
     """Uniform in [minval, maxval), per pixel ([B, ...]) or per example ([B]): the backend's
-    stateful draws without a seed (TensorFlow only), else keyed by (seed, each example's index
-    `ids`)."""
+    stateful draws without a seed (TensorFlow, PyTorch), else keyed by (seed, each example's
+    index `ids`)."""
     if seed is None:
         shape = ops.shape(images)  # the batch may be unknown inside a compiled function
         return backend.uniform(shape if per_pixel else shape[:1], minval, maxval)
@@ -218,7 +218,7 @@ def uniform_start(images, *, epsilon, prob_start_from_clean=0.0, seed=None, ids=
     The official code draws that choice once per batch; it is drawn per example here, so
     every batch mixes both starts in the same proportion. With a `seed` both draws are keyed
     by each example's index `ids` (default 0..B-1), see `pgd`; without one they are the
-    backend's stateful draws, which only TensorFlow has: under JAX pass a `seed`.
+    backend's stateful draws, which TensorFlow and PyTorch have: under JAX pass a `seed`.
     """
     images = ops.convert_to_tensor(images)
     noise = _uniform(images, -epsilon, epsilon, seed, ids, _NOISE, per_pixel=True)
@@ -302,10 +302,10 @@ def pgd(
         clip_max: Largest valid pixel value.
         prob_start_from_clean: With `random_start`, the chance that an example starts
             from its clean image instead (the official SAT training uses 0.2).
-        seed: None for TensorFlow's stateful random ops (training under TensorFlow; JAX has
-            none, so there a `random_start` needs a seed), or an int / scalar int tensor: the
-            start is then keyed by (seed, example index), `sat_tf.draws`, so an example starts
-            at the same point in any batch, chunk or shard, on any backend.
+        seed: None for the backend's stateful random ops (training under TensorFlow or
+            PyTorch; JAX has none, so there a `random_start` needs a seed), or an int / scalar
+            int tensor: the start is then keyed by (seed, example index), `sat_tf.draws`, so an
+            example starts at the same point in any batch, chunk or shard, on any backend.
         ids: With a `seed`, [B] int indices of the examples in the whole evaluation; None
             numbers the batch 0..B-1.
         loss_scale: See `input_gradient`; None is right for float32 and float16 models.

@@ -63,6 +63,11 @@ class KerasDistribution:
 
 
 def _keras_distribution(name):
+    if backend.NAME == "torch" and name != "default":
+        raise ValueError(
+            f"--strategy={name}: Keras distributes no training under KERAS_BACKEND=torch; use "
+            "--strategy=default (one device), or KERAS_BACKEND=jax or tensorflow to distribute."
+        )
     if name == "tpu":
         raise ValueError(
             "--strategy=tpu is TensorFlow's TPUStrategy; under KERAS_BACKEND=jax use "
@@ -88,7 +93,8 @@ def local_hosts(count):
 
 
 def get_strategy(name, tpu=None):
-    """Returns the `tf.distribute.Strategy` called `name` (under JAX: a `KerasDistribution`).
+    """Returns the `tf.distribute.Strategy` called `name` (under JAX and PyTorch: a
+    `KerasDistribution`).
 
     Args:
         name: "default" (the current/no-op strategy), "mirrored" (all local GPUs, or the
@@ -108,7 +114,7 @@ def get_strategy(name, tpu=None):
         raise ValueError(
             f"`tpu` is only used with name='tpu'. Received: name={name!r}, tpu={tpu!r}"
         )
-    if backend.NAME == "jax":
+    if backend.NAME != "tensorflow":
         return _keras_distribution(name)
     tf = backend.tensorflow("tf.distribute strategies")
     if name == "default":

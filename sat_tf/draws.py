@@ -12,7 +12,8 @@ k-th), so here every number is a hash of (key, counter, position):
 
 A counter-based generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC
 2011): no state to carry, any draw computed on its own. The hash is written in `keras.ops` on
-uint32 (multiplies wrap modulo 2**32, shifts are logical), so the same seed gives the same
+uint32 (multiplies wrap modulo 2**32, shifts are logical; under PyTorch, whose Keras backend holds
+uint32 in int64, each product is cut back to its low word), so the same seed gives the same
 numbers eagerly, in `tf.function`, under XLA and on any Keras backend. Its mixing step is
 "lowbias32" (Chris Wellons' hash prospector: x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
 x *= 0x846CA68B; x ^= x >> 16), a bijection of 32-bit words with low avalanche bias. The
@@ -45,16 +46,23 @@ def _u32(value):
         if value.dtype.kind not in "iu":
             raise ValueError(f"Expected integers. Received: dtype={value.dtype}")
         return keras.ops.convert_to_tensor((value.astype(np.int64) & _WORD).astype(np.uint32))
-    return keras.ops.cast(value, "uint32")
+    return _low_word(keras.ops.cast(value, "uint32"))
+
+
+def _low_word(x):
+    """`x` modulo 2**32: a no-op on uint32; Keras's PyTorch backend keeps "uint32" in int64 (torch
+    has no uint32 arithmetic), where products wrap modulo 2**64 and casts keep the sign, and this
+    keeps the low word, the uint32 result."""
+    return keras.ops.bitwise_and(x, keras.ops.convert_to_tensor(_WORD, "uint32"))
 
 
 def _mix(x):
     """lowbias32 of uint32 words: a bijection, each output bit depending on every input bit."""
     shifts = [_u32(s) for s in _SHIFTS]
     x = keras.ops.bitwise_xor(x, keras.ops.right_shift(x, shifts[0]))
-    x = keras.ops.multiply(x, _u32(_MULTIPLIERS[0]))
+    x = _low_word(keras.ops.multiply(x, _u32(_MULTIPLIERS[0])))
     x = keras.ops.bitwise_xor(x, keras.ops.right_shift(x, shifts[1]))
-    x = keras.ops.multiply(x, _u32(_MULTIPLIERS[1]))
+    x = _low_word(keras.ops.multiply(x, _u32(_MULTIPLIERS[1])))
     return keras.ops.bitwise_xor(x, keras.ops.right_shift(x, shifts[2]))
 
 

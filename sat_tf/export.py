@@ -74,6 +74,11 @@ def export_saved_model(
         sat_tf.rundir.RunWriteError: the export could not be written (one line; the partial
             export is removed).
     """
+    if backend.NAME == "torch":
+        raise ValueError(
+            "A SavedModel is exported from TensorFlow or JAX code; export under "
+            "KERAS_BACKEND=tensorflow (or jax): the .keras file is the same on every backend."
+        )
     if int(version) < 1:
         raise ValueError(f"`version` must be a positive integer. Received: version={version}")
     final = Path(export_dir) / str(int(version))

@@ -16,6 +16,8 @@ import dataclasses
 
 import numpy as np
 
+from sat_tf import backend
+
 WHITE_BOX = ("fgsm", "pgd", "apgd-ce", "apgd-t", "autoattack")
 
 
@@ -42,7 +44,7 @@ def check_logits(model, images):
     Gradients of a saturated softmax vanish, so attacks on probabilities look weaker than they
     are (Carlini & Wagner 2017, "Defensive distillation is not robust").
     """
-    out = np.asarray(model(images, training=False), np.float64)
+    out = backend.to_numpy(model(images, training=False)).astype(np.float64)
     sums = out.sum(axis=1)
     probabilities = bool(np.all(out >= 0) and np.allclose(sums, 1.0, atol=1e-3))
     values = {
@@ -59,8 +61,8 @@ def check_logits(model, images):
 
 def check_deterministic(model, images):
     """Warns when two calls on the same input differ: a randomized model needs EOT attacks."""
-    first = np.asarray(model(images, training=False))
-    second = np.asarray(model(images, training=False))
+    first = backend.to_numpy(model(images, training=False))
+    second = backend.to_numpy(model(images, training=False))
     diff = float(np.max(np.abs(first - second)))
     ok = diff <= 1e-5 * max(1.0, float(np.max(np.abs(first))))
     message = f"max |f(x) - f(x)| over two calls = {diff:.3g}"

@@ -329,7 +329,7 @@ def _fit_function(config, model, strategy, train, evaluation):
     `keras.distribution` scope), or the custom loop of `sat_tf.distribute` under TensorFlow's
     MultiWorkerMirroredStrategy (where Keras 3.15's fit fails)."""
     verbose = 1 if sys.stdout.isatty() else 2
-    if config.strategy != "multi_worker" or backend.NAME == "jax":
+    if config.strategy != "multi_worker" or backend.NAME != "tensorflow":
         return functools.partial(
             _fit_in_scope,
             strategy,
@@ -357,7 +357,7 @@ def _fit_function(config, model, strategy, train, evaluation):
 def _fit_scope(strategy):
     """Under JAX, `keras.distribution` lays out `fit`'s and `evaluate`'s batches only inside its
     scope; TensorFlow's strategies need none there (nothing changes for them)."""
-    return strategy.scope() if backend.NAME == "jax" else contextlib.nullcontext()
+    return strategy.scope() if backend.NAME != "tensorflow" else contextlib.nullcontext()
 
 
 def _fit_in_scope(strategy, fit, *args, **kwargs):

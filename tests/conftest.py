@@ -2,8 +2,9 @@
 fixed seeds, the shared data location.
 
 `make test` runs the whole suite under TensorFlow, then the modules marked `backends` again under
-JAX in .venv-jax, which has no TensorFlow: there a test that needs TensorFlow is marked
-`needs_tensorflow` (skipped with the reason) and `HAS_TENSORFLOW` is False.
+JAX in .venv-jax and under PyTorch in .venv-torch, neither of which has TensorFlow: there a test
+that needs TensorFlow is marked `needs_tensorflow` (skipped with the reason) and `HAS_TENSORFLOW`
+is False.
 """
 
 import os

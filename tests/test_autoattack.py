@@ -48,12 +48,17 @@ def batch():
     return make_data(96, seed=1)
 
 
+def predict(model, images):
+    """The model's predicted classes, as NumPy (under PyTorch its outputs carry autograd)."""
+    return np.argmax(keras.ops.convert_to_numpy(model(images, training=False)), axis=1)
+
+
 def accuracy(model, images, labels):
-    return float(np.mean(np.argmax(model(images, training=False), axis=1) == labels))
+    return float(np.mean(predict(model, images) == labels))
 
 
 def assert_in_ball(adv, images, epsilon):
-    adv = np.asarray(adv)
+    adv = keras.ops.convert_to_numpy(adv)
     assert np.max(np.abs(adv - images)) <= epsilon + 1e-3  # float32 rounding at 255 scale.
     assert adv.min() >= 0.0 and adv.max() <= 255.0
 
@@ -219,7 +224,7 @@ def test_auto_attack_stages(model, batch):
     assert result.clean_accuracy == pytest.approx(accuracy(model, images, labels))
     assert_in_ball(result.adversarial_images, images, EPSILON)
     # The robust flags agree with a fresh forward pass on the returned images.
-    predicted = np.argmax(model(result.adversarial_images, training=False), axis=1)
+    predicted = predict(model, result.adversarial_images)
     np.testing.assert_array_equal(result.robust, predicted == labels)
     assert result.robust_accuracy == pytest.approx(result.robust.mean())
     with pytest.raises(ValueError, match="version"):

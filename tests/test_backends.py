@@ -16,7 +16,7 @@ import pytest
 from conftest import BACKEND
 
 from sat_tf import attacks, autoattack
-from tests.data.backends.budgets import ATTACKS, EPSILON, PGD, cifar_images
+from tests.data.backends.budgets import ATTACKS, EPSILON, PGD, cifar_images, cifar_test_root
 
 pytestmark = [pytest.mark.backends, pytest.mark.data]
 
@@ -29,18 +29,9 @@ RELATIVE = 1e-5
 def case(tmp_path_factory):
     from conftest import SHARED_DATA
 
-    archive = SHARED_DATA / "cifar10-jpeg.tar.gz"
-    if not archive.is_file():
-        pytest.skip(f"{archive} not found: needs the shared data folder")
-    root = pathlib.Path("/tmp/sat_tf_cache/cifar10-jpeg/test")
-    if not root.is_dir():
-        import tarfile
-
-        cache = tmp_path_factory.mktemp("cifar")
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if "/test/" in m.name]
-            tar.extractall(cache, members=members, filter="data")
-        root = cache / "cifar10-jpeg" / "test"
+    root = cifar_test_root(SHARED_DATA, tmp_path_factory.mktemp("cifar"))
+    if root is None:
+        pytest.skip(f"{SHARED_DATA} has no cifar10-jpeg.tar.gz: needs the shared data folder")
     images, labels = cifar_images(root)
     reference = dict(np.load(FIXTURES / "reference.npz"))
     np.testing.assert_array_equal(labels, reference["labels"])

@@ -26,7 +26,9 @@ def _check_same_weights(original, converted):
         if not layer.weights:
             continue
         for old, new in zip(layer.weights, names[layer.name].weights, strict=True):
-            np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(old), keras.ops.convert_to_numpy(new)
+            )
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def test_relu_like_activation_keeps_outputs_close(resnet50):
     converted = convert_activations(original, config)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     x = keras.applications.resnet.preprocess_input(x)
-    ref, out = np.asarray(original(x)), np.asarray(converted(x))
+    ref = keras.ops.convert_to_numpy(original(x))
+    out = keras.ops.convert_to_numpy(converted(x))
     np.testing.assert_allclose(out, ref, atol=5e-3)
 
 
@@ -91,12 +94,14 @@ def test_fused_conv_and_dense_relu_and_sequential():
     x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype("float32")
     # Reference: same weights, ReLU swapped by hand for softplus(10 x) / 10.
     w_conv, b_conv = model.layers[0].get_weights()
-    h = np.asarray(keras.ops.conv(x, w_conv)) + b_conv
+    h = keras.ops.convert_to_numpy(keras.ops.conv(x, w_conv)) + b_conv
     h = np.logaddexp(0, 10 * h).reshape(3, -1) / 10
     w1, b1 = model.layers[2].get_weights()
     h = np.logaddexp(0, 10 * (h @ w1 + b1)) / 10
     w2, b2 = model.layers[3].get_weights()
-    np.testing.assert_allclose(np.asarray(converted(x)), h @ w2 + b2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(converted(x)), h @ w2 + b2, rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.backends
@@ -107,7 +112,9 @@ def test_converted_model_saves_and_loads_safely(tmp_path):
     converted.save(tmp_path / "c.keras")
     loaded = keras.saving.load_model(tmp_path / "c.keras", safe_mode=True)
     x = np.ones((1, 4), "float32")
-    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(converted(x)), rtol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(converted(x)), rtol=1e-6
+    )
 
 
 @pytest.mark.backends

@@ -107,7 +107,7 @@ def test_evaluate_writes_json_markdown_and_plots(model, data, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "[PASS] outputs are logits" in printed and "[PASS] deterministic" in printed
-    clean = np.mean(np.argmax(model(data[0]), axis=1) == data[1])
+    clean = np.mean(np.argmax(backend.to_numpy(model(data[0])), axis=1) == data[1])
     assert results.clean_accuracy == pytest.approx(clean)
     # The per-example worst case is at most every attack's accuracy at that epsilon.
     for eps in (8.0, 32.0):
@@ -251,7 +251,7 @@ def test_only_examples_still_standing_are_attacked(model, data, monkeypatch):
 
     monkeypatch.setattr(jobs, "_gradient_attack", counting)
     row, robust = run_one(model, "pgd-5x3", images, labels, epsilon=eps, batch_size=16)
-    correct = np.argmax(model(images, training=False), axis=1) == labels
+    correct = np.argmax(backend.to_numpy(model(images, training=False)), axis=1) == labels
     assert 0 < robust.sum() < correct.sum() < len(labels)  # the attack does something here
     assert not (robust & ~correct).any()
     assert sizes[0] == min(16, correct.sum())  # restart 1: the correct examples only

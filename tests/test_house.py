@@ -128,7 +128,12 @@ def test_sat_tf_imports_nothing_outside_the_package():
     )
 
 
-REQUIREMENTS = ("requirements.txt", "requirements-dev.txt", "requirements-jax.txt")
+REQUIREMENTS = (
+    "requirements.txt",
+    "requirements-dev.txt",
+    "requirements-jax.txt",
+    "requirements-torch.txt",
+)
 
 
 def _pins(name):
@@ -136,6 +141,8 @@ def _pins(name):
     pins = {}
     for line in (ROOT / name).read_text().splitlines():
         line = line.split("#")[0].strip()
+        if line.startswith("--"):  # an index option (requirements-torch.txt: the CPU build)
+            continue
         if line.startswith("-r "):
             pins |= _pins(line[3:].strip())
         elif line:
@@ -149,7 +156,7 @@ def test_requirements_pin_one_version_inside_the_declared_ranges():
     declared = [Requirement(r) for r in project["dependencies"]]
     declared += [
         Requirement(r)
-        for extra in ("cpu", "jax", "dev")
+        for extra in ("cpu", "jax", "torch", "dev")
         for r in project["optional-dependencies"][extra]
     ]
     ranges = {r.name.lower().replace("_", "-"): r.specifier for r in declared}
@@ -170,4 +177,5 @@ def test_requirements_pin_one_version_inside_the_declared_ranges():
                     f"{name}: {package}=={spec.version} outside pyproject's {ranges[package]}"
                 )
     assert not found, "Requirements disagree:\n" + "\n".join(found)
-    assert "tensorflow-cpu" not in _pins("requirements-jax.txt")  # the TF-free suite stays TF-free
+    for name in ("requirements-jax.txt", "requirements-torch.txt"):
+        assert "tensorflow-cpu" not in _pins(name)  # the TF-free suites stay TF-free

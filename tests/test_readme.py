@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import BACKEND, only_tensorflow
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -27,9 +28,13 @@ def _commands():
                 yield shlex.split(line)
 
 
+TORCH = 'os.environ["KERAS_BACKEND"] = "torch"'
+
+
 @pytest.mark.slow
+@only_tensorflow
 def test_python_blocks_run(tmp_path):
-    blocks = [b for b in _blocks("python") if "pretrained" not in b]
+    blocks = [b for b in _blocks("python") if "pretrained" not in b and TORCH not in b]
     assert blocks, "the README should show the user-code example"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     for code in blocks:
@@ -44,6 +49,20 @@ def test_python_blocks_run(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "digits_silu.keras").is_file()
     assert "adv_accuracy" in result.stdout
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(BACKEND != "torch", reason="the PyTorch example runs in .venv-torch")
+def test_the_pytorch_block_trains_and_hands_the_model_to_the_reference(tmp_path):
+    (code,) = [b for b in _blocks("python") if TORCH in b]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    clean, robust = map(
+        float, re.search(r"clean ([\d.]+), robust .* ([\d.]+)", result.stdout).groups()
+    )
+    assert clean >= 0.8 and robust < clean, result.stdout  # trained, and the attack fools some
 
 
 def test_the_two_setup_commands_exist():

@@ -33,13 +33,13 @@ import importlib
 
 import keras
 
-SUPPORTED = ("tensorflow", "jax")
+SUPPORTED = ("tensorflow", "jax", "torch")
 NAME = keras.backend.backend()
 
 if NAME not in SUPPORTED:
     raise ImportError(
         f"sat_tf runs under the Keras backends {SUPPORTED}; KERAS_BACKEND is {NAME!r}. "
-        "Set KERAS_BACKEND=tensorflow (the default) or KERAS_BACKEND=jax."
+        "Set KERAS_BACKEND=tensorflow (the default), jax or torch."
     )
 
 _impl = importlib.import_module(f"sat_tf.backend.{'tf' if NAME == 'tensorflow' else NAME}")

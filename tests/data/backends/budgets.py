@@ -15,6 +15,23 @@ ATTACKS = {
 }
 
 
+def cifar_test_root(shared_data, scratch):
+    """The CIFAR-10 test JPEG folder: /tmp/sat_tf_cache's, or extracted from `shared_data`'s
+    archive into `scratch` (a pytest temporary folder, one per worker); None without either."""
+    root = pathlib.Path("/tmp/sat_tf_cache/cifar10-jpeg/test")
+    if root.is_dir():
+        return root
+    archive = pathlib.Path(shared_data, "cifar10-jpeg.tar.gz")
+    if not archive.is_file():
+        return None
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if "/test/" in m.name]
+        tar.extractall(scratch, members=members, filter="data")
+    return pathlib.Path(scratch, "cifar10-jpeg", "test")
+
+
 def cifar_images(test_root, per_class=PER_CLASS):
     """The first `per_class` test JPEGs of each class, interleaved by class, decoded by Pillow:
     (float32 [N, 32, 32, 3] in [0, 255], int32 [N])."""
