@@ -2,8 +2,9 @@
 
 The reference is always the same evaluation run whole in one process (arrays at once): read a
 few examples at a time, or split over 3 processes and merged, it must give exactly its records,
-table and evaluation id. Merges that cannot give that result are refused in one line. Under
-every backend; the tool's runs read tf.data pipelines, which need TensorFlow.
+table and evaluation id. Merges that cannot give that result are refused in one line. The records
+are NumPy bookkeeping, the same on every backend (tests/test_backends.py compares the attacks),
+so this runs under TensorFlow only.
 """
 
 import json
@@ -16,8 +17,6 @@ from test_resume import OPTIONS, KillError, interrupt_after
 
 from sat_tf import evaluation, examples, shards
 from sat_tf.examples import Shard
-
-pytestmark = pytest.mark.backends
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,23 @@ here, so no attack is written twice. The module for the backend Keras runs
 (`keras.backend.backend()`) is picked when sat_tf is imported:
 
   - `value_and_gradient(fn, x)`: `fn(x) -> (scalar, aux)`; returns `(scalar, aux, d scalar/d x)`
-    (TensorFlow: `tf.GradientTape`; JAX: `jax.value_and_grad(has_aux=True)`). Nests.
+    (TensorFlow: `tf.GradientTape`; JAX: `jax.value_and_grad(has_aux=True)`; PyTorch:
+    `torch.autograd.grad`). Nests.
   - `compiled(model, key, build, *args, jit_compile=False)`: `build(weakref.ref(model))`
     compiled once per (model, key) (TensorFlow: `tf.function`, traced for any batch size; JAX:
     `jax.jit`, reading the model's variables as arguments, so a compiled function always sees
-    the current weights).
+    the current weights; PyTorch: run eagerly under `torch.no_grad`).
   - `compiled_call(model, key, build, *args)`: `build(model_ref)(*args)`, through `compiled`
     where an eager call would be slow (JAX: an eager loop compiles its body at every call;
     inside a traced function, and under TensorFlow, it runs as it is).
   - `batch_bucket(batch)`: the batch size to pad to before calling a compiled function whose
     batch varies (TensorFlow: `batch`, traced for any size; JAX: the next power of two).
   - `uniform(shape, minval, maxval)`: stateful uniform draws, for training without a seed
-    (TensorFlow only: under JAX a compiled function cannot hold random state, and sat_tf's
-    training draws are keyed (`sat_tf.draws`) there).
+    (TensorFlow and PyTorch: under JAX a compiled function cannot hold random state, and
+    sat_tf's training draws are keyed (`sat_tf.draws`) there).
   - `replica()`: (index of this replica, replicas in sync): the examples a step sees are
-    numbered across replicas (TensorFlow: the `tf.distribute` replica context; JAX: one global
-    batch, (0, 1)).
+    numbered across replicas (TensorFlow: the `tf.distribute` replica context; JAX and PyTorch:
+    one global batch, (0, 1)).
   - `to_numpy(x)`: a host NumPy array.
 
 TensorFlow itself (tf.data, TFRecords, SavedModel, TF1 checkpoints) is imported only where it
