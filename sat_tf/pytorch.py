@@ -25,7 +25,7 @@ class TorchClassifier(torch.nn.Module):
     """`model` (NHWC pixels in [0, 255] -> logits) as a module of NCHW images in [0, 1].
 
     Runs the model in inference mode (`training=False`: BatchNorm's moving statistics, no
-    dropout) whatever `train()`/`eval()` says, and returns float32 logits (also under a mixed
+    dropout) whatever the module's train or eval mode, and returns float32 logits (also under a mixed
     precision policy).
 
     Attributes:

@@ -17,6 +17,10 @@ import importlib.util  # noqa: E402
 
 BACKEND = os.environ["KERAS_BACKEND"]
 HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+if BACKEND == "torch" and "PYTEST_XDIST_WORKER" in os.environ:
+    # One thread per xdist worker: two workers with two OpenMP threads each on two cores spin
+    # against each other, and a small model's backward pass took 30x longer.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 if BACKEND == "jax":
     # Four virtual CPU devices, for keras.distribution.DataParallel tests; must precede JAX's
     # initialisation. Computations without a distribution stay on the first.

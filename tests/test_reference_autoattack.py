@@ -35,7 +35,7 @@ FIXTURES = pathlib.Path(__file__).parent / "data" / "backends"
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("pyautoattack")
     from conftest import SHARED_DATA
 
@@ -45,7 +45,6 @@ def case(tmp_path_factory):
     if root is None:
         pytest.skip(f"{SHARED_DATA} has no cifar10-jpeg.tar.gz: needs the shared data folder")
     images, labels = cifar_images(root)
-    torch.set_num_threads(1)  # xdist runs two workers on two cores
     return keras.saving.load_model(FIXTURES / "cifar_relu.keras"), images, labels
 
 
