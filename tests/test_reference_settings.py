@@ -1,11 +1,11 @@
 """`sat_tf.autoattack`'s "standard" version runs the reference AutoAttack's standard settings.
 
 The reference is fra31/auto-attack (Croce & Hein, ICML 2020), the code RobustBench runs; PyPI's
-`pyautoattack` 0.2.0 packages it (a bench extra: requirements-bench.txt). Where pyautoattack is
-installed, the settings are read from it: the attributes of `AutoAttack(model, norm="Linf",
-version="standard")` and its APGD and Square objects. Where it is not (CI installs only
-requirements-dev.txt), they are the constants of `REFERENCE`, copied from that package with file
-and line, and `test_the_constants_are_the_installed_reference` checks the copy wherever the
+`pyautoattack` 0.2.0 packages it (requirements-torch.txt). Where pyautoattack is installed (the
+PyTorch suite in .venv-torch, every CI run), the settings are read from it: the attributes of
+`AutoAttack(model, norm="Linf", version="standard")` and its APGD and Square objects. Where it is
+not (.venv and .venv-jax), they are the constants of `REFERENCE`, copied from that package with
+file and line, and `test_the_constants_are_the_installed_reference` checks the copy wherever the
 package is installed.
 
 On the sat_tf side, the settings are what `auto_attack(version="standard")` actually calls: each
@@ -26,6 +26,9 @@ import numpy as np
 import pytest
 
 from sat_tf import apgd, autoattack, fab, square
+
+# Under PyTorch (.venv-torch, every CI run) the settings are read from the installed reference.
+pytestmark = pytest.mark.backends
 
 NUM_CLASSES = 10
 
