@@ -25,8 +25,8 @@ class TorchClassifier(torch.nn.Module):
     """`model` (NHWC pixels in [0, 255] -> logits) as a module of NCHW images in [0, 1].
 
     Runs the model in inference mode (`training=False`: BatchNorm's moving statistics, no
-    dropout) whatever the module's train or eval mode, and returns float32 logits (also under a mixed
-    precision policy).
+    dropout) whatever the module's train or eval mode, and returns float32 logits (also under a
+    mixed precision policy).
 
     Attributes:
         model: The wrapped Keras model; its variables are this module's parameters.
