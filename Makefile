@@ -22,7 +22,7 @@ BACKEND ?= $(or $(KERAS_BACKEND),tensorflow)
 export KERAS_BACKEND := $(BACKEND)
 # --dist worksteal: an idle worker takes queued tests from the other, so the run does not end
 # on one worker finishing a long file alone.
-PYTEST_ARGS ?= -n 2 --dist worksteal --durations=15
+PYTEST_ARGS ?= -n 2 --dist worksteal --durations=15 -m "not heavy"
 # Under JAX: the modules whose code paths are JAX's own (compiled attacks against TensorFlow's
 # verdicts on real images, padding to batch buckets, custom_vjp, the stateless train step,
 # DataParallel, resume, saving). The attack variants' own modules run under TensorFlow and
@@ -90,14 +90,15 @@ $(TORCH_STAMP): requirements-torch.txt pyproject.toml
 	$(TORCH_PY) -m pip install -q --no-deps -e .
 	touch $(TORCH_STAMP)
 
-# The three virtual environments are built side by side (pip mostly waits on disk and network).
+# The three virtual environments are built side by side (pip mostly waits on disk and network),
+# and the JAX and PyTorch suites run side by side (the PyTorch suite's reference AutoAttack test
+# holds one core for two minutes); each suite's output is printed when it ends.
 test:  ## Set up, then run the linter, the suite under TensorFlow, the backend suites under JAX and PyTorch.
 	$(MAKE) -j3 --no-print-directory $(STAMP) $(JAX_STAMP) $(TORCH_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	KERAS_BACKEND=tensorflow $(PY) -m pytest $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-jax
-	$(MAKE) --no-print-directory test-torch
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-jax test-torch
 
 # pytest's exit status 5 (no test collected) fails this step like any other failure.
 test-jax: $(JAX_STAMP)  ## The tests marked `backends`, under JAX, without TensorFlow (.venv-jax).

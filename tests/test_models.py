@@ -227,7 +227,16 @@ def test_formulas_reproduce_published_counts(name):
     assert formula_params(name, _num_classes(name)) == published
 
 
+# The largest builds (30M-90M weights initialised: about a minute of CPU together) run with
+# `pytest -m heavy`, not in `make test`; their counts' formulas and scaling coefficients are
+# checked above without building them.
+HEAVY = {"efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7"}
+HEAVY |= {"efficientnet_l1", "resnext152_32x8d"}
+
+
 def _marks(name):
+    if name in HEAVY:
+        return (pytest.mark.heavy,)
     return (
         (pytest.mark.backends,)
         if name in JAX_BUILT
