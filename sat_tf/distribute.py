@@ -6,8 +6,8 @@ the two members of a strategy that `sat_tf.training` uses (`scope()`, `num_repli
 "mirrored" replicates the model on every local device (GPUs, TPU cores; or the CPU devices of
 XLA_FLAGS=--xla_force_host_platform_device_count=N) and splits each global batch between them;
 BatchNorm and the loss see the global batch, so the step equals the one-device step
-(tests/test_jax_training.py). "multi_worker" first calls `keras.distribution.initialize()`, which
-starts `jax.distributed` from KERAS_DISTRIBUTION_JOB_ADDRESSES (the coordinator's host:port
+(tests/test_training_backends.py). "multi_worker" first calls `keras.distribution.initialize()`,
+which starts `jax.distributed` from KERAS_DISTRIBUTION_JOB_ADDRESSES (the coordinator's host:port
 first), KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID, then spreads the
 batch over the devices of all processes; every process runs the same command (on Cloud TPU pods
 the variables may be left unset: JAX finds the pod itself). The multi-process path was not run

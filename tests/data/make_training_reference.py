@@ -2,7 +2,7 @@
 
     KERAS_BACKEND=tensorflow python tests/data/make_training_reference.py tests/data
 
-The recipe (`run`) is shared with tests/test_jax_training.py, which runs it under the backend
+The recipe (`run`) is shared with tests/test_training_backends.py, which runs it under the backend
 of the test session from the same initial weights and data (stored here, drawn by NumPy) and
 compares the adversarial batch of the first step, the logged losses and the final weights
 (BatchNorm's moving statistics included) with TensorFlow's. The attack's random starts are

@@ -1,5 +1,6 @@
-"""Training across backends and devices: PGD-AT under JAX against TensorFlow's recorded steps,
-and `keras.distribution.DataParallel` on 4 (virtual CPU) devices against 1 device.
+"""Training across backends and devices: PGD-AT under JAX and PyTorch against TensorFlow's
+recorded steps, and `keras.distribution.DataParallel` on 4 (virtual CPU) devices against 1 device
+(JAX).
 
 The attack's random starts are keyed by the model's `seed` (`sat_tf.draws`), so every run here
 draws the same starts, whatever the backend or the number of devices.
