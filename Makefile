@@ -15,6 +15,9 @@ TORCH_STAMP := $(TORCH_VENV)/.installed
 # torch's CPU build: from a local wheel or PyPI mirror if one has it, else from PyTorch's index.
 TORCH_PIN := $(shell grep -m1 '^torch==' requirements-torch.txt)
 TORCH_INDEX := https://download.pytorch.org/whl/cpu
+# $(call install_torch,PYTHON): PyTorch's index is asked only when no local wheel or mirror has it.
+install_torch = $(1) -m pip install -q $(TORCH_PIN) 2>/dev/null \
+	|| $(1) -m pip install -q $(TORCH_PIN) --extra-index-url $(TORCH_INDEX)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The Keras backend of `make demo` (and bench): `make demo BACKEND=jax` or `KERAS_BACKEND=jax make
 # demo`; TensorFlow by default. `make test` runs both backends whatever this says.
@@ -49,8 +52,7 @@ DEMO_RUNS := runs/demo$(if $(filter-out tensorflow,$(BACKEND)),-$(BACKEND))
 
 # `make demo BACKEND=torch` adds torch's CPU build to .venv (tools/ read tf.data, so TensorFlow stays).
 $(VENV)/.torch-installed: $(STAMP) requirements-torch.txt
-	$(PY) -m pip install -q $(TORCH_PIN) 2>/dev/null \
-		|| $(PY) -m pip install -q $(TORCH_PIN) --extra-index-url $(TORCH_INDEX)
+	$(call install_torch,$(PY))
 	touch $@
 
 demo: $(STAMP) $(if $(filter torch,$(BACKEND)),$(VENV)/.torch-installed)  ## Set up, then train a ReLU model and its SAT twin on built-in data (no download); BACKEND=jax or torch for those.
@@ -90,8 +92,7 @@ $(JAX_STAMP): requirements-jax.txt pyproject.toml
 $(TORCH_STAMP): requirements-torch.txt pyproject.toml
 	test -x $(TORCH_PY) || $(PYTHON) -m venv $(TORCH_VENV)
 	$(TORCH_PY) -m pip install -q --upgrade pip
-	$(TORCH_PY) -m pip install -q $(TORCH_PIN) 2>/dev/null \
-		|| $(TORCH_PY) -m pip install -q $(TORCH_PIN) --extra-index-url $(TORCH_INDEX)
+	$(call install_torch,$(TORCH_PY))
 	$(TORCH_PY) -m pip install -q -r requirements-torch.txt
 	$(TORCH_PY) -m pip install -q --no-deps -e .
 	touch $(TORCH_STAMP)

@@ -50,9 +50,11 @@ def _u32(value):
 
 
 def _low_word(x):
-    """`x` modulo 2**32: a no-op on uint32; Keras's PyTorch backend keeps "uint32" in int64 (torch
-    has no uint32 arithmetic), where products wrap modulo 2**64 and casts keep the sign, and this
-    keeps the low word, the uint32 result."""
+    """`x` modulo 2**32. Only Keras's PyTorch backend needs it: it keeps "uint32" in int64 (torch
+    has no uint32 arithmetic), where products wrap modulo 2**64 and casts keep the sign; the low
+    word is the uint32 result. Elsewhere uint32 wraps by itself and `x` is returned as it is."""
+    if keras.backend.backend() != "torch":
+        return x
     return keras.ops.bitwise_and(x, keras.ops.convert_to_tensor(_WORD, "uint32"))
 
 
